@@ -1,0 +1,75 @@
+"""The apps a server runs, built by backend plugins, and whether each is ready."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+logger = logging.getLogger("runnel.apps")
+
+LOADING, READY, FAILED = "loading", "ready", "failed"
+
+
+class App(Protocol):
+    """What a backend factory returns for one ``[apps.NAME]`` table.
+
+    The factory only validates and remembers its settings; ``start`` does the slow
+    part (loading weights, warming up) while the server already answers
+    ``/health`` with 503. ``close`` releases what ``start`` took.
+    """
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class AppRegistry:
+    def __init__(self) -> None:
+        self._apps: dict[str, App] = {}
+        self._states: dict[str, str] = {}
+
+    def add(self, name: str, app: App) -> None:
+        if name in self._apps:
+            raise ValueError(f"app {name!r} is defined twice")
+        self._apps[name] = app
+        self._states[name] = LOADING
+
+    def get(self, name: str) -> App | None:
+        """The app called ``name`` if it is ready to serve, else None."""
+        if self._states.get(name) == READY:
+            return self._apps[name]
+        return None
+
+    def state(self, name: str) -> str | None:
+        return self._states.get(name)
+
+    def states(self) -> dict[str, str]:
+        return dict(self._states)
+
+    def items(self):
+        return self._apps.items()
+
+    def __len__(self) -> int:
+        return len(self._apps)
+
+    async def start_all(self) -> None:
+        await asyncio.gather(*(self._start(name, app) for name, app in self._apps.items()))
+
+    async def _start(self, name: str, app: App) -> None:
+        try:
+            await app.start()
+        except Exception:
+            logger.exception("app %r failed to start", name)
+            self._states[name] = FAILED
+        else:
+            self._states[name] = READY
+            logger.info("app %r is ready", name)
+
+    async def close_all(self) -> None:
+        for name, app in self._apps.items():
+            try:
+                await app.close()
+            except Exception:
+                logger.exception("app %r failed to close", name)
+            self._states[name] = LOADING

@@ -1,0 +1,483 @@
+"""Runnel's configuration: a TOML file, then environment variables, then CLI flags.
+
+Everything here is checked as it is read, so a mistake is reported once, at
+start-up, as ``<file>: <key>: <what is wrong>`` rather than surfacing later as a
+confusing failure deep inside the server. The core only validates what it owns
+([server], the shape of [auth] and [apps]); the rest of an auth or app table is
+handed to its plugin, which reads it through :class:`Table` so that its errors
+look exactly like the core's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import functools
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "REQUIRED",
+    "AppConfig",
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "ServerConfig",
+    "Table",
+    "apply_environment",
+    "config_from_dict",
+    "load_config",
+    "override_server",
+]
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A configuration mistake. str() is '<source>: <key>: <message>' (parts that are None left out)."""
+
+    def __init__(self, message: str, *, key: str | None = None, source: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.key = key
+        self.source = source
+
+    def __str__(self) -> str:
+        return ": ".join(part for part in (self.source, self.key, self.message) if part is not None)
+
+    def with_source(self, source: str) -> ConfigError:
+        """A copy naming ``source``, unless this error already names where it came from."""
+        if self.source is not None:
+            return self
+        return ConfigError(self.message, key=self.key, source=source)
+
+    def __reduce__(self):
+        # Exception pickling replays only self.args; keep key and source across processes.
+        return (functools.partial(ConfigError, key=self.key, source=self.source), (self.message,))
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+"""Default for :meth:`Table.get` and friends meaning 'the key must be present'."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 = pick a free port
+    backlog: int = 2048
+    log_level: str = "info"
+    access_log: bool = False
+    server_header: str = "runnel"  # "" = send no Server header
+    max_header_bytes: int = 16384  # whole request head: request line + headers
+    max_body_bytes: int = 8388608
+    header_timeout: float = 10.0  # deadline for a whole request head, from its first byte
+    keepalive_timeout: float = 5.0  # idle keep-alive connections are closed after this
+    body_timeout: float = 30.0  # a body making no progress this long -> 408
+    write_timeout: float = 30.0  # a client that stops reading this long is dropped
+    shutdown_grace: float = 30.0  # in-flight requests get this long at shutdown
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    kind: str = "none"  # validated later, by the plugin that provides this kind
+    options: Mapping[str, Any] = field(default_factory=dict)  # rest of [auth], unvalidated here
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    name: str
+    backend: str
+    options: Mapping[str, Any] = field(default_factory=dict)  # rest of the table, for the backend
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    apps: Mapping[str, AppConfig] = field(default_factory=dict)  # in file order
+    source: str | None = None  # the file it came from, for error messages
+    base_dir: str | None = None  # relative paths in plugin tables resolve against this (None: cwd)
+
+    def table(self, key: str, data: Mapping[str, Any]) -> Table:
+        """A :class:`Table` over a plugin's options whose errors name this config's file."""
+        return Table(data, key=key, source=self.source)
+
+
+# --- value checking shared by the core and by Table ---------------------------------
+
+_KIND_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    list: "an array",
+    dict: "a table",
+    Mapping: "a table",
+}
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    return " or ".join(_KIND_NAMES.get(k, f"a {k.__name__}") for k in kinds)
+
+
+def _describe(value: Any) -> str:
+    """How a wrong value is shown in an error: its TOML type, and the value when short."""
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {value}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"string {shown!r}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return "a date/time"
+    return type(value).__name__
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], *, key: str | None, source: str | None) -> Any:
+    """``value`` if it is of ``kind``, else ConfigError.
+
+    bool is an int subclass in Python, but ``port = true`` is certainly a mistake, so a
+    bool only passes where bool is asked for. An int passes where float is asked for
+    (``timeout = 5`` is natural TOML) and comes back as a float.
+    """
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    checks = tuple(Mapping if k is dict else k for k in kinds)
+    if isinstance(value, bool):
+        ok = bool in kinds
+    elif isinstance(value, int) and int not in kinds and float in kinds:
+        return float(value)
+    else:
+        ok = isinstance(value, checks)
+    if not ok:
+        raise ConfigError(f"expected {_kind_name(kinds)}, got {_describe(value)}", key=key, source=source)
+    return value
+
+
+def _unknown_key(name: str, valid: list[str] | tuple[str, ...], *, key: str, source: str | None) -> ConfigError:
+    hint = difflib.get_close_matches(name, valid, n=1)
+    message = f"unknown key {name!r}"
+    if hint:
+        message += f" (did you mean {hint[0]!r}?)"
+    message += f"; valid keys: {', '.join(valid) if valid else '(none)'}"
+    return ConfigError(message, key=key, source=source)
+
+
+# --- [server] rules: (type, normaliser). A normaliser returns the value or raises ValueError.
+
+
+def _finite(value: float) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+
+
+def _between(low: int, high: int) -> Callable[[Any], Any]:
+    def check(value):
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return check
+
+
+def _at_least(low: float) -> Callable[[Any], Any]:
+    def check(value):
+        _finite(value)
+        if not value >= low:
+            raise ValueError(f"must be at least {low}, got {value}")
+        return value
+
+    return check
+
+
+def _above(low: float) -> Callable[[Any], Any]:
+    def check(value):
+        _finite(value)
+        if not value > low:
+            raise ValueError(f"must be greater than {low}, got {value}")
+        return value
+
+    return check
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _log_level(value: str) -> str:
+    # Accept "INFO" too: upper case is what most people type for log levels.
+    if value.lower() not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}; got {value!r}")
+    return value.lower()
+
+
+def _header_value(value: str) -> str:
+    # A control character here would break (or split) every response's head.
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+_SERVER_RULES: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
+    "host": (str, _non_empty),
+    "port": (int, _between(0, 65535)),
+    "backlog": (int, _at_least(1)),
+    "log_level": (str, _log_level),
+    "access_log": (bool, None),
+    "server_header": (str, _header_value),
+    "max_header_bytes": (int, _at_least(1024)),
+    "max_body_bytes": (int, _at_least(0)),
+    "header_timeout": (float, _above(0)),
+    "keepalive_timeout": (float, _above(0)),
+    "body_timeout": (float, _above(0)),
+    "write_timeout": (float, _above(0)),
+    "shutdown_grace": (float, _at_least(0)),
+}
+_SERVER_KEYS = tuple(_SERVER_RULES)
+
+
+def _server_value(name: str, value: Any, *, key: str, source: str | None) -> Any:
+    """One [server] value, type-checked and range-checked, errors under ``key``."""
+    kind, normalise = _SERVER_RULES[name]
+    value = _typed(value, kind, key=key, source=source)
+    if normalise is not None:
+        try:
+            value = normalise(value)
+        except ValueError as e:
+            raise ConfigError(str(e), key=key, source=source) from None
+    return value
+
+
+def _server_from(base: ServerConfig, values: Mapping[str, Any], *, prefix: str, source: str | None) -> ServerConfig:
+    checked = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}"
+        if name not in _SERVER_RULES:
+            raise _unknown_key(name, _SERVER_KEYS, key=key, source=source)
+        checked[name] = _server_value(name, value, key=key, source=source)
+    return dataclasses.replace(base, **checked)
+
+
+# --- building a Config ----------------------------------------------------------------
+
+_TOP_LEVEL_KEYS = ("server", "auth", "apps")
+_APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _auth_from(data: Any, *, source: str | None) -> AuthConfig:
+    data = _typed(data, dict, key="auth", source=source)
+    options = dict(data)
+    # kind is required once [auth] is written: defaulting to "none" would silently turn
+    # off the authentication the user was evidently trying to configure.
+    if "kind" not in options:
+        raise ConfigError("is required (the auth kind, e.g. \"api_key\")", key="auth.kind", source=source)
+    kind = _typed(options.pop("kind"), str, key="auth.kind", source=source)
+    if not kind.strip():
+        raise ConfigError("must not be empty", key="auth.kind", source=source)
+    return AuthConfig(kind=kind, options=options)
+
+
+def _apps_from(data: Any, *, source: str | None) -> dict[str, AppConfig]:
+    data = _typed(data, dict, key="apps", source=source)
+    apps = {}
+    for name, table in data.items():
+        key = f"apps.{name}"
+        # fullmatch, not match + $: "$" would also accept a trailing newline.
+        if not isinstance(name, str) or not _APP_NAME.fullmatch(name):
+            raise ConfigError(
+                f"invalid app name {name!r}: it must start with a letter or digit and "
+                "contain only letters, digits, '.', '_' and '-'",
+                key=key,
+                source=source,
+            )
+        options = dict(_typed(table, dict, key=key, source=source))
+        if "backend" not in options:
+            raise ConfigError("is required (the backend that serves this app)", key=f"{key}.backend", source=source)
+        backend = _typed(options.pop("backend"), str, key=f"{key}.backend", source=source)
+        if not backend.strip():
+            raise ConfigError("must not be empty", key=f"{key}.backend", source=source)
+        apps[name] = AppConfig(name=name, backend=backend, options=options)
+    return apps
+
+
+def config_from_dict(data: Mapping, *, source: str | None = None, base_dir: str | None = None) -> Config:
+    """Validate parsed TOML (or an equivalent dict) into a Config."""
+    data = _typed(data, dict, key=None, source=source)
+    for name in data:
+        if name not in _TOP_LEVEL_KEYS:
+            raise _unknown_key(str(name), _TOP_LEVEL_KEYS, key=str(name), source=source)
+    server = _typed(data.get("server", {}), dict, key="server", source=source)
+    return Config(
+        server=_server_from(ServerConfig(), server, prefix="server", source=source),
+        auth=_auth_from(data["auth"], source=source) if "auth" in data else AuthConfig(),
+        apps=_apps_from(data.get("apps", {}), source=source),
+        source=source,
+        base_dir=base_dir,
+    )
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a TOML config file; every error names the file."""
+    source = os.fsdecode(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file: {e.strerror or e}", source=source) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not valid UTF-8, as TOML requires", source=source) from None
+    except tomllib.TOMLDecodeError as e:
+        # tomllib puts "(at line N, column M)" in its message; keep it.
+        raise ConfigError(f"invalid TOML: {e}", source=source) from None
+    base_dir = os.path.dirname(os.path.abspath(source))
+    return config_from_dict(data, source=source, base_dir=base_dir)
+
+
+# --- later layers: environment, then command line -------------------------------------
+
+_ENV_SERVER = {
+    "RUNNEL_HOST": "host",
+    "RUNNEL_PORT": "port",
+    "RUNNEL_LOG_LEVEL": "log_level",
+    "RUNNEL_ACCESS_LOG": "access_log",
+}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_ENV = "environment"
+
+
+def _from_env_string(name: str, text: str, kind: type) -> Any:
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"expected an integer, got {text!r}", key=name, source=_ENV) from None
+    if kind is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigError(f"expected one of {'/'.join(_TRUE + _FALSE)}, got {text!r}", key=name, source=_ENV)
+    return text
+
+
+def apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
+    """Config with RUNNEL_* variables applied on top.
+
+    An empty (or blank) variable counts as unset, as `RUNNEL_PORT= runnel` usually
+    means "no override" rather than "port ''".
+    """
+    server = {}
+    for var, name in _ENV_SERVER.items():
+        text = environ.get(var, "").strip()
+        if text:
+            value = _from_env_string(var, text, _SERVER_RULES[name][0])
+            server[name] = _server_value(name, value, key=var, source=_ENV)
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server, **server))
+
+    text = environ.get("RUNNEL_API_KEYS", "").strip()
+    if text:
+        keys = [k.strip() for k in text.split(",") if k.strip()]
+        if not keys:
+            raise ConfigError("expected comma-separated API keys, found none", key="RUNNEL_API_KEYS", source=_ENV)
+        # Setting keys under kind "none" would leave the server open while looking
+        # protected, so keys without an auth kind switch on api_key auth.
+        kind = "api_key" if config.auth.kind == "none" else config.auth.kind
+        auth = AuthConfig(kind=kind, options={**config.auth.options, "keys": keys})
+        config = dataclasses.replace(config, auth=auth)
+    return config
+
+
+def override_server(config: Config, **fields: Any) -> Config:
+    """Config with [server] fields set from command-line flags.
+
+    A None value means "flag not given" and is skipped, so callers can pass
+    argparse results straight through.
+    """
+    given = {name: value for name, value in fields.items() if value is not None}
+    server = _server_from(config.server, given, prefix="server", source="command line")
+    return dataclasses.replace(config, server=server)
+
+
+# --- plugin tables ----------------------------------------------------------------------
+
+
+class Table:
+    """A plugin's config table (an app's or auth's options): every read is typed, unread keys are errors.
+    Backends use it so their errors name the key and the file just like the core's."""
+
+    def __init__(self, data: Mapping[str, Any], *, key: str, source: str | None = None):
+        self.key = key
+        self.source = source
+        self._data = dict(_typed(data, dict, key=key, source=source))
+        self._asked: list[str] = []  # names the plugin asked for, in order: the valid keys
+
+    def _key(self, name: str) -> str:
+        return f"{self.key}.{name}" if name else self.key
+
+    def _lookup(self, name: str, default: Any) -> tuple[bool, Any]:
+        """(found, value); raises if missing and required. Marks ``name`` as read."""
+        if name not in self._asked:
+            self._asked.append(name)
+        if name in self._data:
+            return True, self._data[name]
+        if default is REQUIRED:
+            raise self.error(name, "is required")
+        return False, default
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = REQUIRED) -> Any:
+        """The value of ``name``, of ``kind`` (an int is accepted, as a float, where float is asked).
+        ``default`` is returned as is when the key is absent."""
+        found, value = self._lookup(name, default)
+        return _typed(value, kind, key=self._key(name), source=self.source) if found else value
+
+    def get_list(self, name: str, item_kind: type, default: Any = REQUIRED) -> list:
+        """A list whose every item is of ``item_kind``; a new list, so callers may keep it."""
+        found, value = self._lookup(name, default)
+        if not found:
+            return value
+        key = self._key(name)
+        value = _typed(value, list, key=key, source=self.source)
+        return [_typed(item, item_kind, key=f"{key}[{i}]", source=self.source) for i, item in enumerate(value)]
+
+    def path(self, name: str, base_dir: str | None, default: Any = REQUIRED) -> str | None:
+        """A file path; a relative one is made absolute against ``base_dir`` (None: the
+        current directory), so it means the same wherever the server later runs from.
+        ``~`` is expanded. ``default`` is returned as is when the key is absent."""
+        found, value = self._lookup(name, default)
+        if not found:
+            return value
+        value = _typed(value, str, key=self._key(name), source=self.source)
+        if not value.strip():
+            raise self.error(name, "must not be empty")
+        value = os.path.expanduser(value)
+        return os.path.abspath(os.path.join(base_dir or os.getcwd(), value))
+
+    def error(self, name: str, message: str) -> ConfigError:
+        """A ConfigError for ``name`` in this table, for checks only the plugin knows."""
+        return ConfigError(message, key=self._key(name), source=self.source)
+
+    def finish(self) -> None:
+        """Raise for the first key that was never read: most likely a typo."""
+        for name in self._data:
+            if name not in self._asked:
+                raise _unknown_key(str(name), self._asked, key=self._key(str(name)), source=self.source)

@@ -1,0 +1,88 @@
+"""Every hook a runnel plugin can implement.
+
+Registration hooks are called once, at start-up, and fill plain dicts; only
+``runnel_authenticate`` and ``runnel_request_finished`` are called per request.
+No hook is ever called per token. Call hooks with keyword arguments only.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("runnel")
+hookimpl = pluggy.HookimplMarker("runnel")
+
+
+@hookspec
+def runnel_register_backends(register):
+    """Add backends that build apps from ``[apps.NAME]`` tables.
+
+    :param register: ``register(name, factory)``; ``factory(app_config, table, server)``
+        returns an app (see ``runnel.apps.App``) without loading it yet. ``table`` is a
+        ``runnel.config.Table`` over the app's options: read every key from it and call
+        ``table.finish()`` so mistakes name the key and the file.
+    """
+
+
+@hookspec
+def runnel_register_routes(register, server):
+    """Add HTTP routes.
+
+    :param register: ``register(method, template, handler, *, public=False, errors=None)``.
+        ``template`` is a path such as ``/v1/models/{model}`` (``{rest:path}`` spans
+        slashes); ``handler(request)`` is a coroutine function returning a
+        ``runnel.http.Response`` or streaming through ``request.stream()``.
+        ``public`` routes skip authentication; ``errors`` renders an ``HTTPError`` in
+        the surface's own body shape.
+    :param server: the ``runnel.Server``; handlers reach apps through ``server.apps``.
+    """
+
+
+@hookspec
+def runnel_register_serializers(register):
+    """Add stream framings chosen by the request's ``Accept`` header.
+
+    :param register: ``register(serializer)``; a serializer has ``media_type``
+        (bytes), ``encode(event) -> bytes`` and ``encode_error(error_dict) -> bytes``.
+    """
+
+
+@hookspec
+def runnel_register_auth_kinds(register):
+    """Add kinds of authentication selectable with ``[auth] kind = "..."``.
+
+    :param register: ``register(kind, factory)``; ``factory(table, config)`` returns an
+        object implementing the ``runnel_authenticate`` hook; the server registers it
+        as a plugin when its kind is the configured one.
+    """
+
+
+@hookspec(firstresult=True)
+def runnel_authenticate(request, route):
+    """Who is making this request. First non-None result wins.
+
+    Called for every request to a non-public route. Return a
+    ``runnel.auth.Principal``, return None to leave the decision to other plugins,
+    or raise ``runnel.HTTPError`` (401 / 403) to refuse. A request nobody
+    authenticates is refused with 401.
+    """
+
+
+@hookspec
+def runnel_request_finished(request, status, elapsed):
+    """Observe a request whose response is complete (metrics, access logs).
+
+    :param status: the status code sent.
+    :param elapsed: seconds from the request head to the last byte of the response.
+    Called only when some plugin implements it, so it costs nothing otherwise.
+    """
+
+
+@hookspec
+def runnel_startup(server):
+    """The server is about to accept connections. May return an awaitable."""
+
+
+@hookspec
+def runnel_shutdown(server):
+    """The server has stopped serving requests. May return an awaitable."""

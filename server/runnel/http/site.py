@@ -1,0 +1,35 @@
+"""What every connection of one server shares: limits, clocks and where requests go."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from .dates import DateHeader
+
+
+def new_request_id() -> str:
+    return os.urandom(12).hex()
+
+
+@dataclass(slots=True, eq=False)
+class Site:
+    """Per-server state handed to each HttpProtocol; nothing here is global."""
+
+    dispatch: Callable[[Any], Awaitable[Any]]
+    negotiate: Callable[[Any], Any]
+    max_header_bytes: int = 16384
+    max_body_bytes: int = 8 * 1024 * 1024
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 5.0
+    body_timeout: float = 30.0
+    write_timeout: float = 30.0
+    server_header: bytes = b"runnel"
+    # Called once per finished request with (request, status, seconds); None when nobody listens.
+    finished: Callable[[Any, int, float], None] | None = None
+    dates: DateHeader = field(default_factory=DateHeader)
+    new_request_id: Callable[[], str] = new_request_id
+    connections: set = field(default_factory=set)
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("runnel.http"))

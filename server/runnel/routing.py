@@ -1,0 +1,100 @@
+"""Path templates to handlers: exact paths by dict lookup, templates by regex."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+from urllib.parse import unquote
+
+from .errors import HTTPError
+
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}")
+
+
+class Route:
+    """A handler at a path template, with what dispatch needs to know about it."""
+
+    __slots__ = ("method", "template", "handler", "public", "errors")
+
+    def __init__(self, method: str, template: str, handler, *, public: bool = False, errors=None):
+        self.method = method
+        self.template = template
+        self.handler = handler
+        self.public = public  # reachable without authentication (health checks)
+        self.errors = errors  # optional (HTTPError) -> Response in the surface's own error shape
+
+    def __repr__(self) -> str:
+        return f"Route({self.method} {self.template} -> {getattr(self.handler, '__qualname__', self.handler)})"
+
+
+def _compile(template: str) -> re.Pattern | None:
+    if "{" not in template:
+        return None
+    pattern, pos = [], 0
+    for match in _PARAM.finditer(template):
+        pattern.append(re.escape(template[pos : match.start()]))
+        pattern.append(f"(?P<{match[1]}>.+)" if match[2] else f"(?P<{match[1]}>[^/]+)")
+        pos = match.end()
+    pattern.append(re.escape(template[pos:]))
+    return re.compile("".join(pattern) + r"\Z")
+
+
+class Router:
+    def __init__(self) -> None:
+        self._exact: dict[str, dict[str, Route]] = {}
+        self._templates: list[tuple[re.Pattern, str, dict[str, Route]]] = []
+
+    def add(self, method: str, template: str, handler: Callable[..., Any], **options) -> Route:
+        if not template.startswith("/"):
+            raise ValueError(f"route template must start with '/': {template!r}")
+        method = method.upper()
+        route = Route(method, template, handler, **options)
+        regex = _compile(template)
+        if regex is None:
+            methods = self._exact.setdefault(template, {})
+        else:
+            for known_regex, known_template, methods in self._templates:
+                if known_template == template:
+                    break
+            else:
+                methods = {}
+                self._templates.append((regex, template, methods))
+        if method in methods:
+            raise ValueError(f"{method} {template} is registered twice: {methods[method]!r} and {route!r}")
+        methods[method] = route
+        return route
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        """The route for this request, or HTTPError 404 / 405 (with Allow)."""
+        params: dict[str, str] = {}
+        methods = self._exact.get(path)
+        if methods is None:
+            for regex, _, candidate in self._templates:
+                found = regex.match(path)
+                if found is not None:
+                    methods = candidate
+                    params = {name: unquote(value) for name, value in found.groupdict().items()}
+                    break
+            else:
+                raise HTTPError(404, f"No route for {path}", code="route_not_found")
+        route = methods.get(method)
+        if route is None and method == "HEAD":
+            route = methods.get("GET")
+        if route is None:
+            allowed = set(methods)
+            if "GET" in allowed:
+                allowed.add("HEAD")
+            allow = ", ".join(sorted(allowed))
+            raise HTTPError(
+                405,
+                f"Method {method} is not allowed for {path}; allowed: {allow}",
+                code="method_not_allowed",
+                headers=((b"allow", allow.encode("ascii")),),
+            )
+        return route, params
+
+    def __iter__(self):
+        for methods in self._exact.values():
+            yield from methods.values()
+        for _, _, methods in self._templates:
+            yield from methods.values()

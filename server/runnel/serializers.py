@@ -1,0 +1,96 @@
+"""Framings for streamed responses, chosen by the request's Accept header."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class ServerSentEvents:
+    """``text/event-stream``: each event is ``data: <payload>\\n\\n``.
+
+    Strings go as they are (one ``data:`` line per line), bytes as a payload
+    already encoded, anything else as JSON.
+    """
+
+    media_type = b"text/event-stream"
+
+    def encode(self, event: Any) -> bytes:
+        if type(event) is bytes:
+            return b"data: %b\n\n" % event
+        if isinstance(event, str):
+            if "\n" in event or "\r" in event:
+                lines = event.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+                return "".join(f"data: {line}\n" for line in lines).encode() + b"\n"
+            return b"data: %b\n\n" % event.encode()
+        return b"data: %b\n\n" % orjson.dumps(event)
+
+    def encode_error(self, error: dict) -> bytes:
+        return b"event: error\ndata: %b\n\n" % orjson.dumps(error)
+
+
+class NDJSON:
+    """``application/x-ndjson``: one JSON document per line."""
+
+    media_type = b"application/x-ndjson"
+
+    def encode(self, event: Any) -> bytes:
+        if type(event) is bytes:
+            return event + b"\n"
+        return orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE)
+
+    def encode_error(self, error: dict) -> bytes:
+        return orjson.dumps(error, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def parse_accept(value: bytes) -> list[tuple[float, str]]:
+    """Media ranges of an Accept header with their q-values, best first."""
+    ranges = []
+    for index, part in enumerate(value.decode("latin-1").split(",")):
+        media, *params = part.split(";")
+        media = media.strip().lower()
+        if not media:
+            continue
+        quality = 1.0
+        for param in params:
+            name, _, raw = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(raw)
+                except ValueError:
+                    quality = 0.0
+        ranges.append((quality, index, media))
+    ranges.sort(key=lambda item: (-item[0], item[1]))
+    return [(quality, media) for quality, _, media in ranges]
+
+
+class Negotiator:
+    """Picks a stream serializer for a request; the default when Accept names none we have."""
+
+    def __init__(self, serializers: dict[bytes, Any], default: bytes = b"text/event-stream") -> None:
+        self.serializers = serializers
+        self.default = serializers[default]
+        self._by_name = {media.decode(): serializer for media, serializer in serializers.items()}
+
+    def __call__(self, request) -> Any:
+        accept = request.header(b"accept")
+        if not accept:
+            return self.default
+        for quality, media in parse_accept(accept):
+            if quality <= 0:
+                continue
+            serializer = self._by_name.get(media)
+            if serializer is not None:
+                return serializer
+            if media in ("*/*", "text/*", "application/*"):
+                return self.default
+        return self.default
+
+    def wants(self, request, media_type: bytes) -> bool:
+        """Whether the client explicitly asked for this media type (e.g. SSE)."""
+        accept = request.header(b"accept")
+        if not accept:
+            return False
+        name = media_type.decode()
+        return any(media == name and quality > 0 for quality, media in parse_accept(accept))

@@ -1,0 +1,183 @@
+"""``Server``: runnel as a library, running inside the caller's event loop.
+
+    async with runnel.Server(config) as server:
+        print(server.url)
+        await server.serve_forever()
+
+Everything lives on the instance (plugin manager, routes, apps, connections), so
+several servers can run in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+
+from .access_log import AccessLog
+from .apps import AppRegistry
+from .config import Config, ConfigError
+from .dispatch import Dispatcher
+from .http import HttpProtocol, Site
+from .plugins import make_plugin_manager
+from .routing import Router
+from .serializers import Negotiator
+
+logger = logging.getLogger("runnel.server")
+
+
+def _registry(kind: str, into: dict):
+    def register(name, value):
+        if name in into:
+            raise ValueError(f"{kind} {name!r} is registered twice")
+        into[name] = value
+
+    return register
+
+
+class Server:
+    def __init__(self, config: Config | None = None, *, plugins=(), load_entrypoints: bool = True) -> None:
+        self.config = config if config is not None else Config()
+        self.apps = AppRegistry()
+        self.router = Router()
+        self.backends: dict = {}
+        self.auth_kinds: dict = {}
+        self.serializers: dict = {}
+        self.pm = None
+        self._extra_plugins = tuple(plugins)
+        self._load_entrypoints = load_entrypoints
+        self._listener = None
+        self._site: Site | None = None
+        self._loading = None
+        self._stopped: asyncio.Event | None = None
+        self._force = False
+
+    # -- building ---------------------------------------------------------------
+    def build(self) -> Server:
+        """Load plugins and build auth, apps and routes from the config (no I/O, no loop).
+
+        Raises ConfigError naming the key and file for anything the config gets wrong.
+        """
+        if self.pm is not None:
+            return self
+        config = self.config
+        pm = make_plugin_manager(load_entrypoints=self._load_entrypoints, plugins=self._extra_plugins)
+        pm.hook.runnel_register_backends(register=_registry("backend", self.backends))
+        pm.hook.runnel_register_auth_kinds(register=_registry("auth kind", self.auth_kinds))
+        pm.hook.runnel_register_serializers(
+            register=lambda serializer: _registry("serializer", self.serializers)(serializer.media_type, serializer)
+        )
+        try:
+            factory = self.auth_kinds.get(config.auth.kind)
+            if factory is None:
+                raise ConfigError(
+                    f"unknown auth kind {config.auth.kind!r}; installed: {', '.join(sorted(self.auth_kinds))}",
+                    key="auth.kind",
+                )
+            pm.register(factory(config.table("auth", config.auth.options), config), name=f"auth:{config.auth.kind}")
+            for name, app_config in config.apps.items():
+                backend = self.backends.get(app_config.backend)
+                if backend is None:
+                    raise ConfigError(
+                        f"unknown backend {app_config.backend!r}; installed: {', '.join(sorted(self.backends)) or 'none'}",
+                        key=f"apps.{name}.backend",
+                    )
+                self.apps.add(name, backend(app_config, config.table(f"apps.{name}", app_config.options), self))
+        except ConfigError as error:
+            raise error.with_source(config.source) if config.source else error
+        if config.server.access_log:
+            pm.register(AccessLog(), name="access_log")
+
+        pm.hook.runnel_register_routes(register=self.router.add, server=self)
+        self.pm = pm
+        return self
+
+    # -- running ----------------------------------------------------------------
+    async def start(self) -> Server:
+        self.build()
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        settings = self.config.server
+        finished_hook = self.pm.hook.runnel_request_finished
+        finished = None
+        if finished_hook.get_hookimpls():
+            def finished(request, status, elapsed):
+                finished_hook(request=request, status=status, elapsed=elapsed)
+        self._site = Site(
+            dispatch=Dispatcher(self.router, self.pm.hook.runnel_authenticate),
+            negotiate=Negotiator(self.serializers),
+            max_header_bytes=settings.max_header_bytes,
+            max_body_bytes=settings.max_body_bytes,
+            header_timeout=settings.header_timeout,
+            keepalive_timeout=settings.keepalive_timeout,
+            body_timeout=settings.body_timeout,
+            write_timeout=settings.write_timeout,
+            server_header=settings.server_header.encode("latin-1"),
+            finished=finished,
+        )
+        await _call_lifecycle(self.pm.hook.runnel_startup(server=self))
+        site = self._site
+        self._listener = await loop.create_server(
+            lambda: HttpProtocol(site, loop), settings.host, settings.port, backlog=settings.backlog
+        )
+        self._loading = loop.create_task(self.apps.start_all())
+        return self
+
+    @property
+    def port(self) -> int:
+        return self._listener.sockets[0].getsockname()[1]
+
+    @property
+    def host(self) -> str:
+        return self._listener.sockets[0].getsockname()[0]
+
+    @property
+    def url(self) -> str:
+        host = self.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    async def wait_ready(self) -> bool:
+        """Wait until every app has loaded or failed; True when all are ready."""
+        await asyncio.shield(self._loading)
+        return all(state == "ready" for state in self.apps.states().values())
+
+    async def serve_forever(self) -> None:
+        await self._stopped.wait()
+
+    def force_stop(self) -> None:
+        """Make a ``stop()`` in progress cut its grace period short."""
+        self._force = True
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish for ``grace`` seconds, cancel the rest."""
+        if self._listener is None or self._stopped.is_set():
+            return
+        grace = self.config.server.shutdown_grace if grace is None else grace
+        self._listener.close()
+        connections = self._site.connections
+        for connection in list(connections):
+            connection.shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while connections and loop.time() < deadline and not self._force:
+            await asyncio.sleep(0.02)
+        for connection in list(connections):
+            connection.abort()
+        if not self._loading.done():
+            self._loading.cancel()
+        await asyncio.gather(self._loading, return_exceptions=True)
+        await _call_lifecycle(self.pm.hook.runnel_shutdown(server=self))
+        await self.apps.close_all()
+        self._stopped.set()
+
+    async def __aenter__(self) -> Server:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+
+async def _call_lifecycle(results) -> None:
+    for result in results:
+        if inspect.isawaitable(result):
+            await result
