@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import logging
 
-import orjson
-
 from .errors import HTTPError
-from .http.response import JSON, Response
+from .http.response import error_response
 
 logger = logging.getLogger("runnel.dispatch")
-
-
-def error_response(error: HTTPError) -> Response:
-    return Response(error.status, orjson.dumps(error.to_dict()), media_type=JSON, headers=error.headers)
 
 
 class Dispatcher:

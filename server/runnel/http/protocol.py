@@ -8,18 +8,16 @@ which is also what makes pipelined responses go out strictly in request order.
 from __future__ import annotations
 
 import asyncio
-from http import HTTPStatus
 
 import h11
 import orjson
 
 from ..errors import HTTPError
 from .request import Request
-from .response import JSON, ResponseStream
+from .head import encode_fields, status_line
+from .response import JSON, ResponseStream, error_response
 from .site import Site
 from .strict import ChunkedBodyChecker, check_head
-
-REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 
 # Past this much unread request body we stop reading the socket until the handler catches up.
 BODY_HIGH_WATER = 256 * 1024
@@ -51,15 +49,15 @@ class HttpProtocol(asyncio.Protocol):
         "_deadline",
         "_deadline_kind",
         "_timer",
+        "_keep_alive",
+        "_server_field",
     )
 
     def __init__(self, site: Site, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.site = site
         self.loop = loop or asyncio.get_running_loop()
         self.transport = None
-        # h11 bounds only a head that has not fully arrived; check_head bounds complete
-        # ones. The slack lets check_head answer first, with our own message.
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=site.max_header_bytes + 1024)
+        self.conn = self._new_h11()
         self.peer = None
         self.lost = False
         self.write_paused = False
@@ -74,6 +72,13 @@ class HttpProtocol(asyncio.Protocol):
         self._deadline = 0.0
         self._deadline_kind = 0
         self._timer = None
+        self._keep_alive = True
+        self._server_field = b"server: %b\r\n" % site.server_header if site.server_header else b""
+
+    def _new_h11(self) -> h11.Connection:
+        # h11 bounds only a head that has not fully arrived; check_head bounds complete
+        # ones. The slack lets check_head answer first, with our own message.
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.site.max_header_bytes + 1024)
 
     # -- asyncio callbacks ----------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -184,6 +189,7 @@ class HttpProtocol(asyncio.Protocol):
         content_length = None
         chunked = False
         request_id = None
+        keep_alive = event.http_version == b"1.1"
         for name, value in event.headers:
             if name == b"content-length":
                 content_length = int(value)
@@ -191,6 +197,8 @@ class HttpProtocol(asyncio.Protocol):
                 chunked = True
             elif name == b"x-request-id":
                 request_id = value
+            elif name == b"connection" and b"close" in [token.strip() for token in value.lower().split(b",")]:
+                keep_alive = False
         request = Request(self, event.method.decode("ascii"), event.target, event.headers, event.http_version)
         if request_id is not None and 0 < len(request_id) <= 128:
             request.request_id = request_id.decode("ascii", "replace")
@@ -198,6 +206,7 @@ class HttpProtocol(asyncio.Protocol):
             request.request_id = self.site.new_request_id()
         request.started_at = self.loop.time()
         self._request = request
+        self._keep_alive = keep_alive
         if chunked and content_length is not None:
             # RFC 9112 6.3: a server MAY reject this outright; accepting it is how
             # requests get smuggled past proxies that pick the other framing.
@@ -239,8 +248,9 @@ class HttpProtocol(asyncio.Protocol):
     # -- called by Request -------------------------------------------------------
     def body_wanted(self, request: Request) -> None:
         conn = self.conn
-        if conn.they_are_waiting_for_100_continue:
-            self.transport.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        if conn.they_are_waiting_for_100_continue and not request.status:
+            request.status = 100  # once only
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if not request._complete and request._error is None:
             self._set_deadline(self.site.body_timeout, _BODY)
 
@@ -265,10 +275,7 @@ class HttpProtocol(asyncio.Protocol):
             response = await self.site.dispatch(request)
         except Exception:
             self.site.logger.exception("dispatch failed for request %s", request.request_id)
-            response = None
-            if request._stream is not None:
-                self.transport.close()
-                return
+            response = error_response(HTTPError(500, f"Internal server error (request id {request.request_id})"))
         if self.lost:
             return
         stream = request._stream
@@ -278,60 +285,56 @@ class HttpProtocol(asyncio.Protocol):
         elif response is not None:
             self.send_response(request, response)
         else:
-            self._send_error(request, HTTPError(500, "Handler returned no response"))
+            self.send_response(request, error_response(HTTPError(500, "Handler returned no response")))
 
-    def _head_headers(self, request: Request | None) -> list:
-        site = self.site
-        headers = [(b"date", site.dates.value())]
-        if site.server_header:
-            headers.append((b"server", site.server_header))
-        if request is not None:
-            headers.append((b"x-request-id", request.request_id.encode("latin-1")))
-        if self._closing or self.conn.their_state is not h11.DONE:
-            headers.append((b"connection", b"close"))
-        return headers
+    def _head(self, request: Request | None, status: int, fields: bytes) -> bytes:
+        """Status line and headers; decides here whether the connection closes after."""
+        if not self._closing and not (self._keep_alive and self.conn.their_state is h11.DONE):
+            self._closing = True
+        request_id = request.request_id if request is not None else self.site.new_request_id()
+        return b"%bdate: %b\r\n%bx-request-id: %b\r\n%b%b\r\n" % (
+            status_line(status),
+            self.site.dates.value(),
+            self._server_field,
+            request_id.encode("latin-1"),
+            fields,
+            b"connection: close\r\n" if self._closing else b"",
+        )
 
     def send_response(self, request: Request, response) -> None:
-        headers = self._head_headers(request)
-        if response.media_type is not None:
-            headers.append((b"content-type", response.media_type))
-        body = response.body
         status = response.status
+        body = response.body
+        fields = b""
+        if response.media_type is not None:
+            fields = b"content-type: %b\r\n" % response.media_type
         if status not in _NO_BODY:
-            headers.append((b"content-length", b"%d" % len(body)))
-        if response.headers:
-            headers.extend(response.headers)
-        conn = self.conn
+            fields += b"content-length: %d\r\n" % len(body)
         try:
-            out = conn.send(h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b"")))
-            if body and request.method != "HEAD" and status not in _NO_BODY:
-                out += conn.send(h11.Data(data=body))
-            out += conn.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
-            self.site.logger.exception("could not send response to request %s", request.request_id)
-            self.transport.close()
-            return
-        self.transport.write(out)
+            if response.headers:
+                fields += encode_fields(response.headers)
+            head = self._head(request, status, fields)
+        except ValueError:
+            self.site.logger.exception("invalid response to request %s", request.request_id)
+            status, response = 500, error_response(HTTPError(500, "Handler produced an invalid response"))
+            body = response.body
+            head = self._head(request, 500, b"content-type: %b\r\ncontent-length: %d\r\n" % (JSON, len(body)))
+        if request.method == "HEAD" or status in _NO_BODY or not body:
+            self.transport.write(head)
+        else:
+            self.transport.write(head + body)
         request.status = status
         self._cycle_done(request)
 
-    def _send_error(self, request: Request, error: HTTPError) -> None:
-        from .response import Response
-
-        self.send_response(request, Response(error.status, orjson.dumps(error.to_dict()), media_type=JSON, headers=error.headers))
-
     def start_stream(self, request: Request, status: int, headers, media_type: bytes, serializer) -> ResponseStream:
-        head = self._head_headers(request)
-        head.append((b"content-type", media_type))
-        head.append((b"transfer-encoding", b"chunked"))
+        # HTTP/1.0 has no chunked framing: the body runs until we close.
+        chunked = request.http_version != b"1.0"
+        fields = b"content-type: %b\r\n" % media_type
+        if chunked:
+            fields += b"transfer-encoding: chunked\r\n"
         if headers:
-            head.extend(headers)
-        conn = self.conn
-        self.transport.write(conn.send(h11.Response(status_code=status, headers=head, reason=REASONS.get(status, b""))))
+            fields += encode_fields(headers)
+        self.transport.write(self._head(request, status, fields))
         request.status = status
-        # h11 keeps chunked framing for HTTP/1.1 clients and falls back to
-        # close-delimited bodies for HTTP/1.0 ones; the stream must frame to match.
-        chunked = conn.their_http_version is not None and conn.their_http_version >= b"1.1"
         return ResponseStream(
             self, self.transport, chunked=chunked, discard=request.method == "HEAD", serializer=serializer
         )
@@ -340,7 +343,9 @@ class HttpProtocol(asyncio.Protocol):
         request = self._request
         if self.lost or request is None:
             return
-        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        stream = request._stream
+        if stream._chunked and not stream._discard:
+            self.transport.write(b"0\r\n\r\n")
         self._cycle_done(request)
 
     def _cycle_done(self, request: Request) -> None:
@@ -353,14 +358,21 @@ class HttpProtocol(asyncio.Protocol):
         self._request = None
         self._task = None
         conn = self.conn
-        if self._closing or conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
+        if self._closing or conn.their_state is not h11.DONE:
             self.transport.close()
             return
-        conn.start_next_cycle()
+        # Responses never go through h11, so its side of the cycle never reaches
+        # DONE; a fresh connection object fed the leftover bytes is the next cycle.
+        leftover, closed = conn.trailing_data
+        self.conn = conn = self._new_h11()
+        if leftover:
+            conn.receive_data(leftover)
+        if closed:
+            conn.receive_data(b"")
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resume_reading()
-        if conn.trailing_data[0]:  # a pipelined request is already here
+        if leftover or closed:  # a pipelined request is already here
             self._head_started = True
             self._set_deadline(self.site.header_timeout, _HEAD)
             self._process()
@@ -372,25 +384,18 @@ class HttpProtocol(asyncio.Protocol):
         """Answer a request we will not process (bad head, too large) and close."""
         self._closing = True
         self._deadline_kind = 0
-        conn = self.conn
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        request = self._request
+        if request is not None and request.status:  # a response has started already
             self.transport.close()
             return
         body = orjson.dumps(HTTPError(status, message).to_dict())
-        headers = self._head_headers(self._request)  # says "connection: close": _closing is set
-        headers += [(b"content-type", JSON), (b"content-length", b"%d" % len(body))]
-        try:
-            out = conn.send(h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b"")))
-            out += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
-            self.transport.close()
-            return
-        self.transport.write(out)
-        if self._request is not None:
-            self._request.status = status
+        fields = b"content-type: %b\r\ncontent-length: %d\r\n" % (JSON, len(body))
+        self.transport.write(self._head(request, status, fields) + body)
+        if request is not None:
+            request.status = status
             finished = self.site.finished
             if finished is not None:
-                finished(self._request, status, self.loop.time() - self._request.started_at)
+                finished(request, status, self.loop.time() - request.started_at)
         self.transport.close()
 
     # -- shutdown ----------------------------------------------------------------

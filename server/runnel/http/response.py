@@ -32,6 +32,11 @@ def json_response(content: Any, status: int = 200, headers=()) -> Response:
     return Response(status, orjson.dumps(content), media_type=JSON, headers=headers)
 
 
+def error_response(error) -> Response:
+    """An HTTPError as a JSON response in the default (OpenAI-style) envelope."""
+    return Response(error.status, orjson.dumps(error.to_dict()), media_type=JSON, headers=error.headers)
+
+
 class ResponseStream:
     """A response body written piece by piece as HTTP/1.1 chunks.
 
