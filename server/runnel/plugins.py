@@ -42,7 +42,11 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict]:
         rows.append(
             {
                 "name": name,
-                "distribution": f"{dist.project_name} {dist.version}" if dist else "runnel (built in)",
+                "distribution": (
+                    f"{dist.project_name} {dist.version}" if dist
+                    else "runnel (built in)" if name in DEFAULT_PLUGINS
+                    else "registered by the application"
+                ),
                 "hooks": sorted(caller.name for caller in pm.get_hookcallers(plugin) or ()),
             }
         )

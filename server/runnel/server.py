@@ -47,6 +47,7 @@ class Server:
         self._extra_plugins = tuple(plugins)
         self._load_entrypoints = load_entrypoints
         self._listener = None
+        self._address: tuple[str, int] | None = None
         self._site: Site | None = None
         self._loading = None
         self._stopped: asyncio.Event | None = None
@@ -120,16 +121,18 @@ class Server:
         self._listener = await loop.create_server(
             lambda: HttpProtocol(site, loop), settings.host, settings.port, backlog=settings.backlog
         )
+        # Kept, not looked up, so the address stays known after stop().
+        self._address = self._listener.sockets[0].getsockname()[:2]
         self._loading = loop.create_task(self.apps.start_all())
         return self
 
     @property
     def port(self) -> int:
-        return self._listener.sockets[0].getsockname()[1]
+        return self._address[1]
 
     @property
     def host(self) -> str:
-        return self._listener.sockets[0].getsockname()[0]
+        return self._address[0]
 
     @property
     def url(self) -> str:

@@ -62,7 +62,8 @@ def _read_keys_file(path: str, table) -> list[str]:
             lines = file.read().splitlines()
     except OSError as exc:
         raise table.error("keys_file", f"cannot read {path}: {exc.strerror}") from None
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    keys = (line.split("#", 1)[0].strip() for line in lines)  # '#' starts a comment anywhere
+    return [key for key in keys if key]
 
 
 def make_api_key_auth(table, config) -> ApiKeyAuth:

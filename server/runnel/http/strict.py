@@ -13,6 +13,9 @@ import re
 _HEAD_END = re.compile(rb"\n\r?\n")
 # A line that starts with SP or HTAB continues the previous header: obs-fold.
 _OBS_FOLD = re.compile(rb"\n[ \t]")
+# The chunk-size line as h11 parses it (1*HEXDIG, extension, OWS), minus the bare
+# CR it lets into the extension: the checker must never read a framing h11 doesn't.
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\r\n]*)?[ \t]*\r\n")
 
 
 def check_head(buffer: bytes, max_bytes: int) -> tuple[int, str] | None:
@@ -83,11 +86,10 @@ class ChunkedBodyChecker:
                     return False
                 self._state = self._SIZE
             elif state == self._SIZE:
-                digits = line[:-2].split(b";", 1)[0].strip(b" \t")
-                try:
-                    self._remaining = int(digits, 16)
-                except ValueError:
+                size_line = _CHUNK_SIZE_LINE.fullmatch(line)
+                if size_line is None:
                     return False
+                self._remaining = int(size_line[1], 16)
                 self._state = self._DATA if self._remaining else self._TRAILER
             elif line == b"\r\n":  # the blank line that ends the trailer section
                 self._state = self._DONE

@@ -1,0 +1,304 @@
+"""The ``runnel`` command: check-config, plugins, and serve as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import h11
+import pytest
+from conftest import H11Client, request, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNEL_")}
+    env.update(extra)
+    return env
+
+
+def runnel(*args, env=None, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "runnel", *map(str, args)],
+        capture_output=True, text=True, env=env or clean_env(), cwd=cwd, timeout=60,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def refused(port: int) -> bool:
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+    except ConnectionRefusedError:
+        return True
+    sock.close()
+    return False
+
+
+def health(port: int):
+    try:
+        return request(port, "GET", "/health")
+    except OSError:
+        return None
+
+
+class Serve:
+    """``python -m runnel serve ...`` with its output in a file."""
+
+    def __init__(self, tmp_path: Path, *args, env=None, name="serve"):
+        self.log_path = tmp_path / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runnel", "serve", *map(str, args)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env or clean_env(), cwd=tmp_path,
+        )
+
+    def wait_healthy(self, port: int):
+        reply = wait_until(lambda: self.proc.poll() is None and health(port) or self.proc.poll() is not None,
+                           timeout=30)
+        assert self.proc.poll() is None, self.log
+        return reply
+
+    @property
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def close(self):
+        try:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        finally:
+            self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# -- check-config ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "summary"),
+    [("echo.toml", "1 app, auth none"), ("server.toml", "0 apps, auth none"), ("api_keys.toml", "0 apps, auth api_key")],
+)
+def test_check_config_accepts_examples(name, summary):
+    path = f"conf/examples/{name}"
+    result = runnel("check-config", path)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"{path}: ok ({summary})\n"
+
+
+def test_check_config_resolves_keys_file_next_to_the_config(tmp_path):
+    (tmp_path / "keys.txt").write_text("# keys\ncheck-config-key-1\n")
+    config = tmp_path / "runnel.toml"
+    config.write_text('[auth]\nkind = "api_key"\nkeys_file = "keys.txt"\n\n[apps.a]\nbackend = "echo"\n'
+                      '[apps.b]\nbackend = "echo"\npace_ms = 5\n')
+    result = runnel("check-config", config)  # run from the repo root, not tmp_path
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"{config}: ok (2 apps, auth api_key)\n"
+
+
+BAD_CONFIGS = [
+    ("[server]\nprot = 8000\n", "server.prot", "unknown key 'prot' (did you mean 'port'?); valid keys: host, port,"),
+    ('[server]\nport = "80"\n', "server.port", "expected an integer, got string '80'"),
+    ("[server]\nport = 70000\n", "server.port", "must be between 0 and 65535, got 70000"),
+    ("[serve]\nport = 1\n", "serve", "unknown key 'serve' (did you mean 'server'?)"),
+    ('[apps.m]\nbackend = "vllm"\n', "apps.m.backend", "unknown backend 'vllm'; installed: "),
+    ("[apps.m]\npace_ms = 5\n", "apps.m.backend", "is required"),
+    ('[apps.m]\nbackend = "echo"\npace = 5\n', "apps.m.pace", "unknown key 'pace' (did you mean 'pace_ms'?)"),
+    ('[apps.m]\nbackend = "echo"\npace_ms = -1\n', "apps.m.pace_ms", "must be >= 0"),
+    ('[auth]\nkind = "kerberos"\n', "auth.kind", "unknown auth kind 'kerberos'; installed: api_key, "),
+    ('[auth]\nkind = "api_key"\nkeys_file = "missing-keys.txt"\n', "auth.keys_file", "cannot read {dir}/missing-keys.txt: "
+     "No such file or directory"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "message"), BAD_CONFIGS, ids=[case[1] for case in BAD_CONFIGS])
+def test_check_config_reports_file_and_key(tmp_path, text, key, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    result = runnel("check-config", path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    message = message.format(dir=tmp_path)
+    assert result.stderr.startswith(f"runnel: config error: {path}: {key}: {message}"), result.stderr
+    assert result.stderr.count("\n") == 1  # one line, no traceback
+
+
+def test_check_config_unreadable_or_invalid_toml(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[server\nport = 1\n")
+    result = runnel("check-config", path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"runnel: config error: {path}: invalid TOML: ")
+    missing = tmp_path / "nope.toml"
+    result = runnel("check-config", missing)
+    assert result.returncode == 2
+    assert result.stderr == f"runnel: config error: {missing}: cannot read config file: No such file or directory\n"
+
+
+# -- plugins --------------------------------------------------------------------------
+
+
+def test_plugins_lists_builtins_then_installed():
+    result = runnel("plugins")
+    assert (result.returncode, result.stderr) == (0, "")
+    lines = result.stdout.splitlines()
+    assert lines[:3] == [
+        "runnel.serializers_plugin\trunnel (built in)\trunnel_register_serializers",
+        "runnel.health\trunnel (built in)\trunnel_register_routes",
+        "runnel.auth.builtin\trunnel (built in)\trunnel_register_auth_kinds",
+    ]
+    assert "echo\trunnel-echo 0.1.0\trunnel_register_backends, runnel_register_routes" in lines[3:]
+
+
+# -- serve ----------------------------------------------------------------------------
+
+
+def stop(serve: Serve, sig=signal.SIGTERM) -> int:
+    serve.proc.send_signal(sig)
+    return serve.proc.wait(timeout=30)
+
+
+def test_serve_port_precedence_file_then_env_then_flag(tmp_path):
+    file_port, env_port, flag_port = free_port(), free_port(), free_port()
+    config = tmp_path / "runnel.toml"
+    config.write_text(f'[server]\nport = {file_port}\n\n[apps.echo]\nbackend = "echo"\n')
+
+    with Serve(tmp_path, "--config", config, name="file") as serve:
+        assert serve.wait_healthy(file_port).json() == {"status": "ok"}
+        assert stop(serve) == 0
+        assert f"runnel listening on http://127.0.0.1:{file_port}" in serve.log
+
+    with Serve(tmp_path, "--config", config, env=clean_env(RUNNEL_PORT=str(env_port)), name="env") as serve:
+        assert serve.wait_healthy(env_port).json() == {"status": "ok"}
+        assert refused(file_port)
+        assert stop(serve) == 0
+        assert f"runnel listening on http://127.0.0.1:{env_port}" in serve.log
+
+    env = clean_env(RUNNEL_PORT=str(env_port), RUNNEL_CONFIG=str(config), RUNNEL_API_KEYS="serve-env-key-1")
+    with Serve(tmp_path, "--port", flag_port, env=env, name="flag") as serve:
+        assert serve.wait_healthy(flag_port).json() == {"status": "ok"}
+        assert refused(env_port) and refused(file_port)
+        # RUNNEL_CONFIG named the file (the echo app is there); RUNNEL_API_KEYS turned auth on.
+        body = b'{"prompt": "k", "max_tokens": 1}'
+        assert request(flag_port, "POST", "/echo/echo", body=body).status == 401
+        reply = request(flag_port, "POST", "/echo/echo", headers=[("authorization", "Bearer serve-env-key-1")],
+                        body=body)
+        assert reply.json() == {"app": "echo", "text": "k", "tokens": 1}
+        assert stop(serve) == 0
+
+
+def test_serve_bad_env_port_is_config_error(tmp_path):
+    result = runnel("serve", env=clean_env(RUNNEL_PORT="eighty"))
+    assert result.returncode == 2
+    assert result.stderr == "runnel: config error: environment: RUNNEL_PORT: expected an integer, got 'eighty'\n"
+
+
+def slow_stream_server(tmp_path: Path, grace: float, name: str):
+    port = free_port()
+    config = tmp_path / f"{name}.toml"
+    config.write_text(
+        f"[server]\nport = {port}\nshutdown_grace = {grace}\n\n[apps.echo]\nbackend = \"echo\"\npace_ms = 50\n"
+    )
+    serve = Serve(tmp_path, "--config", config, name=name)
+    serve.wait_healthy(port)
+    return serve, port
+
+
+def start_stream(port: int, max_tokens: int) -> tuple[H11Client, bytes]:
+    """Start a paced stream and return the client once its first event arrived."""
+    client = H11Client(port)
+    body = b'{"prompt": "a b c d", "max_tokens": %d, "stream": true}' % max_tokens
+    client.send("POST", "/echo/echo", body=body)
+    response = client.next_event()
+    assert type(response) is h11.Response and response.status_code == 200
+    first = client.next_event()
+    assert type(first) is h11.Data
+    return client, bytes(first.data)
+
+
+def expected_stream(max_tokens: int) -> bytes:
+    words = "a b c d".split()
+    out = b""
+    for i in range(max_tokens):
+        token = words[i % 4] if i == 0 else " " + words[i % 4]
+        out += b'data: {"index":%d,"token":"%s"}\n\n' % (i, token.encode())
+    return out + b'data: {"done":true,"tokens":%d}\n\n' % max_tokens
+
+
+def test_sigterm_finishes_in_flight_stream_refuses_new_and_exits_0(tmp_path):
+    serve, port = slow_stream_server(tmp_path, grace=30, name="graceful")
+    with serve:
+        idle = H11Client(port)
+        assert idle.request("GET", "/health").status == 200  # now an idle keep-alive connection
+        client, data = start_stream(port, 20)
+        with client, idle:
+            serve.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: refused(port), timeout=10)
+            # The idle connection is closed rather than left to its keep-alive timeout.
+            assert idle.sock.recv(1) == b""
+            while True:
+                event = client.next_event()
+                if type(event) is h11.EndOfMessage:
+                    break
+                assert type(event) is h11.Data, event
+                data += bytes(event.data)
+            assert data == expected_stream(20)
+            # ... and then the connection is closed.
+            assert client.sock.recv(1) == b""
+        assert serve.proc.wait(timeout=30) == 0
+        log = serve.log
+    assert "SIGTERM: finishing in-flight requests (up to 30.0s)" in log
+    assert "runnel stopped" in log
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_second_signal_during_grace_stops_now(tmp_path, second):
+    serve, port = slow_stream_server(tmp_path, grace=60, name=f"forced-{second.name}")
+    with serve:
+        client, data = start_stream(port, 1000)  # 50 s of tokens, far beyond the test
+        with client:
+            serve.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: refused(port), timeout=10)
+            assert serve.proc.poll() is None  # still in its grace period, streaming
+            serve.proc.send_signal(second)
+            # Liveness bound only: the grace period is 60 s.
+            returncode = serve.proc.wait(timeout=10)
+            # The stream was cut off: no final event, no terminating chunk.
+            with pytest.raises(h11.RemoteProtocolError):
+                while True:
+                    event = client.next_event()
+                    assert type(event) is h11.Data, event
+                    data += bytes(event.data)
+            assert b'"done"' not in data
+        log = serve.log
+    assert returncode == 0, log
+    assert f"second {second.name}: stopping now" in log
+    assert "Traceback" not in log
+
+
+def test_serve_port_taken_exits_1(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = runnel("serve", "--port", port, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith("runnel: ")
+    assert "Traceback" not in result.stderr
