@@ -83,8 +83,13 @@ class Negotiator:
             serializer = self._by_name.get(media)
             if serializer is not None:
                 return serializer
-            if media in ("*/*", "text/*", "application/*"):
+            if media == "*/*":
                 return self.default
+            if media.endswith("/*"):  # e.g. application/*: the first framing of that type
+                prefix = media[:-1]
+                for name, candidate in self._by_name.items():
+                    if name.startswith(prefix):
+                        return candidate
         return self.default
 
     def wants(self, request, media_type: bytes) -> bool:

@@ -8,6 +8,7 @@ which is also what makes pipelined responses go out strictly in request order.
 from __future__ import annotations
 
 import asyncio
+import re
 
 import h11
 import orjson
@@ -21,6 +22,9 @@ from .strict import ChunkedBodyChecker, check_head
 
 # Past this much unread request body we stop reading the socket until the handler catches up.
 BODY_HIGH_WATER = 256 * 1024
+
+# A client's X-Request-Id is echoed only when it is safe to log and to send back.
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 
 # Statuses whose responses never have a body (nor a Content-Length).
 _NO_BODY = frozenset((204, 304))
@@ -200,8 +204,8 @@ class HttpProtocol(asyncio.Protocol):
             elif name == b"connection" and b"close" in [token.strip() for token in value.lower().split(b",")]:
                 keep_alive = False
         request = Request(self, event.method.decode("ascii"), event.target, event.headers, event.http_version)
-        if request_id is not None and 0 < len(request_id) <= 128:
-            request.request_id = request_id.decode("ascii", "replace")
+        if request_id is not None and _REQUEST_ID.fullmatch(request_id):
+            request.request_id = request_id.decode("ascii")
         else:
             request.request_id = self.site.new_request_id()
         request.started_at = self.loop.time()
