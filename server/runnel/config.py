@@ -94,11 +94,17 @@ class AuthConfig:
     options: Mapping[str, Any] = field(default_factory=dict)  # rest of [auth], unvalidated here
 
 
+# Sub-tables of [apps.NAME] that belong to a surface, not to the app's backend:
+# [apps.NAME.openai], [apps.NAME.runpod], ... Each surface validates its own.
+SURFACE_TABLES = ("openai", "runpod", "baseten", "functions")
+
+
 @dataclass(frozen=True, slots=True)
 class AppConfig:
     name: str
     backend: str
     options: Mapping[str, Any] = field(default_factory=dict)  # rest of the table, for the backend
+    surfaces: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # SURFACE_TABLES present
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +321,11 @@ def _apps_from(data: Any, *, source: str | None) -> dict[str, AppConfig]:
         backend = _typed(options.pop("backend"), str, key=f"{key}.backend", source=source)
         if not backend.strip():
             raise ConfigError("must not be empty", key=f"{key}.backend", source=source)
-        apps[name] = AppConfig(name=name, backend=backend, options=options)
+        surfaces = {}
+        for surface in SURFACE_TABLES:
+            if surface in options:
+                surfaces[surface] = dict(_typed(options.pop(surface), dict, key=f"{key}.{surface}", source=source))
+        apps[name] = AppConfig(name=name, backend=backend, options=options, surfaces=surfaces)
     return apps
 
 

@@ -13,6 +13,9 @@ DEFAULT_PLUGINS = (
     "runnel.serializers_plugin",
     "runnel.health",
     "runnel.auth.builtin",
+    "runnel.surfaces.openai",
+    "runnel.surfaces.runpod",
+    "runnel.surfaces.baseten",
 )
 
 

@@ -1011,23 +1011,30 @@ def test_connection_lost_fails_a_pending_drain_and_a_pending_body_read(env):
 
 def test_eof_on_an_idle_connection_closes_it(env):
     conn = Conn(env)
-    assert not conn.protocol.eof_received()
-    assert conn.events == ["close"]
+    assert conn.protocol.eof_received() is False  # asyncio then closes the transport
+    assert conn.events == []
 
 
-def test_eof_after_a_request_still_gets_the_response(env):
+def test_eof_during_a_request_means_the_client_is_gone(env):
     gate = env.loop.create_future()
+    cancelled = []
 
     async def handler(req):
-        await gate
+        try:
+            await gate
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
         return await hello(req)
 
     conn = Conn(env, handler)
     conn.feed(GET)
-    assert conn.protocol.eof_received() is True  # keep the transport for the response
-    gate.set_result(None)
     env.spin()
-    assert conn.events == [("write", plain(200, b"hello", close=True)), "close"]
+    assert conn.protocol.eof_received() is False  # the transport closes itself
+    conn.protocol.connection_lost(None)
+    env.spin()
+    assert cancelled == [True]
+    assert conn.events == []  # nothing is written for a client that left
 
 
 def test_shutdown_closes_an_idle_connection_now(env):

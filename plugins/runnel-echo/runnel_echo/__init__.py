@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
+import re
+import zlib
 
 from runnel import HTTPError, hookimpl, json_response
+from runnel.generation import StopStrings, TokenLogprob
 
 LOREM = (
     "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
@@ -17,14 +21,50 @@ MAX_TOKENS_LIMIT = 1_000_000
 
 class EchoApp:
     """Tokens are the prompt's words, repeated to fill ``max_tokens``; a seeded
-    lorem ipsum when the prompt has none. Same input, same tokens, every time."""
+    lorem ipsum when the prompt has none. Same input, same tokens, every time.
 
-    def __init__(self, name: str, *, pace: float, load_seconds: float, seed: int, served_model_name: str) -> None:
+    It also serves the OpenAI surfaces (``runnel.generation.ModelApp``): its
+    tokenizer splits text into words with their leading whitespace; generation
+    echoes the prompt's tokens once and then ends ("stop"), unless
+    ``ignore_eos`` makes it cycle to ``max_tokens``. As a model, its next-token
+    distribution puts probability 1 on the next prompt token, so temperature,
+    top_p, top_k and seed apply but cannot change the answer, and every log
+    probability is 0.
+    """
+
+    owned_by = "runnel"
+    supported = frozenset(
+        {"temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs", "top_logprobs",
+         "ignore_eos", "min_tokens"}
+    )
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        pace: float,
+        load_seconds: float,
+        seed: int,
+        served_model_name: str,
+        context_length: int = 4096,
+        default_max_tokens: int = 16,
+        embedding_dim: int = 64,
+    ) -> None:
         self.name = name
         self.pace = pace
         self.load_seconds = load_seconds
         self.seed = seed
-        self.served_model_name = served_model_name
+        self.model_id = served_model_name
+        self.context_length = context_length
+        self.default_max_tokens = default_max_tokens
+        self.embedding_dim = embedding_dim
+        # Token id <-> piece, grown as text is tokenized: ids are stable for the app's life.
+        self._ids: dict[str, int] = {}
+        self._pieces: list[str] = []
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_id
 
     async def start(self) -> None:
         if self.load_seconds:
@@ -37,6 +77,103 @@ class EchoApp:
         words = prompt.split() or random.Random(self.seed).choices(LOREM, k=min(max_tokens, 64))
         tokens = [words[i % len(words)] for i in range(max_tokens)]
         return [token if i == 0 else " " + token for i, token in enumerate(tokens)]
+
+    # -- runnel.generation.ModelApp --------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        ids = []
+        for piece in _PIECES.findall(text):
+            token_id = self._ids.get(piece)
+            if token_id is None:
+                token_id = self._ids[piece] = len(self._pieces)
+                self._pieces.append(piece)
+            ids.append(token_id)
+        return ids
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """Echo's chat template: the last user message is the whole prompt."""
+        for message in reversed(messages):
+            if message["role"] == "user":
+                return message["content"]
+        return ""
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Hashed bag-of-words vectors, unit length: texts sharing words are close."""
+        vectors = []
+        for text in texts:
+            vector = [0.0] * self.embedding_dim
+            for word in text.lower().split():
+                digest = zlib.crc32(word.encode())
+                vector[digest % self.embedding_dim] += 1.0 if digest & 0x80000000 else -1.0
+            norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+            vectors.append([x / norm for x in vector])
+        return vectors, sum(len(self.tokenize(text)) for text in texts)
+
+    def generate(self, prompt_tokens, params, n, sink):
+        return asyncio.get_running_loop().create_task(self._generate(list(prompt_tokens), params, n, sink))
+
+    async def _generate(self, prompt_tokens, params, n, sink) -> None:
+        try:
+            rows = [_EchoRow(self, index, prompt_tokens, params) for index in range(n)]
+            active = list(rows)
+            step = 0
+            while active:
+                if self.pace:
+                    await asyncio.sleep(self.pace)
+                elif step % 32 == 31:
+                    await asyncio.sleep(0)  # with no pace, still let other requests run
+                step += 1
+                for row in list(active):
+                    if row.step(sink):
+                        active.remove(row)
+        except Exception as error:  # the sink reports it in the surface's own shape
+            sink.on_error(error)
+
+
+# Words with the whitespace before them; the whitespace at the very end is its own piece.
+_PIECES = re.compile(r"\s*\S+|\s+")
+
+
+class _EchoRow:
+    """One choice of an echo generation."""
+
+    def __init__(self, app: EchoApp, index: int, prompt_tokens: list[int], params) -> None:
+        self.app = app
+        self.index = index
+        self.source = prompt_tokens or app.tokenize(" ".join(app.tokens("", 16)))
+        self.params = params
+        self.count = 0
+        self.stops = StopStrings(params.stop)
+
+    def step(self, sink) -> bool:
+        """Make one token; True when the row is finished."""
+        params = self.params
+        token_id = self.source[self.count % len(self.source)]
+        self.count += 1
+        past_min = self.count > params.min_tokens
+        if past_min and token_id in params.stop_token_ids:
+            return self._finish(sink, "stop", token_id)
+        piece = self.app._pieces[token_id]
+        text = self.stops.push(piece)
+        logprobs = None
+        if params.logprobs:
+            logprobs = [TokenLogprob(piece, 0.0, [(piece, 0.0)][: params.top_logprobs])]
+        if text or logprobs:
+            sink.on_tokens(self.index, text, (token_id,), logprobs)
+        if self.stops.stopped and past_min:
+            return self._finish(sink, "stop")
+        if self.count >= params.max_tokens:
+            return self._finish(sink, "length")
+        echoed_once = self.count == len(self.source)
+        if echoed_once and past_min and not params.ignore_eos:
+            return self._finish(sink, "stop")
+        return False
+
+    def _finish(self, sink, reason: str, token_id: int | None = None) -> bool:
+        rest = self.stops.flush()
+        if rest:
+            sink.on_tokens(self.index, rest, (), None)
+        sink.on_finish(self.index, reason, self.count)
+        return True
 
 
 def make_echo_app(app_config, table, server) -> EchoApp:
@@ -52,7 +189,16 @@ def make_echo_app(app_config, table, server) -> EchoApp:
         load_seconds=load_seconds,
         seed=table.get("seed", int, default=0),
         served_model_name=table.get("served_model_name", str, default=app_config.name),
+        context_length=table.get("context_length", int, default=4096),
+        default_max_tokens=table.get("default_max_tokens", int, default=16),
+        embedding_dim=table.get("embedding_dim", int, default=64),
     )
+    if app.embedding_dim < 1:
+        raise table.error("embedding_dim", "must be >= 1")
+    if app.context_length < 1:
+        raise table.error("context_length", "must be >= 1")
+    if not 1 <= app.default_max_tokens <= app.context_length:
+        raise table.error("default_max_tokens", "must be between 1 and context_length")
     table.finish()
     return app
 

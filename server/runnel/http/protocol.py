@@ -111,10 +111,10 @@ class HttpProtocol(asyncio.Protocol):
         self._process()
 
     def eof_received(self) -> bool:
-        self.conn.receive_data(b"")
-        self._process()
-        # Keep the transport open so an in-flight response can still be written.
-        return self._request is not None
+        # A client that closes its side has gone: HTTP clients do not half-close
+        # while they wait for an answer. Returning False closes the transport,
+        # and connection_lost cancels the handler and the work it started.
+        return False
 
     def connection_lost(self, exc) -> None:
         self.lost = True

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     from .protocol import HttpProtocol
 
 
+_UNREAD = object()
+
+
 class Request:
     """The head of a request, its body as it arrives, and a way to answer.
 
@@ -45,6 +48,7 @@ class Request:
         "_waiter",
         "_stream",
         "_body",
+        "_json",
     )
 
     def __init__(self, protocol: HttpProtocol, method: str, target: bytes, headers, http_version: bytes) -> None:
@@ -74,6 +78,7 @@ class Request:
         self._waiter = None
         self._stream = None
         self._body: bytes | None = None
+        self._json: Any = _UNREAD
 
     # -- head ---------------------------------------------------------------
     def header(self, name: bytes, default: bytes | None = None) -> bytes | None:
@@ -106,12 +111,14 @@ class Request:
         return self._body
 
     async def json(self) -> Any:
-        """The body parsed as JSON; invalid JSON is a 400."""
-        body = await self.body()
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise HTTPError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+        """The body parsed as JSON (once, then kept); invalid JSON is a 400."""
+        if self._json is _UNREAD:
+            body = await self.body()
+            try:
+                self._json = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise HTTPError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+        return self._json
 
     async def stream_body(self):
         protocol = self._protocol

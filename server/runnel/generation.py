@@ -1,0 +1,149 @@
+"""The contract between surfaces and model backends.
+
+A surface (OpenAI, RunPod, ...) validates a request into ``SamplingParams``,
+tokenizes through the app, and calls ``app.generate(prompt_tokens, params, n,
+sink)``. The backend pushes results into the sink as they are made, on the event
+loop thread; the sink writes them straight to the response. Nothing is collected
+in between for streams, and ``cancel()`` on the returned handle stops the work
+when the client goes away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Protocol, Sequence
+
+
+@dataclass(slots=True, kw_only=True)
+class SamplingParams:
+    """Per-request generation settings, already validated. Defaults mean 'off'."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = no limit; 1 = greedy
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+
+_DEFAULTS = SamplingParams()
+# Settings every backend must honour; the rest a backend declares in ``supported``.
+REQUIRED_PARAMETERS = frozenset({"max_tokens"})
+
+
+def unsupported(params: SamplingParams, supported: frozenset[str]) -> str | None:
+    """The first parameter set to a non-default value that the backend does not support."""
+    for item in fields(SamplingParams):
+        name = item.name
+        if name in supported or name in REQUIRED_PARAMETERS:
+            continue
+        if getattr(params, name) != getattr(_DEFAULTS, name):
+            return name
+    return None
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: Sequence[tuple[str, float]] = ()
+
+
+class TokenSink(Protocol):
+    """Where a backend pushes a generation. Called on the event loop thread only."""
+
+    def on_tokens(self, index: int, text: str, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob] | None) -> None:
+        """New tokens for choice ``index``; ``text`` is what they add (stop strings removed)."""
+
+    def on_finish(self, index: int, reason: str, completion_tokens: int) -> None:
+        """Choice ``index`` is complete; ``reason`` is "stop" or "length"."""
+
+    def on_error(self, error: BaseException) -> None:
+        """The generation failed; no more calls follow."""
+
+
+class Generation(Protocol):
+    def cancel(self) -> None:
+        """Stop generating (client gone). Safe to call at any time, more than once."""
+
+
+class ModelApp(Protocol):
+    """What a backend's app offers to serve the OpenAI-style surfaces."""
+
+    model_id: str  # the served model name
+    owned_by: str
+    context_length: int
+    default_max_tokens: int
+    supported: frozenset[str]  # SamplingParams names honoured beyond max_tokens
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """Render chat messages ({"role", "content": str}) through the model's chat template."""
+
+    def generate(self, prompt_tokens: list[int], params: SamplingParams, n: int, sink: TokenSink) -> Generation: ...
+
+
+class StopStrings:
+    """Cuts generated text at the first stop string, across token boundaries.
+
+    Text that could still grow into a stop string is held back until it can't;
+    the stop string itself is never released.
+    """
+
+    __slots__ = ("_stops", "_longest", "_pending", "stopped")
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(stop for stop in stops if stop)
+        self._longest = max((len(stop) for stop in self._stops), default=0)
+        self._pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """The text that is now safe to release. Sets ``stopped`` when a stop string completes."""
+        if self.stopped:
+            return ""
+        if not self._stops:
+            return text
+        buffer = self._pending + text
+        cut = -1
+        for stop in self._stops:
+            found = buffer.find(stop)
+            if found != -1 and (cut == -1 or found < cut):
+                cut = found
+        if cut != -1:
+            self.stopped = True
+            self._pending = ""
+            return buffer[:cut]
+        hold = 0
+        for size in range(min(len(buffer), self._longest - 1), 0, -1):
+            tail = buffer[-size:]
+            if any(stop.startswith(tail) for stop in self._stops):
+                hold = size
+                break
+        self._pending = buffer[len(buffer) - hold :]
+        return buffer[: len(buffer) - hold]
+
+    def flush(self) -> str:
+        """At the end of generation: what was held back was not a stop string after all."""
+        pending, self._pending = self._pending, ""
+        return "" if self.stopped else pending
+
+
+__all__ = [
+    "Generation",
+    "ModelApp",
+    "SamplingParams",
+    "StopStrings",
+    "TokenLogprob",
+    "TokenSink",
+    "unsupported",
+]

@@ -1,0 +1,1 @@
+"""Built-in surfaces: route tables that speak other APIs' shapes (OpenAI, RunPod, Baseten)."""

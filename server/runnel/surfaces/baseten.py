@@ -1,0 +1,71 @@
+"""Built-in plugin: the Baseten bridge, ``/v1/direct/chat/completions``.
+
+Clients of Baseten's OpenAI bridge pick the model in the body, not the path:
+``extra_body={"baseten": {"model_id": "abcd1234", "deployment_id": "..."}}``.
+Each app can answer for one Baseten model id and deployment:
+
+    [apps.NAME.baseten]
+    model_id = "abcd1234"
+    deployment_id = "q4w8e2"     # default: the app's name
+    production = true            # the deployment used when a request names none
+
+Answers carry a UUID as their id, as Baseten's do.
+"""
+
+from __future__ import annotations
+
+from ..config import ConfigError
+from ..errors import HTTPError
+from ..hookspecs import hookimpl
+from .openai import OpenAIAPI, ReplyOptions
+from .openai_params import invalid
+
+BASETEN_REPLY = ReplyOptions(uuid_ids=True)
+
+
+class BasetenBridge:
+    def __init__(self, server) -> None:
+        self.api = OpenAIAPI(server)
+        self.deployments: dict[tuple[str, str], str] = {}  # (model_id, deployment_id) -> app
+        self.production: dict[str, str] = {}  # model_id -> app
+        config = server.config
+        for name, app_config in config.apps.items():
+            if "baseten" not in app_config.surfaces:
+                continue
+            key = f"apps.{name}.baseten"
+            table = config.table(key, app_config.surfaces["baseten"])
+            model_id = table.get("model_id", str)
+            deployment_id = table.get("deployment_id", str, default=name)
+            production = table.get("production", bool, default=model_id not in self.production)
+            table.finish()
+            self.deployments[(model_id, deployment_id)] = name
+            if production:
+                if model_id in self.production and self.production[model_id] != name:
+                    raise ConfigError(f"model {model_id!r} has two production deployments",
+                                      key=f"{key}.production", source=config.source)
+                self.production[model_id] = name
+
+    async def chat(self, request):
+        body = await request.json()
+        target = body.get("baseten") if type(body) is dict else None
+        if type(target) is not dict or type(target.get("model_id")) is not str:
+            raise invalid("baseten", "The bridge needs 'baseten': {'model_id': ...} in the body "
+                          "(extra_body in the openai SDK).", "missing_required_parameter")
+        model_id = target["model_id"]
+        deployment_id = target.get("deployment_id")
+        if deployment_id is None:
+            name = self.production.get(model_id)
+        elif type(deployment_id) is str:
+            name = self.deployments.get((model_id, deployment_id))
+        else:
+            raise invalid("baseten.deployment_id", "'baseten.deployment_id' must be a string.", "invalid_type")
+        if name is None:
+            what = f"model {model_id!r}" + (f" deployment {deployment_id!r}" if deployment_id else "")
+            raise HTTPError(404, f"No Baseten {what} is served here.", type="invalid_request_error",
+                            param="baseten", code="model_not_found")
+        return await self.api.chat(request, self.api.app_by_name(name), BASETEN_REPLY)
+
+
+@hookimpl
+def runnel_register_routes(register, server):
+    register("POST", "/v1/direct/chat/completions", BasetenBridge(server).chat)

@@ -1,0 +1,236 @@
+"""Built-in plugin: the OpenAI-compatible API under /v1.
+
+``OpenAIAPI`` holds the handlers; other surfaces (RunPod, Baseten) reuse them
+with a different way of choosing the app and different per-app options.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from dataclasses import dataclass
+
+import orjson
+
+from ..errors import HTTPError
+from ..generation import unsupported
+from ..hookspecs import hookimpl
+from ..http import Response, json_response
+from ..http.response import JSON
+from ..serializers import NDJSON as NDJSONFraming
+from ..serializers import ServerSentEvents
+from .openai_params import CompletionRequest, invalid, parse_chat, parse_completion
+from .openai_sinks import ChatStream, Collector, CompletionStream, IndexShift, Usage, chat_logprobs, completion_logprobs
+
+SSE = ServerSentEvents()
+NDJSON = NDJSONFraming()
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyOptions:
+    """How one surface answers for an app (RunPod lets a deployment change these)."""
+
+    model_name: str | None = None  # the name in responses; None: the app's own
+    role: str = "assistant"
+    uuid_ids: bool = False  # Baseten answers with bare UUIDs as ids
+    sse: bool = True  # False: stream bare JSON lines (RunPod with raw output off)
+
+
+DEFAULT_REPLY = ReplyOptions()
+
+
+def is_model_app(app) -> bool:
+    return callable(getattr(app, "generate", None)) and callable(getattr(app, "tokenize", None))
+
+
+def can_embed(app) -> bool:
+    return callable(getattr(app, "embed", None))
+
+
+class OpenAIAPI:
+    def __init__(self, server) -> None:
+        self.server = server
+        # Served model name -> app name, fixed once the apps are built.
+        self.by_model: dict[str, str] = {}
+        for name, app in server.apps.items():
+            model_id = getattr(app, "model_id", None)
+            if model_id and (is_model_app(app) or can_embed(app)):
+                self.by_model.setdefault(model_id, name)
+
+    # -- choosing the app ---------------------------------------------------------
+    def app_by_model(self, model: str | None, *, need=is_model_app):
+        if model is None:
+            candidates = [name for name in self.by_model.values() if need(self.server.apps.get(name))]
+            if len(candidates) != 1:
+                raise invalid("model", "Missing required parameter: 'model'.", "missing_required_parameter")
+            return self.app_by_name(candidates[0], model)
+        name = self.by_model.get(model)
+        if name is None:
+            raise HTTPError(404, f"The model `{model}` does not exist.", type="invalid_request_error",
+                            param="model", code="model_not_found")
+        return self.app_by_name(name, model, need=need)
+
+    def app_by_name(self, name: str, model: str | None = None, *, need=is_model_app):
+        app = self.server.apps.get(name)
+        if app is None:
+            state = self.server.apps.state(name)
+            if state is None:
+                raise HTTPError(404, f"The model `{model or name}` does not exist.", type="invalid_request_error",
+                                param="model", code="model_not_found")
+            raise HTTPError(503, f"The model `{model or name}` is {state}; try again shortly.",
+                            type="server_error", code="model_not_ready", headers=((b"retry-after", b"1"),))
+        if not need(app):
+            what = "embeddings" if need is can_embed else "completions"
+            raise invalid("model", f"The model `{model or name}` does not support {what}.", "model_not_supported")
+        return app
+
+    # -- /v1/models -----------------------------------------------------------------
+    def model_card(self, app, name: str) -> dict:
+        options = self.server.config.apps[name].surfaces.get("openai", {})
+        return {"id": app.model_id, "object": "model", "created": int(getattr(app, "created", 0)),
+                "owned_by": options.get("owned_by", getattr(app, "owned_by", "runnel"))}
+
+    async def models(self, request):
+        data = []
+        for model_id, name in self.by_model.items():
+            app = self.server.apps.get(name)
+            if app is not None:  # listed only once ready
+                data.append(self.model_card(app, name))
+        return json_response({"object": "list", "data": data})
+
+    async def model(self, request):
+        model = request.path_params["model"]
+        name = self.by_model.get(model)
+        app = self.server.apps.get(name) if name else None
+        if app is None:
+            raise HTTPError(404, f"The model `{model}` does not exist.", type="invalid_request_error",
+                            param="model", code="model_not_found")
+        return json_response(self.model_card(app, name))
+
+    # -- completions ------------------------------------------------------------------
+    async def chat(self, request, app=None, reply: ReplyOptions = DEFAULT_REPLY):
+        parsed = parse_chat(await request.json())
+        if app is None:
+            app = self.app_by_model(parsed.model)
+        prompt = app.chat_prompt(parsed.messages) if parsed.messages is not None else parsed.prompt
+        return await self._complete(request, app, parsed, [app.tokenize(prompt)], chat=True, reply=reply)
+
+    async def completions(self, request, app=None, reply: ReplyOptions = DEFAULT_REPLY):
+        parsed = parse_completion(await request.json())
+        if app is None:
+            app = self.app_by_model(parsed.model)
+        prompts = [app.tokenize(prompt) for prompt in parsed.prompts]
+        return await self._complete(request, app, parsed, prompts, chat=False, reply=reply)
+
+    def _check(self, app, parsed: CompletionRequest, prompts: list[list[int]]) -> None:
+        params = parsed.params
+        name = unsupported(params, app.supported)
+        if name is not None:
+            raise invalid(name, f"'{name}' is not supported by the backend of model `{app.model_id}`.",
+                          "unsupported_parameter")
+        longest = max(len(tokens) for tokens in prompts)
+        room = app.context_length - longest
+        if not parsed.max_tokens_given:
+            params.max_tokens = min(app.default_max_tokens, max(room, 1))
+        if longest + params.max_tokens > app.context_length:
+            raise invalid("max_tokens", f"This model's maximum context length is {app.context_length} tokens. "
+                          f"However, you requested {longest + params.max_tokens} tokens ({longest} in the prompt, "
+                          f"{params.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                          "context_length_exceeded")
+
+    async def _complete(self, request, app, parsed: CompletionRequest, prompts, *, chat: bool, reply: ReplyOptions):
+        self._check(app, parsed, prompts)
+        n = parsed.n
+        choices = n * len(prompts)
+        usage = Usage(sum(len(tokens) for tokens in prompts))
+        if reply.uuid_ids:
+            completion_id = str(uuid.uuid4())
+        else:
+            completion_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        head = {"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": reply.model_name or app.model_id}
+        echo = [prompt for prompt in parsed.prompts for _ in range(n)] if parsed.echo else None
+        if parsed.stream:
+            serializer = SSE if reply.sse else NDJSON
+            stream = request.stream(serializer=serializer, headers=((b"cache-control", b"no-cache"),))
+            common = dict(choices=choices, usage=usage, include_usage=parsed.include_usage, head=head, sse=reply.sse)
+            if chat:
+                sink = ChatStream(stream, role=reply.role, logprobs=parsed.params.logprobs, **common)
+            else:
+                sink = CompletionStream(stream, logprobs=parsed.params.logprobs, echo=echo, **common)
+        else:
+            sink = Collector(choices, usage)
+        generations = []
+        try:
+            for number, tokens in enumerate(prompts):
+                target = IndexShift(sink, number * n) if number else sink
+                generations.append(app.generate(tokens, parsed.params, n, target))
+            await sink.done
+        finally:
+            if not sink.done.done():  # cancelled: the client went away
+                for generation in generations:
+                    generation.cancel()
+        if parsed.stream:
+            return None
+        return self._reply(sink, head, chat, parsed, echo, reply, usage)
+
+    @staticmethod
+    def _reply(sink: Collector, head: dict, chat: bool, parsed, echo, reply: ReplyOptions, usage: Usage) -> Response:
+        choices = []
+        for index, reason in enumerate(sink.reasons):
+            text = sink.text(index)
+            if chat:
+                logprobs = chat_logprobs(sink.logprobs[index]) if parsed.params.logprobs else None
+                choices.append({"index": index, "message": {"role": reply.role, "content": text},
+                                "logprobs": logprobs, "finish_reason": reason})
+            else:
+                prefix = echo[index] if echo else ""
+                logprobs = (completion_logprobs(sink.logprobs[index], len(prefix))
+                            if parsed.params.logprobs else None)
+                choices.append({"index": index, "text": prefix + text, "logprobs": logprobs,
+                                "finish_reason": reason})
+        body = {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+                "usage": usage.to_dict()}
+        return Response(200, orjson.dumps(body), media_type=JSON)
+
+    # -- embeddings -------------------------------------------------------------------
+    async def embeddings(self, request, app=None):
+        body = await request.json()
+        if type(body) is not dict:
+            raise invalid(None, "The request body must be a JSON object.", "invalid_type")
+        if app is None:
+            app = self.app_by_model(body.get("model") if type(body.get("model")) is str else None, need=can_embed)
+        texts = body.get("input")
+        if type(texts) is str:
+            texts = [texts]
+        if type(texts) is not list or not texts or not all(type(text) is str for text in texts):
+            raise invalid("input", "Invalid type for 'input': expected a string or a non-empty array of strings.",
+                          "invalid_type")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise invalid("encoding_format", "'encoding_format' must be 'float' or 'base64'.")
+        if body.get("dimensions") is not None:
+            raise invalid("dimensions", "'dimensions' is not supported.", "unsupported_parameter")
+        vectors, tokens = await app.embed(texts)
+        data = []
+        for index, vector in enumerate(vectors):
+            if encoding == "base64":
+                import numpy  # only embedding backends need it, and they bring it
+
+                value = base64.b64encode(numpy.asarray(vector, dtype="<f4").tobytes()).decode()
+            else:
+                value = [float(x) for x in vector]
+            data.append({"object": "embedding", "index": index, "embedding": value})
+        return json_response({"object": "list", "data": data, "model": app.model_id,
+                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+@hookimpl
+def runnel_register_routes(register, server):
+    api = OpenAIAPI(server)
+    register("GET", "/v1/models", api.models)
+    register("GET", "/v1/models/{model:path}", api.model)
+    register("POST", "/v1/chat/completions", api.chat)
+    register("POST", "/v1/completions", api.completions)
+    register("POST", "/v1/embeddings", api.embeddings)

@@ -1,0 +1,240 @@
+"""OpenAI request bodies -> validated, typed requests, with errors OpenAI's way.
+
+Every mistake is a 400 naming the parameter, in the shape the openai SDKs parse:
+``{"error": {"message", "type": "invalid_request_error", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import HTTPError
+from ..generation import SamplingParams
+
+MAX_N = 128
+MAX_STOP = 16
+MAX_TOP_LOGPROBS = 20
+
+# OpenAI parameters that change what the answer means. Ignoring one silently
+# would hand back something the client did not ask for, so setting one is a 400.
+_UNSUPPORTED_FEATURES = ("tools", "tool_choice", "functions", "function_call", "audio", "prediction",
+                         "web_search_options", "logit_bias")
+
+
+def invalid(param: str, message: str, code: str = "invalid_value") -> HTTPError:
+    return HTTPError(400, message, type="invalid_request_error", param=param, code=code)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array", dict: "an object"}
+
+
+def _typed(body: dict, name: str, kind: type, default=None):
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = type(value) is kind or (kind is float and type(value) is int)
+    if not ok:
+        got = "null" if value is None else _TYPE_NAMES.get(type(value), type(value).__name__)
+        raise invalid(name, f"Invalid type for '{name}': expected {_TYPE_NAMES[kind]}, but got {got} instead.",
+                      "invalid_type")
+    return float(value) if kind is float else value
+
+
+def _between(name: str, value, low, high, *, low_open: bool = False):
+    if value is None:
+        return
+    if value < low or (low_open and value == low) or value > high:
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise invalid(name, f"Invalid value for '{name}': {value} is outside {bound}.")
+
+
+@dataclass(slots=True)
+class CompletionRequest:
+    """A chat or text completion request, validated; the prompt is text until the app tokenizes it."""
+
+    model: str | None
+    prompt: str | None = None  # raw prompt (completions, or chat with `prompt`)
+    prompts: list[str] = field(default_factory=list)  # completions: one or more prompts
+    messages: list[dict] | None = None  # chat: [{"role", "content": str}]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens_given: bool = False
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    completion_logprobs: int | None = None  # completions API: top-N logprobs per token
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body["messages"]
+    if type(messages) is not list:
+        raise invalid("messages", "Invalid type for 'messages': expected an array.", "invalid_type")
+    if not messages:
+        raise invalid("messages", "'messages' must contain at least one message.")
+    out = []
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        if type(message) is not dict:
+            raise invalid(param, f"Invalid type for '{param}': expected an object.", "invalid_type")
+        role = message.get("role")
+        if role == "developer":  # OpenAI's newer name for the system role
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise invalid(f"{param}.role", f"Invalid value for '{param}.role': {role!r}; supported roles are "
+                          "'system', 'user' and 'assistant'.")
+        if message.get("tool_calls") or message.get("function_call"):
+            raise invalid(f"{param}.tool_calls", "Tool calls are not supported by this server.", "unsupported_parameter")
+        out.append({"role": role, "content": _content(message.get("content"), f"{param}.content")})
+    return out
+
+
+def _content(content: Any, param: str) -> str:
+    if type(content) is str:
+        return content
+    if content is None:
+        return ""
+    if type(content) is not list:
+        raise invalid(param, f"Invalid type for '{param}': expected a string or an array of content parts.",
+                      "invalid_type")
+    texts = []
+    for i, part in enumerate(content):
+        if type(part) is not dict or part.get("type") != "text" or type(part.get("text")) is not str:
+            kind = part.get("type") if type(part) is dict else None
+            raise invalid(f"{param}[{i}]", f"Content part type {kind!r} is not supported: only 'text' parts are.",
+                          "unsupported_parameter")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if type(stop) is str:
+        return (stop,)
+    if type(stop) is not list or not all(type(item) is str for item in stop):
+        raise invalid("stop", "Invalid type for 'stop': expected a string or an array of strings.", "invalid_type")
+    if len(stop) > MAX_STOP:
+        raise invalid("stop", f"'stop' may hold at most {MAX_STOP} strings.")
+    return tuple(stop)
+
+
+def _int_list(body: dict, name: str) -> tuple[int, ...]:
+    value = body.get(name)
+    if value is None:
+        return ()
+    if type(value) is not list or not all(type(item) is int for item in value):
+        raise invalid(name, f"Invalid type for '{name}': expected an array of integers.", "invalid_type")
+    return tuple(value)
+
+
+def _sampling(body: dict) -> tuple[SamplingParams, bool]:
+    max_tokens = _typed(body, "max_completion_tokens", int)
+    if max_tokens is None:
+        max_tokens = _typed(body, "max_tokens", int)
+        name = "max_tokens"
+    else:
+        name = "max_completion_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise invalid(name, f"Invalid value for '{name}': {max_tokens}; it must be at least 1.")
+    params = SamplingParams(
+        max_tokens=max_tokens or 1,
+        temperature=_typed(body, "temperature", float, 1.0),
+        top_p=_typed(body, "top_p", float, 1.0),
+        top_k=_typed(body, "top_k", int, -1),
+        seed=_typed(body, "seed", int),
+        stop=_stop(body),
+        stop_token_ids=_int_list(body, "stop_token_ids"),
+        presence_penalty=_typed(body, "presence_penalty", float, 0.0),
+        frequency_penalty=_typed(body, "frequency_penalty", float, 0.0),
+        repetition_penalty=_typed(body, "repetition_penalty", float, 1.0),
+        ignore_eos=_typed(body, "ignore_eos", bool, False),
+        min_tokens=_typed(body, "min_tokens", int, 0),
+    )
+    _between("temperature", params.temperature, 0.0, 2.0)
+    _between("top_p", params.top_p, 0.0, 1.0, low_open=True)
+    if params.top_k != -1 and params.top_k < 1:
+        raise invalid("top_k", f"Invalid value for 'top_k': {params.top_k}; use -1 (no limit) or a positive integer.")
+    _between("presence_penalty", params.presence_penalty, -2.0, 2.0)
+    _between("frequency_penalty", params.frequency_penalty, -2.0, 2.0)
+    if params.repetition_penalty <= 0:
+        raise invalid("repetition_penalty", "Invalid value for 'repetition_penalty': it must be greater than 0.")
+    if params.min_tokens < 0 or (max_tokens is not None and params.min_tokens > max_tokens):
+        raise invalid("min_tokens", "Invalid value for 'min_tokens': it must be between 0 and max_tokens.")
+    return params, max_tokens is not None
+
+
+def _common(body: dict, request: CompletionRequest) -> None:
+    for name in _UNSUPPORTED_FEATURES:
+        if body.get(name) not in (None, [], {}):
+            raise invalid(name, f"'{name}' is not supported by this server.", "unsupported_parameter")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise invalid("response_format", "Only response_format {'type': 'text'} is supported.", "unsupported_parameter")
+    _typed(body, "user", str)
+    request.params, request.max_tokens_given = _sampling(body)
+    request.n = _typed(body, "n", int, 1)
+    _between("n", request.n, 1, MAX_N)
+    request.stream = _typed(body, "stream", bool, False)
+    options = _typed(body, "stream_options", dict)
+    if options is not None:
+        if not request.stream:
+            raise invalid("stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled.")
+        request.include_usage = bool(options.get("include_usage"))
+
+
+def parse_chat(body: Any) -> CompletionRequest:
+    if type(body) is not dict:
+        raise invalid(None, "The request body must be a JSON object.", "invalid_type")
+    request = CompletionRequest(model=_typed(body, "model", str))
+    has_messages = body.get("messages") is not None
+    has_prompt = body.get("prompt") is not None
+    if has_messages == has_prompt:
+        raise invalid("messages", "Exactly one of 'messages' and 'prompt' is required."
+                      if has_messages else "Missing required parameter: 'messages' (or a raw 'prompt').",
+                      "invalid_value" if has_messages else "missing_required_parameter")
+    if has_messages:
+        request.messages = _messages(body)
+    else:
+        request.prompt = _typed(body, "prompt", str)
+    _common(body, request)
+    logprobs = _typed(body, "logprobs", bool, False)
+    top = _typed(body, "top_logprobs", int)
+    if top is not None:
+        if not logprobs:
+            raise invalid("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
+        _between("top_logprobs", top, 0, MAX_TOP_LOGPROBS)
+    request.params.logprobs = logprobs
+    request.params.top_logprobs = top or 0
+    return request
+
+
+def parse_completion(body: Any) -> CompletionRequest:
+    if type(body) is not dict:
+        raise invalid(None, "The request body must be a JSON object.", "invalid_type")
+    request = CompletionRequest(model=_typed(body, "model", str))
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise invalid("prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter")
+    if type(prompt) is str:
+        request.prompts = [prompt]
+    elif type(prompt) is list and prompt and all(type(item) is str for item in prompt):
+        request.prompts = list(prompt)
+    else:
+        raise invalid("prompt", "Invalid type for 'prompt': expected a string or a non-empty array of strings.",
+                      "invalid_type")
+    _common(body, request)
+    request.echo = _typed(body, "echo", bool, False)
+    logprobs = _typed(body, "logprobs", int)
+    if logprobs is not None:
+        _between("logprobs", logprobs, 0, 5)
+        request.params.logprobs = True
+        request.params.top_logprobs = logprobs
+    request.completion_logprobs = logprobs
+    if _typed(body, "best_of", int, 1) != 1:
+        raise invalid("best_of", "'best_of' other than 1 is not supported.", "unsupported_parameter")
+    _typed(body, "suffix", str)
+    if body.get("suffix"):
+        raise invalid("suffix", "'suffix' is not supported.", "unsupported_parameter")
+    return request
