@@ -8,10 +8,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install serve test clean
 
-$(STAMP): pyproject.toml plugins/runnel-echo/pyproject.toml
+$(STAMP): pyproject.toml plugins/runnel-echo/pyproject.toml plugins/runnel-ctranslate2/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]' -e plugins/runnel-echo
+	$(BIN)/pip install --quiet -e '.[test]' -e plugins/runnel-echo -e plugins/runnel-ctranslate2
 	touch $(STAMP)
 
 install: $(STAMP)

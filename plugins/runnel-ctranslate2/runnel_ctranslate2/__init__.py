@@ -1,0 +1,1 @@
+"""runnel backend built on CTranslate2: generator apps, tokenizers, chat templates and a built-in tiny model."""

@@ -1,0 +1,249 @@
+"""The built-in models: a tiny Llama-style decoder built from a seed, cached on disk.
+
+A fresh machine can serve ``model = "builtin:tiny"`` without any download: the weights are
+drawn with numpy from a fixed seed and written through CTranslate2's own model spec, and
+the vocabulary is a sentencepiece model trained on a corpus generated from the same seed.
+Nothing here needs torch, and building takes a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .chat_template import BUILTIN_TEMPLATES
+
+# Bump when the builder's output changes, so caches built by older code are not reused.
+BUILD_VERSION = 1
+
+KNOWN_MODELS = ("tiny",)
+
+# A trained demo model may be shipped inside the package; it wins over the random one.
+_PACKAGED_MODELS = Path(__file__).parent / "models"
+
+# "Role: content" lines. Its `{{ bos_token }}` is rendered as text and recognised by the
+# tokenizer, as with Hugging Face templates, so the prompt is encoded with add_bos=False.
+TINY_CHAT_TEMPLATE = BUILTIN_TEMPLATES["plain"]
+
+_SUBJECTS = [
+    "the cat", "a small dog", "my friend", "the river", "an old man", "the teacher",
+    "a bird", "the engine", "our neighbour", "the children", "a robot", "the server",
+    "la fille", "el niño", "the café owner", "a tired student",
+]
+_VERBS = [
+    "sees", "likes", "builds", "carries", "finds", "opens", "reads", "writes", "follows",
+    "watches", "answers", "paints", "cleans", "remembers", "sends", "counts",
+]
+_OBJECTS = [
+    "a red ball", "the letter", "some bread", "the window", "a long story", "the map",
+    "three apples", "the garden", "a new song", "the message", "a quiet room", "the door",
+    "the résumé", "a crème brûlée", "the tokens", "a blue boat",
+]
+_PLACES = [
+    "in the morning", "at night", "near the station", "by the sea", "after lunch",
+    "in the park", "on monday", "before dinner", "at the market", "in the rain",
+]
+_QUESTIONS = [
+    "What is your name?", "How are you today?", "Can you tell me a story?",
+    "Where is the station?", "What time is it?", "Why is the sky blue?",
+    "Do you like music?", "Who wrote this letter?",
+]
+_ROLES = ["System", "User", "Assistant"]
+
+
+def _corpus(seed: int, lines: int = 1500) -> list[str]:
+    """Simple sentences and chat turns, the same for the same seed."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        kind = rng.random()
+        if kind < 0.6:
+            s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
+            if rng.random() < 0.5:
+                s += f" {rng.choice(_PLACES)}"
+            out.append(s[0].upper() + s[1:] + rng.choice([".", ".", "!", "?"]))
+        elif kind < 0.8:
+            out.append(f"User: {rng.choice(_QUESTIONS)}")
+        else:
+            s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}."
+            out.append(f"{rng.choice(_ROLES)}: {s[0].upper()}{s[1:]}")
+    out.extend(f"Number {i} is {i * 7 % 100}." for i in range(50))
+    return out
+
+
+def _train_sentencepiece(corpus: list[str], vocab_size: int) -> bytes:
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        # Llama's layout: <unk>, <s>, </s>, then the 256 byte pieces, then learned pieces.
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,  # any UTF-8 text encodes, unseen characters as bytes
+        character_coverage=1.0,
+        split_digits=True,
+        num_threads=1,  # multi-threaded training is not reproducible
+        hard_vocab_limit=False,  # a small corpus may not yield vocab_size pieces
+        # As Llama: no NFKC (which also stores a 240 KB table) and keep runs of spaces.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def build_random_model(
+    directory: str | os.PathLike,
+    *,
+    seed: int = 0,
+    vocab_size: int = 512,
+    d_model: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    ffn: int = 256,
+    max_position: int = 512,
+    tokenizer_corpus: list[str] | None = None,
+) -> Path:
+    """Write a complete CTranslate2 decoder model directory with seeded random weights.
+
+    The directory gets model.bin, config.json, vocabulary.json (CTranslate2), tokenizer.model
+    (sentencepiece) and tokenizer_config.json (chat template, special tokens and
+    ``model_max_length``). The same arguments always give byte-identical files.
+
+    ``max_position`` is only recorded (as ``model_max_length``, where Hugging Face keeps it)
+    for the server to enforce: rotary positions have no table that would limit them.
+    ``tokenizer_corpus`` replaces the generated text the vocabulary is trained on.
+    """
+    import sentencepiece as spm
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    if d_model % heads:
+        raise ValueError(f"d_model ({d_model}) must be a multiple of heads ({heads})")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    sp_bytes = _train_sentencepiece(tokenizer_corpus or _corpus(seed), vocab_size)
+    sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
+    # CTranslate2 works on token strings: its vocabulary is the pieces, in id order.
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    n_vocab = len(pieces)
+
+    # The same options as CTranslate2's own Llama converter.
+    spec = transformer_spec.TransformerDecoderModelSpec.from_config(
+        layers,
+        heads,
+        activation=common_spec.Activation.SWISH,
+        pre_norm=True,
+        ffn_glu=True,
+        rms_norm=True,
+        rotary_dim=0,  # rotate every dimension of each head
+        rotary_interleave=False,  # Hugging Face's rotate_half layout
+        # Plain multi-head attention. Leaving this None (as the Llama converter does) works
+        # the same but writes "multi_query_attention": true into config.json.
+        num_heads_kv=heads,
+    )
+
+    rng = np.random.default_rng(seed)
+
+    def linear(out_dim: int, in_dim: int) -> np.ndarray:
+        # std 1/sqrt(in) keeps activations, and the final logits, around unit scale, so
+        # a random model still prefers some tokens over others.
+        w = rng.standard_normal((out_dim, in_dim), dtype=np.float32)
+        return w / np.float32(np.sqrt(in_dim))
+
+    def ones() -> np.ndarray:
+        return np.ones(d_model, dtype=np.float32)
+
+    decoder = spec.decoder
+    decoder.scale_embeddings = False
+    decoder.embeddings.weight = rng.standard_normal((n_vocab, d_model), dtype=np.float32)
+    decoder.layer_norm.gamma = ones()
+    for layer in decoder.layer:
+        attention = layer.self_attention
+        attention.layer_norm.gamma = ones()
+        attention.linear[0].weight = linear(3 * d_model, d_model)  # fused q, k, v
+        attention.linear[1].weight = linear(d_model, d_model)  # output
+        layer.ffn.layer_norm.gamma = ones()
+        layer.ffn.linear_0.weight = linear(ffn, d_model)  # gate (SiLU)
+        layer.ffn.linear_0_noact.weight = linear(ffn, d_model)  # up
+        layer.ffn.linear_1.weight = linear(d_model, ffn)  # down
+    projection = linear(n_vocab, d_model)
+    # Zero the logits of <unk>, <s>, </s> and the byte pieces: the random model then writes
+    # pieces of words rather than stray bytes, and greedy decoding runs to max_length
+    # (predictable lengths for tests and benchmarks). Sampling can still pick them.
+    for i in range(n_vocab):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
+            projection[i] = 0
+    decoder.projection.weight = projection
+
+    spec.config.layer_norm_epsilon = 1e-6
+    spec.register_vocabulary(pieces)
+    spec.validate()
+    spec.optimize(quantization="float32")
+    spec.save(str(directory))
+
+    (directory / "tokenizer.model").write_bytes(sp_bytes)
+    tokenizer_config = {
+        "bos_token": sp.id_to_piece(sp.bos_id()),
+        "eos_token": sp.id_to_piece(sp.eos_id()),
+        "unk_token": sp.id_to_piece(sp.unk_id()),
+        "model_max_length": max_position,
+        "chat_template": TINY_CHAT_TEMPLATE,
+    }
+    with open(directory / "tokenizer_config.json", "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    return directory
+
+
+def default_cache_dir() -> Path:
+    """``$RUNNEL_CACHE_DIR``, else ``$XDG_CACHE_HOME/runnel/models`` (``~/.cache/...``)."""
+    if env := os.environ.get("RUNNEL_CACHE_DIR"):
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "runnel" / "models"
+
+
+def ensure_builtin(name: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """Return the directory of built-in model ``name``, building it into the cache if needed."""
+    if name not in KNOWN_MODELS:
+        raise ValueError(
+            f"unknown built-in model {name!r}; known: {', '.join(KNOWN_MODELS)}"
+        )
+    packaged = _PACKAGED_MODELS / name
+    if (packaged / "model.bin").is_file():
+        return str(packaged)
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache / f"{name}-v{BUILD_VERSION}"
+    # The target only ever appears through the rename below, so if it exists it is whole.
+    if (target / "model.bin").is_file():
+        return str(target)
+
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-building-", dir=cache))
+    try:
+        build_random_model(tmp, seed=0)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished first (the target is a non-empty directory now):
+            # use theirs. Anything else is a real error.
+            if not (target / "model.bin").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)

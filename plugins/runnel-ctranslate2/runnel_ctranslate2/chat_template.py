@@ -1,0 +1,180 @@
+"""Chat templates: messages -> prompt text, rendered as Hugging Face's apply_chat_template does.
+
+Models ship a Jinja template in ``tokenizer_config.json``; rendering it with the same
+environment as transformers (sandboxed, trim_blocks, lstrip_blocks, loop controls,
+``raise_exception``, a non-escaping ``tojson``, ``strftime_now``, ``{% generation %}``) gives
+the exact prompt the model was trained on. The prompt is tokenized with ``add_bos=False``:
+templates that want a bos token write ``{{ bos_token }}`` themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# Templates for models that ship none; choose one by name in the app's config.
+BUILTIN_TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    # Llama-2-chat's own: the system prompt is folded into the first user turn.
+    "llama2": (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
+        "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+        "{% for message in loop_messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{% endif %}"
+        "{% if loop.index0 == 0 and system_message != false %}"
+        "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+        "{% else %}{% set content = message['content'] %}{% endif %}"
+        "{% if message['role'] == 'user' %}"
+        "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}"
+        "{{ ' '  + content.strip() + ' ' + eos_token }}"
+        "{% endif %}"
+        "{% endfor %}"
+    ),
+    # "Role: content" lines, then "Assistant:" to prompt a reply (the built-in model's).
+    "plain": (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{{ message['role'] | capitalize }}: {{ message['content'] | trim }}\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}Assistant:{% endif %}"
+    ),
+}
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` marks assistant text for training masks in
+    transformers; for inference it only has to render its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(
+            lineno
+        )
+
+    def _render(self, caller: Any) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # Jinja's own tojson escapes HTML characters; transformers replaces it with plain json.
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+class ChatTemplate:
+    """A compiled chat template with its model's special tokens; compile once per app
+    (compiling costs far more than rendering)."""
+
+    def __init__(
+        self, source: str, *, bos_token: str | None = None, eos_token: str | None = None
+    ):
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True,
+            lstrip_blocks=True,
+            extensions=[_GenerationTag, jinja2.ext.loopcontrols],
+        )
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        self.source = source
+        self._template = env.from_string(source)  # raises TemplateSyntaxError when broken
+        self._tokens = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
+
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        **extra: Any,
+    ) -> str:
+        """Render ``messages`` (dicts with role and content) into the prompt text.
+
+        Raises jinja2.TemplateError where the template calls ``raise_exception`` (e.g. roles
+        that do not alternate) or fails while rendering.
+        """
+        return self._template.render(
+            messages=list(messages),
+            tools=tools,
+            documents=documents,
+            add_generation_prompt=add_generation_prompt,
+            **{**self._tokens, **extra},
+        )
+
+
+def render_chat(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    **extra: Any,
+) -> str:
+    """One-off rendering; see ChatTemplate."""
+    return ChatTemplate(template, bos_token=bos_token, eos_token=eos_token).render(
+        messages, add_generation_prompt=add_generation_prompt, **extra
+    )
+
+
+def load_chat_template(model_dir: str | os.PathLike) -> str | None:
+    """The ``chat_template`` of a model directory's ``tokenizer_config.json``, if any.
+
+    A list of named templates (``[{"name": ..., "template": ...}]``) gives the "default" one.
+    A ``chat_template.jinja`` file (newer transformers saves it apart) is read too.
+    """
+    model_dir = Path(model_dir)
+    template = None
+    config_path = model_dir / "tokenizer_config.json"
+    if config_path.is_file():
+        with open(config_path, encoding="utf-8") as f:
+            template = json.load(f).get("chat_template")
+    if template is None and (model_dir / "chat_template.jinja").is_file():
+        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
+
+
+def resolve_chat_template(model_dir: str | os.PathLike, name: str | None = None) -> str | None:
+    """The template to use: a built-in one by ``name`` if given, else the model's own."""
+    if name is not None:
+        try:
+            return BUILTIN_TEMPLATES[name]
+        except KeyError:
+            raise ValueError(
+                f"unknown chat template {name!r}; built-in: {', '.join(BUILTIN_TEMPLATES)}"
+            ) from None
+    return load_chat_template(model_dir)

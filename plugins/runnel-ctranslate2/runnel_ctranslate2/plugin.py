@@ -1,0 +1,1 @@
+"""runnel entry point for the CTranslate2 backend (hook implementations go here)."""
