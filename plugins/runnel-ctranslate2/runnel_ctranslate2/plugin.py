@@ -1,1 +1,76 @@
-"""runnel entry point for the CTranslate2 backend (hook implementations go here)."""
+"""The runnel plugin: ``backend = "ctranslate2"`` apps.
+
+    [apps.tiny]
+    backend = "ctranslate2"
+    model = "builtin:tiny"          # or the path of a converted CTranslate2 model directory
+    task = "generate"               # or "embed" for an encoder (sentence embeddings)
+"""
+
+from __future__ import annotations
+
+from runnel import hookimpl
+
+from .apps import DeviceSettings, EncoderApp, GeneratorApp
+
+COMPUTE_TYPES = ("default", "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16",
+                 "bfloat16", "float32")
+
+
+def _device(table) -> DeviceSettings:
+    device = table.get("device", str, default="auto")
+    if device not in ("auto", "cpu", "cuda"):
+        raise table.error("device", f"must be 'auto', 'cpu' or 'cuda', not {device!r}")
+    compute_type = table.get("compute_type", str, default="default")
+    if compute_type not in COMPUTE_TYPES:
+        raise table.error("compute_type", f"must be one of {', '.join(COMPUTE_TYPES)}")
+    settings = DeviceSettings(
+        device=device,
+        device_index=table.get("device_index", int, default=0),
+        compute_type=compute_type,
+        inter_threads=table.get("inter_threads", int, default=0),
+        intra_threads=table.get("intra_threads", int, default=0),
+    )
+    for name in ("device_index", "inter_threads", "intra_threads"):
+        if getattr(settings, name) < 0:
+            raise table.error(name, "must be >= 0 (0 = chosen for the machine)")
+    return settings
+
+
+def _positive(table, name: str, kind: type, default):
+    value = table.get(name, kind, default=default)
+    if value is not None and value <= 0:
+        raise table.error(name, "must be > 0")
+    return value
+
+
+def make_app(app_config, table, server):
+    model = table.get("model", str)
+    if not model.startswith("builtin:"):
+        model = table.path("model", server.config.base_dir)
+    task = table.get("task", str, default="generate")
+    served = table.get("served_model_name", str, default=None)
+    device = _device(table)
+    if task == "embed":
+        app = EncoderApp(name=app_config.name, model=model, served_model_name=served, device=device,
+                         normalize=table.get("normalize", bool, default=True),
+                         max_batch_size=_positive(table, "max_batch_size", int, 32))
+    elif task == "generate":
+        app = GeneratorApp(
+            name=app_config.name, model=model, served_model_name=served, device=device,
+            context_length=_positive(table, "context_length", int, None),
+            default_max_tokens=_positive(table, "default_max_tokens", int, 16),
+            chat_template=table.get("chat_template", str, default=None),
+            max_batch_size=_positive(table, "max_batch_size", int, 16),
+            batch_window=_positive(table, "batch_window_ms", float, 2.0) / 1000,
+            max_queue=_positive(table, "max_queue", int, 256),
+            seed=table.get("seed", int, default=None),
+        )
+    else:
+        raise table.error("task", f"must be 'generate' or 'embed', not {task!r}")
+    table.finish()
+    return app
+
+
+@hookimpl
+def runnel_register_backends(register):
+    register("ctranslate2", make_app)

@@ -8,6 +8,7 @@ a sentencepiece ``tokenizer.model`` (Llama-2 style, the built-in model) and a Hu
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -159,6 +160,7 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
     )
 
 
+@functools.lru_cache(maxsize=16)  # once per tokenizer, not once per request row
 def _find_anchor(tokenizer: Tokenizer) -> tuple[list[int], str]:
     """A token whose text is plain letters and survives being followed by other tokens.
 

@@ -1,0 +1,220 @@
+"""CTranslate2 apps: a generator that serves completions, an encoder that serves embeddings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .chat_template import ChatTemplate, resolve_chat_template
+from .scheduler import BatchScheduler
+from .tokenizer import load_tokenizer
+
+logger = logging.getLogger("runnel.ctranslate2")
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    device: str  # "auto", "cpu" or "cuda"
+    device_index: int
+    compute_type: str
+    inter_threads: int
+    intra_threads: int
+
+    def resolve(self) -> DeviceSettings:
+        """Pick CUDA for "auto" when a device is present; keep CPU threads within the cores."""
+        import ctranslate2
+
+        device = self.device
+        if device == "auto":
+            device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+        inter, intra = self.inter_threads, self.intra_threads
+        if device == "cpu":
+            cores = os.cpu_count() or 1
+            inter = inter or min(2, cores)
+            # inter x intra <= cores: more oversubscribes, and on 2 cores intra_threads=2
+            # collapses under any other busy thread (DESIGN: 3-11x slower).
+            intra = intra or max(1, cores // inter)
+        else:
+            inter = inter or 2
+            intra = intra or 1
+        return DeviceSettings(device, self.device_index, self.compute_type, inter, intra)
+
+
+def model_directory(model: str) -> str:
+    if model.startswith("builtin:"):
+        from .builtin import ensure_builtin
+
+        return ensure_builtin(model.removeprefix("builtin:"))
+    return model
+
+
+def _context_length(model_dir: Path, configured: int | None) -> int:
+    if configured:
+        return configured
+    for name, key in (("tokenizer_config.json", "model_max_length"), ("config.json", "max_position_embeddings")):
+        path = model_dir / name
+        if path.is_file():
+            value = json.loads(path.read_text(encoding="utf-8")).get(key)
+            if isinstance(value, int) and 0 < value < 10_000_000:
+                return value
+    return 2048
+
+
+class GeneratorApp:
+    """A ``ctranslate2.Generator`` serving the OpenAI-style surfaces (runnel.generation.ModelApp)."""
+
+    owned_by = "runnel"
+    # seed is accepted as best effort: CTranslate2 seeds its threads when a generator is
+    # created, not per call (OpenAI documents seed as best effort too).
+    supported = frozenset({"temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs",
+                           "top_logprobs", "repetition_penalty", "ignore_eos", "min_tokens"})
+
+    def __init__(self, *, name: str, model: str, served_model_name: str | None, device: DeviceSettings,
+                 context_length: int | None, default_max_tokens: int, chat_template: str | None,
+                 max_batch_size: int, batch_window: float, max_queue: int, seed: int | None) -> None:
+        self.name = name
+        self.model = model
+        self.model_id = served_model_name or (name if model.startswith("builtin:") else Path(model).name)
+        self.device = device
+        self._context_length = context_length
+        self.context_length = context_length or 0
+        self.default_max_tokens = default_max_tokens
+        self._template_name = chat_template
+        self.max_batch_size = max_batch_size
+        self.batch_window = batch_window
+        self.max_queue = max_queue
+        self.seed = seed
+        self.generator = None
+        self.tokenizer = None
+        self.template: ChatTemplate | None = None
+        self.scheduler: BatchScheduler | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            await loop.run_in_executor(pool, self._load)
+            self.scheduler = BatchScheduler(
+                self.generator, self.tokenizer, max_batch_size=self.max_batch_size, window=self.batch_window,
+                max_queue=self.max_queue, slots=self.device.inter_threads,
+            )
+            # Warm-up: the first call pays for allocations; do it before we say "ready".
+            await loop.run_in_executor(pool, lambda: self.generator.generate_batch(
+                [[self.tokenizer.id_to_token(self.tokenizer.bos_id or 0)]], max_length=1))
+
+    def _load(self) -> None:
+        import ctranslate2
+
+        if self.seed is not None:
+            ctranslate2.set_random_seed(self.seed)  # only seeds generators created after it
+        model_dir = Path(model_directory(self.model))
+        self.device = self.device.resolve()
+        self.tokenizer = load_tokenizer(model_dir)
+        self.context_length = _context_length(model_dir, self._context_length)
+        source = resolve_chat_template(model_dir, self._template_name)
+        if source is not None:
+            self.template = ChatTemplate(source, bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token)
+        self.generator = ctranslate2.Generator(
+            str(model_dir), device=self.device.device, device_index=self.device.device_index,
+            compute_type=self.device.compute_type, inter_threads=self.device.inter_threads,
+            intra_threads=self.device.intra_threads,
+        )
+        logger.info("app %r: %s on %s (%s), %d x %d threads", self.name, model_dir, self.device.device,
+                    self.generator.compute_type, self.device.inter_threads, self.device.intra_threads)
+
+    async def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+        if self.generator is not None:
+            # Release explicitly: a process that exits with a generator that ran Python
+            # callbacks still alive can abort inside CTranslate2's threads.
+            self.generator.unload_model()
+            self.generator = None
+
+    # -- runnel.generation.ModelApp ---------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        tokenizer = self.tokenizer
+        # Chat templates write their own bos token; raw prompts get one added.
+        add_bos = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+        return tokenizer.encode(text, add_bos=add_bos)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        if self.template is None:
+            from runnel import HTTPError
+
+            raise HTTPError(400, f"Model `{self.model_id}` has no chat template; use /v1/completions or set "
+                            "chat_template in its config.", param="messages", code="no_chat_template")
+        return self.template.render(messages, add_generation_prompt=True)
+
+    def generate(self, prompt_tokens, params, n, sink):
+        return self.scheduler.submit(list(prompt_tokens), params, n, sink)
+
+    def stats(self) -> dict:
+        scheduler = self.scheduler
+        if scheduler is None:
+            return {"state": "loading"}
+        return {**scheduler.stats.to_dict(), "waiting": len(scheduler.waiting), "running_batches": scheduler.running,
+                "device": self.device.device}
+
+
+class EncoderApp:
+    """A ``ctranslate2.Encoder`` serving /v1/embeddings: mean pooling, optional normalization."""
+
+    owned_by = "runnel"
+
+    def __init__(self, *, name: str, model: str, served_model_name: str | None, device: DeviceSettings,
+                 normalize: bool, max_batch_size: int) -> None:
+        self.name = name
+        self.model = model
+        self.model_id = served_model_name or Path(model).name
+        self.device = device
+        self.normalize = normalize
+        self.max_batch_size = max_batch_size
+        self.encoder = None
+        self.tokenizer = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runnel-ct2-encode")
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
+
+    def _load(self) -> None:
+        import ctranslate2
+
+        self.device = self.device.resolve()
+        self.tokenizer = load_tokenizer(self.model)
+        self.encoder = ctranslate2.Encoder(
+            self.model, device=self.device.device, device_index=self.device.device_index,
+            compute_type=self.device.compute_type, inter_threads=1, intra_threads=self.device.intra_threads,
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self.encoder is not None:
+            self.encoder.unload_model()
+            self.encoder = None
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._embed, texts)
+
+    def _embed(self, texts: list[str]):
+        import numpy as np
+
+        ids = [self.tokenizer.encode(text, add_bos=False) for text in texts]
+        vectors = []
+        for start in range(0, len(ids), self.max_batch_size):
+            chunk = ids[start : start + self.max_batch_size]
+            output = self.encoder.forward_batch([[self.tokenizer.id_to_token(i) for i in row] for row in chunk])
+            hidden = np.asarray(output.last_hidden_state)  # (batch, time, dim), padded
+            lengths = np.array([len(row) for row in chunk])
+            mask = (np.arange(hidden.shape[1])[None, :] < lengths[:, None])[..., None]
+            pooled = (hidden * mask).sum(axis=1) / np.maximum(lengths[:, None], 1)
+            if self.normalize:
+                pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+            vectors.extend(pooled.astype(np.float32).tolist())
+        return vectors, sum(len(row) for row in ids)

@@ -1,0 +1,302 @@
+"""Cross-request batching for a CTranslate2 generator.
+
+Requests wait a short window (or until a batch is full), then every waiting row
+that shares the batch-level sampling settings runs in one ``generate_batch``.
+Up to ``slots`` batches run at once (CTranslate2's ``inter_threads``).
+
+The per-step callback runs on a CTranslate2 thread holding the GIL, so it only
+queues the step and, once per burst, schedules ``drain`` on the event loop; its
+return value stops a row that was cancelled, reached its own ``max_tokens``, or
+hit a stop token or stop string. ``drain`` detokenizes and pushes one
+``on_tokens`` per row for everything that arrived together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from runnel import HTTPError
+from runnel.generation import SamplingParams, StopStrings, TokenLogprob
+
+from .tokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger("runnel.ctranslate2")
+
+
+def batch_key(params: SamplingParams) -> tuple:
+    """Settings CTranslate2 takes per batch: only rows that agree on all of them share one."""
+    greedy = params.temperature == 0 or params.top_k == 1
+    return (
+        1 if greedy else (0 if params.top_k == -1 else params.top_k),
+        1.0 if greedy else params.top_p,
+        1.0 if greedy else params.temperature,
+        params.repetition_penalty,
+        params.ignore_eos,
+        params.min_tokens,
+        params.logprobs,
+    )
+
+
+class Request:
+    """One ``generate`` call: its rows (one per choice), its sink, and its cancellation."""
+
+    __slots__ = ("rows", "sink", "cancelled", "failed")
+
+    def __init__(self, sink) -> None:
+        self.rows: list[Row] = []
+        self.sink = sink
+        self.cancelled = False
+        self.failed = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        for row in self.rows:
+            row.stop()
+
+
+class Row:
+    """One sequence being generated: what it has produced and when it must end."""
+
+    __slots__ = ("request", "index", "start_tokens", "params", "key", "stop_ids", "eos_id", "count", "detok",
+                 "stops", "done", "batch", "batch_id", "tokenizer", "pending_text", "pending_ids", "pending_logprobs")
+
+    def __init__(self, request: Request, index: int, start_tokens, prompt_ids, params, tokenizer) -> None:
+        self.request = request
+        self.index = index
+        self.start_tokens = start_tokens
+        self.params = params
+        self.key = batch_key(params)
+        self.stop_ids = frozenset(params.stop_token_ids)
+        self.eos_id = None if params.ignore_eos else tokenizer.eos_id
+        self.tokenizer = tokenizer
+        self.count = 0
+        self.detok = IncrementalDetokenizer(tokenizer, context_ids=prompt_ids)
+        self.stops = StopStrings(params.stop)
+        self.done = False
+        self.batch: Batch | None = None
+        self.batch_id = -1
+        self.pending_text: list[str] = []
+        self.pending_ids: list[int] = []
+        self.pending_logprobs: list[TokenLogprob] | None = [] if params.logprobs else None
+
+    def stop(self) -> None:
+        """No more output for this row; the batch stops generating it at its next step."""
+        self.done = True
+        if self.batch is not None:
+            self.batch.stop_flags[self.batch_id] = True
+
+    def consume(self, token_id: int, token: str, log_prob, is_last: bool) -> None:
+        """One generated token, on the loop thread."""
+        params = self.params
+        past_min = self.count >= params.min_tokens
+        self.count += 1
+        if past_min and (token_id == self.eos_id or token_id in self.stop_ids):
+            self.finish("stop")
+            return
+        text = self.stops.push(self.detok.push(token_id))
+        if text:
+            self.pending_text.append(text)
+        self.pending_ids.append(token_id)
+        if self.pending_logprobs is not None:
+            piece = self.tokenizer.decode([token_id]) if token_id not in self.tokenizer.special_ids else token
+            self.pending_logprobs.append(TokenLogprob(piece, float(log_prob or 0.0), [(piece, float(log_prob or 0.0))][: params.top_logprobs]))
+        if self.stops.stopped:
+            self.finish("stop")
+        elif self.count >= params.max_tokens or is_last:
+            self.finish("length")
+
+    def emit(self) -> None:
+        """Push what arrived since the last emit as one on_tokens call."""
+        if self.pending_ids or self.pending_text:
+            self.request.sink.on_tokens(self.index, "".join(self.pending_text), self.pending_ids,
+                                        self.pending_logprobs or None)
+            self.pending_text = []
+            self.pending_ids = []
+            if self.pending_logprobs is not None:
+                self.pending_logprobs = []
+
+    def finish(self, reason: str) -> None:
+        if reason != "stop" or not self.stops.stopped:
+            # What was held back (a partial character, a possible stop string) is final now.
+            rest = self.stops.push(self.detok.flush())
+            rest += self.stops.flush()
+            if rest:
+                self.pending_text.append(rest)
+        self.emit()
+        self.stop()
+        self.request.sink.on_finish(self.index, reason, self.count)
+
+
+class Batch:
+    """The rows of one generate_batch call and the hand-off from CTranslate2's thread."""
+
+    def __init__(self, rows: list[Row], loop: asyncio.AbstractEventLoop) -> None:
+        self.rows = rows
+        self.loop = loop
+        self.stop_flags = [False] * len(rows)
+        # Read by the callback thread without locks: plain lists, written only by the loop.
+        self.max_tokens = [row.params.max_tokens for row in rows]
+        self.stop_ids = [row.stop_ids for row in rows]
+        self.counts = [0] * len(rows)
+        self.steps: collections.deque = collections.deque()
+        self.scheduled = False
+        for batch_id, row in enumerate(rows):
+            row.batch = self
+            row.batch_id = batch_id
+
+    def callback(self, step) -> bool:
+        """CTranslate2 thread: keep it tiny."""
+        batch_id = step.batch_id
+        self.steps.append((batch_id, step.token_id, step.token, step.log_prob, step.is_last))
+        if not self.scheduled:
+            self.scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self.drain)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                return True
+        count = self.counts[batch_id] = self.counts[batch_id] + 1
+        return self.stop_flags[batch_id] or count >= self.max_tokens[batch_id] or step.token_id in self.stop_ids[batch_id]
+
+    def drain(self) -> None:
+        """Loop thread: turn the queued steps into text, one push per row."""
+        self.scheduled = False
+        steps = self.steps
+        touched = set()
+        rows = self.rows
+        while steps:
+            batch_id, token_id, token, log_prob, is_last = steps.popleft()
+            row = rows[batch_id]
+            if row.done:
+                continue
+            row.consume(token_id, token, log_prob, is_last)
+            if not row.done:
+                touched.add(row)
+        for row in touched:
+            row.emit()
+
+
+@dataclass
+class SchedulerStats:
+    batches: int = 0
+    rows: int = 0
+    largest_batch: int = 0
+    recent_batch_sizes: collections.deque = None
+
+    def to_dict(self) -> dict:
+        return {"batches": self.batches, "rows": self.rows, "largest_batch": self.largest_batch,
+                "recent_batch_sizes": list(self.recent_batch_sizes)}
+
+
+class BatchScheduler:
+    def __init__(self, generator, tokenizer, *, max_batch_size: int, window: float, max_queue: int,
+                 slots: int, bos: bool = True) -> None:
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.window = window
+        self.max_queue = max_queue
+        self.slots = slots
+        self.loop = asyncio.get_running_loop()
+        self.waiting: list[Row] = []
+        self.running = 0
+        self._timer = None
+        self._waiters = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="runnel-ct2-wait")
+        self.stats = SchedulerStats(recent_batch_sizes=collections.deque(maxlen=32))
+
+    # -- requests -------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, n: int, sink) -> Request:
+        # The queue slot is taken (or refused) before any generation work starts.
+        queued = sum(not row.done for row in self.waiting)
+        if queued + n > self.max_queue:
+            raise HTTPError(429, f"The server is busy: {queued} requests are waiting. Retry shortly.",
+                            type="rate_limit_error", code="queue_full", headers=((b"retry-after", b"1"),))
+        request = Request(sink)
+        start_tokens = [self.tokenizer.id_to_token(token_id) for token_id in prompt_ids]
+        request.rows = [Row(request, index, start_tokens, prompt_ids, params, self.tokenizer) for index in range(n)]
+        self.waiting.extend(request.rows)
+        if len(self.waiting) >= self.max_batch_size and self.running < self.slots:
+            self._flush()
+        elif self._timer is None:
+            self._timer = self.loop.call_later(self.window, self._flush)
+        return request
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.waiting = [row for row in self.waiting if not row.done]  # drop cancelled ones
+        while self.waiting and self.running < self.slots:
+            key = self.waiting[0].key
+            batch_rows, rest = [], []
+            for row in self.waiting:
+                if row.key == key and len(batch_rows) < self.max_batch_size:
+                    batch_rows.append(row)
+                else:
+                    rest.append(row)
+            self.waiting = rest
+            self._launch(batch_rows)
+
+    def _launch(self, rows: list[Row]) -> None:
+        batch = Batch(rows, self.loop)
+        params = rows[0].params
+        top_k, top_p, temperature, repetition_penalty, ignore_eos, min_tokens, logprobs = rows[0].key
+        options = dict(
+            max_length=max(row.params.max_tokens for row in rows),
+            include_prompt_in_result=False,
+            sampling_topk=top_k,
+            sampling_topp=top_p,
+            sampling_temperature=temperature,
+            repetition_penalty=repetition_penalty,
+            min_length=min_tokens,
+            return_scores=logprobs,
+            callback=batch.callback,
+            asynchronous=True,
+        )
+        if ignore_eos:
+            options["end_token"] = []
+        self.running += 1
+        stats = self.stats
+        stats.batches += 1
+        stats.rows += len(rows)
+        stats.largest_batch = max(stats.largest_batch, len(rows))
+        stats.recent_batch_sizes.append(len(rows))
+        try:
+            results = self.generator.generate_batch([row.start_tokens for row in rows], **options)
+        except Exception as error:  # invalid input: fail these rows, keep serving
+            self._batch_done(batch, error)
+            return
+        waiting = self.loop.run_in_executor(self._waiters, _wait_all, results)
+        waiting.add_done_callback(lambda future: self._batch_done(batch, future.exception()))
+        del params
+
+    def _batch_done(self, batch: Batch, error: BaseException | None) -> None:
+        batch.drain()  # steps that arrived after the last scheduled drain
+        for row in batch.rows:
+            if row.done:
+                continue
+            if error is not None:
+                if not row.request.failed:
+                    row.request.failed = True
+                    logger.error("generation failed: %s", error)
+                    row.request.sink.on_error(error)
+                row.stop()
+            else:
+                row.finish("length")
+        self.running -= 1
+        if self.waiting:
+            self._flush()
+
+    def close(self) -> None:
+        for row in self.waiting:
+            row.stop()
+        self.waiting = []
+        self._waiters.shutdown(wait=True, cancel_futures=False)
+
+
+def _wait_all(results) -> None:
+    for result in results:
+        result.result()
