@@ -1,4 +1,4 @@
-"""Built-in plugin: ``GET /health``, public even when authentication is on."""
+"""Built-in plugin: ``GET /health`` (public) and ``GET /stats`` (authenticated)."""
 
 from .hookspecs import hookimpl
 from .http import json_response
@@ -13,4 +13,13 @@ def runnel_register_routes(register, server):
         status = "failed" if "failed" in states.values() else "loading"
         return json_response({"status": status, "apps": states}, status=503)
 
+    async def stats(request):
+        """Each app's state, plus whatever counters it keeps (batching, queue) via ``stats()``."""
+        apps = {}
+        for name, app in server.apps.items():
+            report = getattr(app, "stats", None)
+            apps[name] = {"state": server.apps.state(name), **(report() if callable(report) else {})}
+        return json_response({"apps": apps})
+
     register("GET", "/health", health, public=True)
+    register("GET", "/stats", stats)
