@@ -148,10 +148,13 @@ class _EchoRow:
         """Make one token; True when the row is finished."""
         params = self.params
         token_id = self.source[self.count % len(self.source)]
-        self.count += 1
-        past_min = self.count > params.min_tokens
-        if past_min and token_id in params.stop_token_ids:
+        # min_tokens holds back the end (stop tokens, the end of the echo), as in vLLM;
+        # a stop token may be the (min_tokens + 1)-th token at the earliest.
+        if self.count >= params.min_tokens and token_id in params.stop_token_ids:
+            self.count += 1
             return self._finish(sink, "stop", token_id)
+        self.count += 1
+        past_min = self.count >= params.min_tokens
         piece = self.app._pieces[token_id]
         text = self.stops.push(piece)
         logprobs = None
@@ -159,7 +162,7 @@ class _EchoRow:
             logprobs = [TokenLogprob(piece, 0.0, [(piece, 0.0)][: params.top_logprobs])]
         if text or logprobs:
             sink.on_tokens(self.index, text, (token_id,), logprobs)
-        if self.stops.stopped and past_min:
+        if self.stops.stopped:
             return self._finish(sink, "stop")
         if self.count >= params.max_tokens:
             return self._finish(sink, "length")

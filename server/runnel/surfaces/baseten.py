@@ -8,6 +8,7 @@ Each app can answer for one Baseten model id and deployment:
     model_id = "abcd1234"
     deployment_id = "q4w8e2"     # default: the app's name
     production = true            # the deployment used when a request names none
+                                 # (default: the first app that serves the model)
 
 Answers carry a UUID as their id, as Baseten's do.
 """
@@ -29,6 +30,7 @@ class BasetenBridge:
         self.deployments: dict[tuple[str, str], str] = {}  # (model_id, deployment_id) -> app
         self.production: dict[str, str] = {}  # model_id -> app
         config = server.config
+        first: dict[str, str] = {}  # model_id -> its first app, production unless another says so
         for name, app_config in config.apps.items():
             if "baseten" not in app_config.surfaces:
                 continue
@@ -36,14 +38,20 @@ class BasetenBridge:
             table = config.table(key, app_config.surfaces["baseten"])
             model_id = table.get("model_id", str)
             deployment_id = table.get("deployment_id", str, default=name)
-            production = table.get("production", bool, default=model_id not in self.production)
+            production = table.get("production", bool, default=None)
             table.finish()
+            if (model_id, deployment_id) in self.deployments:
+                raise ConfigError(f"model {model_id!r} deployment {deployment_id!r} is served by two apps",
+                                  key=f"{key}.deployment_id", source=config.source)
             self.deployments[(model_id, deployment_id)] = name
+            first.setdefault(model_id, name)
             if production:
-                if model_id in self.production and self.production[model_id] != name:
+                if model_id in self.production:
                     raise ConfigError(f"model {model_id!r} has two production deployments",
                                       key=f"{key}.production", source=config.source)
                 self.production[model_id] = name
+        for model_id, name in first.items():
+            self.production.setdefault(model_id, name)
 
     async def chat(self, request):
         body = await request.json()

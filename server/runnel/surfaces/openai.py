@@ -7,6 +7,7 @@ with a different way of choosing the app and different per-app options.
 from __future__ import annotations
 
 import base64
+import struct
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,7 +24,14 @@ from ..serializers import ServerSentEvents
 from .openai_params import CompletionRequest, invalid, parse_chat, parse_completion
 from .openai_sinks import ChatStream, Collector, CompletionStream, IndexShift, Usage, chat_logprobs, completion_logprobs
 
-SSE = ServerSentEvents()
+class OpenAIEvents(ServerSentEvents):
+    """SSE whose error event is OpenAI's: a plain ``data: {"error": ...}``."""
+
+    def encode_error(self, error: dict) -> bytes:
+        return b"data: %b\n\n" % orjson.dumps(error)
+
+
+SSE = OpenAIEvents()
 NDJSON = NDJSONFraming()
 
 
@@ -152,13 +160,11 @@ class OpenAIAPI:
                 "created": int(time.time()), "model": reply.model_name or app.model_id}
         echo = [prompt for prompt in parsed.prompts for _ in range(n)] if parsed.echo else None
         if parsed.stream:
-            serializer = SSE if reply.sse else NDJSON
-            stream = request.stream(serializer=serializer, headers=((b"cache-control", b"no-cache"),))
             common = dict(choices=choices, usage=usage, include_usage=parsed.include_usage, head=head, sse=reply.sse)
             if chat:
-                sink = ChatStream(stream, role=reply.role, logprobs=parsed.params.logprobs, **common)
+                sink = ChatStream(role=reply.role, logprobs=parsed.params.logprobs, **common)
             else:
-                sink = CompletionStream(stream, logprobs=parsed.params.logprobs, echo=echo, **common)
+                sink = CompletionStream(logprobs=parsed.params.logprobs, echo=echo, **common)
         else:
             sink = Collector(choices, usage)
         generations = []
@@ -166,11 +172,18 @@ class OpenAIAPI:
             for number, tokens in enumerate(prompts):
                 target = IndexShift(sink, number * n) if number else sink
                 generations.append(app.generate(tokens, parsed.params, n, target))
+            if parsed.stream:
+                # Backends push from loop callbacks, never inside generate(): nothing
+                # has been missed, and a refused generate() above was still a plain error.
+                sink.open(request.stream(serializer=SSE if reply.sse else NDJSON,
+                                         headers=((b"cache-control", b"no-cache"),)))
             await sink.done
-        finally:
-            if not sink.done.done():  # cancelled: the client went away
-                for generation in generations:
-                    generation.cancel()
+        except BaseException:
+            # The client went away (cancellation), or part of the work failed: stop all of it.
+            # (Not `if not sink.done.done()`: cancelling this task cancels sink.done too.)
+            for generation in generations:
+                generation.cancel()
+            raise
         if parsed.stream:
             return None
         return self._reply(sink, head, chat, parsed, echo, reply, usage)
@@ -215,10 +228,8 @@ class OpenAIAPI:
         vectors, tokens = await app.embed(texts)
         data = []
         for index, vector in enumerate(vectors):
-            if encoding == "base64":
-                import numpy  # only embedding backends need it, and they bring it
-
-                value = base64.b64encode(numpy.asarray(vector, dtype="<f4").tobytes()).decode()
+            if encoding == "base64":  # little-endian float32, as OpenAI sends them
+                value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             else:
                 value = [float(x) for x in vector]
             data.append({"object": "embedding", "index": index, "embedding": value})

@@ -116,9 +116,9 @@ class Collector(_Sink):
 class _StreamSink(_Sink):
     """Streaming: one SSE event per push, then the usage chunk and [DONE]."""
 
-    def __init__(self, stream, *, choices: int, usage: Usage, include_usage: bool, head: dict, sse: bool = True) -> None:
+    def __init__(self, *, choices: int, usage: Usage, include_usage: bool, head: dict, sse: bool = True) -> None:
         super().__init__(choices, usage)
-        self.stream = stream
+        self.stream = None  # set by open(), once every generation has been admitted
         self.include_usage = include_usage
         self.head = head
         # SSE as OpenAI frames it, or bare JSON lines (RunPod's non-raw output).
@@ -128,6 +128,12 @@ class _StreamSink(_Sink):
         encoded = orjson.dumps({**head, "choices": []})
         self._prefix = self._open + encoded[: encoded.rindex(b"[") + 1]
         self._suffix = (b'],"usage":null}' if include_usage else b"]}") + self._close
+
+    def open(self, stream) -> None:
+        """Start the response: the status line goes out only now, so a refusal
+        (a full queue, say) can still be a proper error status."""
+        self.stream = stream
+        self.begin()
 
     def _write_choice(self, choice: bytes) -> None:
         self.stream.write(self._prefix + choice + self._suffix)
@@ -147,9 +153,13 @@ class _StreamSink(_Sink):
 
 
 class ChatStream(_StreamSink):
-    def __init__(self, stream, *, role: str, logprobs: bool, **kwargs) -> None:
-        super().__init__(stream, **kwargs)
+    def __init__(self, *, role: str, logprobs: bool, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.role = role
         self.logprobs = logprobs
+
+    def begin(self) -> None:
+        role = self.role
         for index in range(self.remaining):
             delta = orjson.dumps({"role": role, "content": ""})
             self._write_choice(b'{"index":%d,"delta":%b,"logprobs":null,"finish_reason":null}' % (index, delta))
@@ -167,12 +177,15 @@ class ChatStream(_StreamSink):
 
 
 class CompletionStream(_StreamSink):
-    def __init__(self, stream, *, logprobs: bool, echo: list[str] | None, **kwargs) -> None:
-        super().__init__(stream, **kwargs)
+    def __init__(self, *, logprobs: bool, echo: list[str] | None, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.logprobs = logprobs
+        self.echo = echo
         self.offsets = [0] * self.remaining
-        if echo:
-            for index, text in enumerate(echo):
+
+    def begin(self) -> None:
+        if self.echo:
+            for index, text in enumerate(self.echo):
                 self.on_tokens(index, text, (), None)
 
     def on_tokens(self, index, text, token_ids, logprobs) -> None:
