@@ -13,6 +13,7 @@ DEFAULT_PLUGINS = (
     "runnel.serializers_plugin",
     "runnel.health",
     "runnel.auth.builtin",
+    "runnel.auth.jwt_auth",
     "runnel.surfaces.openai",
     "runnel.surfaces.runpod",
     "runnel.surfaces.baseten",
