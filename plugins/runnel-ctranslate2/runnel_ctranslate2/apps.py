@@ -205,7 +205,8 @@ class EncoderApp:
     def _embed(self, texts: list[str]):
         import numpy as np
 
-        ids = [self.tokenizer.encode(text, add_bos=False) for text in texts]
+        frame = getattr(self.tokenizer, "encode_framed", None)  # [CLS] ... [SEP] for BERT-style models
+        ids = [frame(text) if frame else self.tokenizer.encode(text, add_bos=False) for text in texts]
         vectors = []
         for start in range(0, len(ids), self.max_batch_size):
             chunk = ids[start : start + self.max_batch_size]

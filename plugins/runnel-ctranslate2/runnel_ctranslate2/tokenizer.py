@@ -134,6 +134,11 @@ class HuggingFaceTokenizer:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
 
+    def encode_framed(self, text: str) -> list[int]:
+        """One sequence framed as the tokenizer's post-processor frames it (BERT's
+        [CLS] ... [SEP]): what sentence-transformers pools over."""
+        return self._tok.encode(text, add_special_tokens=True).ids
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
