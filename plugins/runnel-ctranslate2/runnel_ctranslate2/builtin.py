@@ -128,18 +128,84 @@ def build_random_model(
     ``tokenizer_corpus`` replaces the generated text the vocabulary is trained on.
     """
     import sentencepiece as spm
-    from ctranslate2.specs import common_spec, transformer_spec
 
     if d_model % heads:
         raise ValueError(f"d_model ({d_model}) must be a multiple of heads ({heads})")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
 
     sp_bytes = _train_sentencepiece(tokenizer_corpus or _corpus(seed), vocab_size)
     sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
+    n_vocab = sp.get_piece_size()
+
+    rng = np.random.default_rng(seed)
+
+    def linear(out_dim: int, in_dim: int) -> np.ndarray:
+        # std 1/sqrt(in) keeps activations, and the final logits, around unit scale, so
+        # a random model still prefers some tokens over others.
+        w = rng.standard_normal((out_dim, in_dim), dtype=np.float32)
+        return w / np.float32(np.sqrt(in_dim))
+
+    def ones() -> np.ndarray:
+        return np.ones(d_model, dtype=np.float32)
+
+    # Drawn in this order so that the same seed keeps giving the same weights.
+    weights = {"embeddings": rng.standard_normal((n_vocab, d_model), dtype=np.float32),
+               "norm": ones()}
+    for i in range(layers):
+        weights[f"layers.{i}.attention_norm"] = ones()
+        weights[f"layers.{i}.qkv"] = linear(3 * d_model, d_model)
+        weights[f"layers.{i}.out"] = linear(d_model, d_model)
+        weights[f"layers.{i}.ffn_norm"] = ones()
+        weights[f"layers.{i}.gate"] = linear(ffn, d_model)
+        weights[f"layers.{i}.up"] = linear(ffn, d_model)
+        weights[f"layers.{i}.down"] = linear(d_model, ffn)
+    projection = linear(n_vocab, d_model)
+    # Zero the logits of <unk>, <s>, </s> and the byte pieces: the random model then writes
+    # pieces of words rather than stray bytes, and greedy decoding runs to max_length
+    # (predictable lengths for tests and benchmarks). Sampling can still pick them.
+    for i in range(n_vocab):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
+            projection[i] = 0
+    weights["projection"] = projection
+
+    return write_decoder_model(
+        directory, weights, sp_bytes, heads=heads, max_position=max_position
+    )
+
+
+def write_decoder_model(
+    directory: str | os.PathLike,
+    weights: dict[str, np.ndarray],
+    sp_bytes: bytes,
+    *,
+    heads: int,
+    max_position: int,
+    quantization: str = "float32",
+    chat_template: str = TINY_CHAT_TEMPLATE,
+) -> Path:
+    """Write a Llama-style CTranslate2 decoder model directory from numpy weights.
+
+    Used by build_random_model and by ``scripts/train_tiny.py`` (the trained demo model),
+    so both get the same architecture and files. ``weights`` holds float32 arrays named
+    ``embeddings`` (vocab, d), ``norm`` (d), ``projection`` (vocab, d; may be the same
+    array as ``embeddings`` for tied embeddings) and, for each layer ``i``:
+    ``layers.{i}.attention_norm`` (d), ``layers.{i}.qkv`` (3d, d: q, k, v stacked),
+    ``layers.{i}.out`` (d, d), ``layers.{i}.ffn_norm`` (d), ``layers.{i}.gate`` (ffn, d;
+    SiLU applied), ``layers.{i}.up`` (ffn, d) and ``layers.{i}.down`` (d, ffn). Linear
+    weights are (out, in), as torch stores them. The model is: RMSNorm (eps 1e-6) before
+    attention and FFN, rotary positions on every dimension of each head in Hugging Face's
+    rotate_half layout (base 10000), no biases, a final RMSNorm, then the projection.
+    ``sp_bytes`` is the sentencepiece model; its pieces in id order are the vocabulary.
+    """
+    import sentencepiece as spm
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    layers = sum(1 for name in weights if name.endswith(".qkv"))
+
+    sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
     # CTranslate2 works on token strings: its vocabulary is the pieces, in id order.
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    n_vocab = len(pieces)
 
     # The same options as CTranslate2's own Llama converter.
     spec = transformer_spec.TransformerDecoderModelSpec.from_config(
@@ -156,43 +222,25 @@ def build_random_model(
         num_heads_kv=heads,
     )
 
-    rng = np.random.default_rng(seed)
-
-    def linear(out_dim: int, in_dim: int) -> np.ndarray:
-        # std 1/sqrt(in) keeps activations, and the final logits, around unit scale, so
-        # a random model still prefers some tokens over others.
-        w = rng.standard_normal((out_dim, in_dim), dtype=np.float32)
-        return w / np.float32(np.sqrt(in_dim))
-
-    def ones() -> np.ndarray:
-        return np.ones(d_model, dtype=np.float32)
-
     decoder = spec.decoder
     decoder.scale_embeddings = False
-    decoder.embeddings.weight = rng.standard_normal((n_vocab, d_model), dtype=np.float32)
-    decoder.layer_norm.gamma = ones()
-    for layer in decoder.layer:
+    decoder.embeddings.weight = weights["embeddings"]
+    decoder.layer_norm.gamma = weights["norm"]
+    for i, layer in enumerate(decoder.layer):
         attention = layer.self_attention
-        attention.layer_norm.gamma = ones()
-        attention.linear[0].weight = linear(3 * d_model, d_model)  # fused q, k, v
-        attention.linear[1].weight = linear(d_model, d_model)  # output
-        layer.ffn.layer_norm.gamma = ones()
-        layer.ffn.linear_0.weight = linear(ffn, d_model)  # gate (SiLU)
-        layer.ffn.linear_0_noact.weight = linear(ffn, d_model)  # up
-        layer.ffn.linear_1.weight = linear(d_model, ffn)  # down
-    projection = linear(n_vocab, d_model)
-    # Zero the logits of <unk>, <s>, </s> and the byte pieces: the random model then writes
-    # pieces of words rather than stray bytes, and greedy decoding runs to max_length
-    # (predictable lengths for tests and benchmarks). Sampling can still pick them.
-    for i in range(n_vocab):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
-            projection[i] = 0
-    decoder.projection.weight = projection
+        attention.layer_norm.gamma = weights[f"layers.{i}.attention_norm"]
+        attention.linear[0].weight = weights[f"layers.{i}.qkv"]  # fused q, k, v
+        attention.linear[1].weight = weights[f"layers.{i}.out"]  # output
+        layer.ffn.layer_norm.gamma = weights[f"layers.{i}.ffn_norm"]
+        layer.ffn.linear_0.weight = weights[f"layers.{i}.gate"]  # gate (SiLU)
+        layer.ffn.linear_0_noact.weight = weights[f"layers.{i}.up"]  # up
+        layer.ffn.linear_1.weight = weights[f"layers.{i}.down"]  # down
+    decoder.projection.weight = weights["projection"]
 
     spec.config.layer_norm_epsilon = 1e-6
     spec.register_vocabulary(pieces)
     spec.validate()
-    spec.optimize(quantization="float32")
+    spec.optimize(quantization=quantization)
     spec.save(str(directory))
 
     (directory / "tokenizer.model").write_bytes(sp_bytes)
@@ -201,7 +249,7 @@ def build_random_model(
         "eos_token": sp.id_to_piece(sp.eos_id()),
         "unk_token": sp.id_to_piece(sp.unk_id()),
         "model_max_length": max_position,
-        "chat_template": TINY_CHAT_TEMPLATE,
+        "chat_template": chat_template,
     }
     with open(directory / "tokenizer_config.json", "w", encoding="utf-8") as f:
         json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
