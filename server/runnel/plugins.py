@@ -14,9 +14,11 @@ DEFAULT_PLUGINS = (
     "runnel.health",
     "runnel.auth.builtin",
     "runnel.auth.jwt_auth",
+    "runnel.functions",
     "runnel.surfaces.openai",
     "runnel.surfaces.runpod",
     "runnel.surfaces.baseten",
+    "runnel.surfaces.cortex",
 )
 
 

@@ -1,0 +1,318 @@
+"""Built-in plugin: serverless-style function endpoints, ``POST /v4/{project_id}/{app}/{function}``.
+
+The paths of Cerebrium's Cortex: a client written for a deployed function works by
+changing only its base URL. The project id is accepted as is (any value).
+
+``POST /v4/{project_id}/{app}/{function}``
+    The JSON body (an object; an empty body means no arguments) gives the keyword
+    arguments of ``function`` in app ``app`` (see ``runnel.functions``). Answers
+    ``200 {"run_id", "run_time_ms", "result"}``; ``X-Request-Id`` carries the run id
+    (a uuid4 in hex, made here for every call; a client's own X-Request-Id is not
+    used). A function picks its status by returning a dict with an int
+    ``"status_code"``: the rest of the dict is the result. A generator streams when
+    the client's ``Accept`` names a stream framing (``text/event-stream``: one
+    ``data:`` event per value, strings as they are, anything else as JSON;
+    ``application/x-ndjson`` works too); otherwise its values are collected into
+    ``result`` as a list. For a model app (one with ``generate()``, e.g. echo or
+    ctranslate2) the function ``run`` is chat completions: the body is an OpenAI chat
+    request and ``result`` the chat completion (or the OpenAI stream when
+    ``"stream": true``).
+
+``POST /v4/{project_id}/{app}/{function}/chat/completions`` and ``.../embedding(s)``
+    So the openai SDK works with ``base_url=".../v4/{project_id}/{app}/{function}"``.
+    For a python app the OpenAI request body is the function's keyword arguments
+    (e.g. ``def run(messages, model=None, stream=False, **kwargs)``) and its result is
+    the body as is; with ``"stream": true`` and a generator, each yielded chunk is one
+    SSE event and the stream ends with ``data: [DONE]`` (a generator called without
+    ``stream`` has its chunks merged into one ``chat.completion``). For a model app
+    these are the OpenAI surface's own chat completions and embeddings, whatever the
+    function name.
+
+Errors, everywhere under /v4, are ``{"error": {message, type, param, code}, "run_id"}``
+(the OpenAI envelope plus the run id); an exception in a function is a 500 whose
+message is the exception's; mid-stream it becomes the stream's last event.
+
+Authentication per app: ``[apps.NAME.functions] public = true`` lets anyone call the
+app's /v4 routes (as a platform's "auth off" switch does). The routes are
+registered public so the core dispatcher does not authenticate them; the handler
+calls the ``runnel_authenticate`` hook itself for every app that is not public
+(and for unknown app names, so a caller without credentials cannot tell which apps
+exist), refusing with 401 when nobody vouches for the caller, and sets
+``request.principal`` (``ANONYMOUS`` on a public app).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import orjson
+
+from ..auth import ANONYMOUS
+from ..errors import HTTPError
+from ..functions import FunctionStream, is_function_app
+from ..hookspecs import hookimpl
+from ..http import Response
+from ..http.response import JSON
+from ..serializers import parse_accept
+from .openai import SSE as OPENAI_SSE
+from .openai import OpenAIAPI, can_embed, is_model_app
+
+logger = logging.getLogger("runnel.cortex")
+
+NO_CACHE = ((b"cache-control", b"no-cache"),)
+DONE = b"data: [DONE]\n\n"
+MODEL_FUNCTION = "run"  # a model app's function: chat completions
+
+
+class CortexAPI:
+    def __init__(self, server) -> None:
+        self.server = server
+        self.openai = OpenAIAPI(server)
+        self.public: set[str] = set()
+        config = server.config
+        for name, app_config in config.apps.items():
+            table = config.table(f"apps.{name}.functions", app_config.surfaces.get("functions", {}))
+            if table.get("public", bool, default=False):
+                self.public.add(name)
+            table.finish()
+        # Stream framings a client may ask for by Accept (media type -> serializer).
+        self.framings = {media.decode("latin-1"): serializer for media, serializer in server.serializers.items()}
+
+    # -- handlers --------------------------------------------------------------------
+    async def call(self, request):
+        return await self._run(request, self._call)
+
+    async def chat(self, request):
+        return await self._run(request, self._chat)
+
+    async def embedding(self, request):
+        return await self._run(request, self._embedding)
+
+    async def _run(self, request, handler):
+        run_id = uuid.uuid4().hex
+        request.request_id = run_id  # the protocol sends it back as X-Request-Id
+        started = time.perf_counter()
+        try:
+            name, app = self._app(request)
+            return await handler(request, name, app, run_id, started)
+        except HTTPError as error:
+            return self._error(request, error, run_id)
+        except Exception as exc:
+            function = request.path_params.get("function")
+            logger.exception("function %r of app %r failed (run %s)", function, request.path_params.get("app"),
+                             run_id)
+            error = HTTPError(500, f"Function '{function}' failed: {type(exc).__name__}: {exc}",
+                              code="function_error")
+            return self._error(request, error, run_id)
+
+    async def _call(self, request, name, app, run_id, started):
+        function = request.path_params["function"]
+        if is_function_app(app):
+            result = await app.invoke(function, await self._arguments(request), run_id)
+            if isinstance(result, FunctionStream):
+                framing = self._framing(request)
+                if framing is not None:
+                    return await self._stream(request, result, framing, run_id)
+                result = await _collect(result)
+            return self._result(result, function, run_id, started)
+        if is_model_app(app) and function == MODEL_FUNCTION:
+            response = await self.openai.chat(request, self.openai.app_by_name(name))
+            if response is None:  # streamed
+                return None
+            return self._result(orjson.loads(response.body), function, run_id, started)
+        raise _no_function(name, function)
+
+    async def _chat(self, request, name, app, run_id, started):
+        if is_function_app(app):
+            function = request.path_params["function"]
+            arguments = await self._arguments(request)
+            result = await app.invoke(function, arguments, run_id)
+            if isinstance(result, FunctionStream):
+                if arguments.get("stream") is True:
+                    return await self._stream(request, result, OPENAI_SSE, run_id, end=DONE)
+                result = merge_chat_chunks(await _collect(result))
+            return _body(result, function)
+        if is_model_app(app):
+            return await self.openai.chat(request, self.openai.app_by_name(name))
+        raise _no_function(name, request.path_params["function"])
+
+    async def _embedding(self, request, name, app, run_id, started):
+        if is_function_app(app):
+            function = request.path_params["function"]
+            result = await app.invoke(function, await self._arguments(request), run_id)
+            if isinstance(result, FunctionStream):
+                result = await _collect(result)
+            return _body(result, function)
+        if can_embed(app):
+            return await self.openai.embeddings(request, self.openai.app_by_name(name, need=can_embed))
+        if is_model_app(app):
+            # Let the OpenAI surface say it in its words: this model does not embed.
+            self.openai.app_by_name(name, need=can_embed)
+        raise _no_function(name, request.path_params["function"])
+
+    # -- pieces ----------------------------------------------------------------------
+    def _app(self, request):
+        """Authenticate (unless the app is public), then the app: 404 unknown, 503 not ready."""
+        name = request.path_params["app"]
+        if name in self.public:
+            request.principal = ANONYMOUS
+        else:
+            principal = self.server.pm.hook.runnel_authenticate(request=request, route=request.route)
+            if principal is None:
+                raise HTTPError(401, "Request is not authenticated")
+            request.principal = principal
+        app = self.server.apps.get(name)
+        if app is None:
+            state = self.server.apps.state(name)
+            if state is None:
+                raise HTTPError(404, f"No app '{name}'", param="app", code="app_not_found")
+            raise HTTPError(503, f"App '{name}' is {state}; try again shortly.", code="app_not_ready",
+                            headers=((b"retry-after", b"1"),))
+        return name, app
+
+    @staticmethod
+    async def _arguments(request) -> dict:
+        body = await request.body()
+        if not body.strip():
+            return {}
+        arguments = await request.json()
+        if type(arguments) is not dict:
+            raise HTTPError(400, "The request body must be a JSON object whose keys are the function's arguments",
+                            code="invalid_body")
+        return arguments
+
+    def _framing(self, request):
+        """The stream framing the client's Accept names explicitly, else None (collect)."""
+        accept = request.header(b"accept")
+        if not accept:
+            return None
+        for quality, media in parse_accept(accept):
+            if quality > 0 and media in self.framings:
+                return self.framings[media]
+        return None
+
+    @staticmethod
+    def _result(result, function: str, run_id: str, started: float) -> Response:
+        status = 200
+        if type(result) is dict and type(result.get("status_code")) is int:
+            result = dict(result)
+            status = result.pop("status_code")
+            if not 200 <= status <= 599:
+                raise HTTPError(500, f"Function '{function}' returned an invalid status_code {status}",
+                                code="invalid_status_code")
+        elapsed = int((time.perf_counter() - started) * 1000)
+        try:
+            body = orjson.dumps({"run_id": run_id, "run_time_ms": elapsed, "result": result},
+                                option=orjson.OPT_SERIALIZE_NUMPY)
+        except orjson.JSONEncodeError as exc:
+            raise _not_serializable(function, exc) from None
+        return Response(status, body, media_type=JSON)
+
+    async def _stream(self, request, values: FunctionStream, framing, run_id: str, end: bytes = b""):
+        """Each value as one event, holding back while the client reads slowly."""
+        try:
+            stream = request.stream(serializer=framing, headers=NO_CACHE)
+            try:
+                async for value in values:
+                    if stream.closed:
+                        return None
+                    stream.send(value)
+                    if stream.paused:
+                        await stream.drain()
+            except Exception as exc:
+                if stream.closed:  # the client has gone (drain raised): nothing to tell
+                    return None
+                if isinstance(exc, HTTPError):
+                    error = exc
+                else:
+                    logger.exception("function %r failed mid-stream (run %s)",
+                                     request.path_params.get("function"), run_id)
+                    error = HTTPError(500, f"Function '{request.path_params.get('function')}' failed: "
+                                      f"{type(exc).__name__}: {exc}", code="function_error")
+                stream.write(framing.encode_error({**error.to_dict(), "run_id": run_id}))
+                stream.end()
+                return None
+            if end:
+                stream.write(end)
+            stream.end()
+            return None
+        finally:
+            await values.aclose()  # stops the function if we stopped early
+
+    @staticmethod
+    def _error(request, error: HTTPError, run_id: str):
+        body = {**error.to_dict(), "run_id": run_id}
+        stream = request._stream
+        if stream is not None:  # the status line is gone: the error is the stream's last event
+            if not stream.ended:
+                stream.write(stream.serializer.encode_error(body))
+                stream.end()
+            return None
+        return Response(error.status, orjson.dumps(body), media_type=JSON, headers=error.headers)
+
+
+async def _collect(values: FunctionStream) -> list:
+    try:
+        return [value async for value in values]
+    finally:
+        await values.aclose()
+
+
+def _body(result, function: str) -> Response:
+    try:
+        return Response(200, orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY), media_type=JSON)
+    except orjson.JSONEncodeError as exc:
+        raise _not_serializable(function, exc) from None
+
+
+def _not_serializable(function: str, exc: Exception) -> HTTPError:
+    # orjson names the type: "Type is not JSON serializable: set".
+    return HTTPError(500, f"The result of function '{function}' cannot be sent as JSON: {exc}",
+                     code="result_not_serializable")
+
+
+def _no_function(app: str, function: str) -> HTTPError:
+    return HTTPError(404, f"No function '{function}' in app '{app}'", param="function", code="function_not_found")
+
+
+def merge_chat_chunks(chunks: list):
+    """``chat.completion.chunk`` dicts merged into one ``chat.completion`` (content only);
+    anything else is returned as it is."""
+    if not chunks or not all(type(chunk) is dict and type(chunk.get("choices")) is list for chunk in chunks):
+        return chunks
+    choices: dict[int, dict] = {}
+    usage = None
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            if type(choice) is not dict:
+                continue
+            index = choice.get("index", 0)
+            merged = choices.setdefault(index, {"index": index, "message": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None})
+            delta = choice.get("delta") or {}
+            if delta.get("role"):
+                merged["message"]["role"] = delta["role"]
+            if delta.get("content"):
+                merged["message"]["content"] += delta["content"]
+            if choice.get("finish_reason"):
+                merged["finish_reason"] = choice["finish_reason"]
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+    first = chunks[0]
+    body = {"id": first.get("id"), "object": "chat.completion", "created": first.get("created"),
+            "model": first.get("model"), "choices": [choices[index] for index in sorted(choices)]}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+@hookimpl
+def runnel_register_routes(register, server):
+    cortex = CortexAPI(server)
+    # public=True: authentication is per app, done in the handler (see the module docstring).
+    register("POST", "/v4/{project_id}/{app}/{function}", cortex.call, public=True)
+    register("POST", "/v4/{project_id}/{app}/{function}/chat/completions", cortex.chat, public=True)
+    register("POST", "/v4/{project_id}/{app}/{function}/embedding", cortex.embedding, public=True)
+    register("POST", "/v4/{project_id}/{app}/{function}/embeddings", cortex.embedding, public=True)
