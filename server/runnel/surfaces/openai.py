@@ -59,6 +59,7 @@ def can_embed(app) -> bool:
 class OpenAIAPI:
     def __init__(self, server) -> None:
         self.server = server
+        self.created = int(time.time())  # what /v1/models reports as a model's creation time
         # Served model name -> app name, fixed once the apps are built.
         self.by_model: dict[str, str] = {}
         for name, app in server.apps.items():
@@ -96,7 +97,7 @@ class OpenAIAPI:
     # -- /v1/models -----------------------------------------------------------------
     def model_card(self, app, name: str) -> dict:
         options = self.server.config.apps[name].surfaces.get("openai", {})
-        return {"id": app.model_id, "object": "model", "created": int(getattr(app, "created", 0)),
+        return {"id": app.model_id, "object": "model", "created": int(getattr(app, "created", self.created)),
                 "owned_by": options.get("owned_by", getattr(app, "owned_by", "runnel"))}
 
     async def models(self, request):
@@ -195,7 +196,8 @@ class OpenAIAPI:
             text = sink.text(index)
             if chat:
                 logprobs = chat_logprobs(sink.logprobs[index]) if parsed.params.logprobs else None
-                choices.append({"index": index, "message": {"role": reply.role, "content": text},
+                # As in the stream: leading whitespace is the template's framing, not content.
+                choices.append({"index": index, "message": {"role": reply.role, "content": text.lstrip()},
                                 "logprobs": logprobs, "finish_reason": reason})
             else:
                 prefix = echo[index] if echo else ""

@@ -159,12 +159,18 @@ class ChatStream(_StreamSink):
         self.logprobs = logprobs
 
     def begin(self) -> None:
+        # A message starts at its first non-space character: whitespace before it is the
+        # chat template's framing ("Assistant:" then " My"), not the model's content.
+        self.started = [False] * self.remaining
         role = self.role
         for index in range(self.remaining):
             delta = orjson.dumps({"role": role, "content": ""})
             self._write_choice(b'{"index":%d,"delta":%b,"logprobs":null,"finish_reason":null}' % (index, delta))
 
     def on_tokens(self, index, text, token_ids, logprobs) -> None:
+        if not self.started[index]:
+            text = text.lstrip()
+            self.started[index] = bool(text)
         if not text and not logprobs:
             return
         lp = orjson.dumps(chat_logprobs(logprobs)) if self.logprobs and logprobs else b"null"
