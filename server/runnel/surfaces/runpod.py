@@ -39,12 +39,15 @@ class RunPodEndpoints:
                                   source=config.source)
             self.endpoints[endpoint_id] = (name, reply)
 
-    async def _endpoint(self, request):
+    def _lookup(self, request) -> tuple[str, ReplyOptions]:
         endpoint_id = request.path_params["endpoint_id"]
         found = self.endpoints.get(endpoint_id)
         if found is None:
             raise HTTPError(404, f"No endpoint {endpoint_id!r}", code="endpoint_not_found")
-        name, reply = found
+        return found
+
+    async def _endpoint(self, request):
+        name, reply = self._lookup(request)
         app = self.api.app_by_name(name)
         served = reply.model_name or app.model_id
         body = await request.json()
@@ -63,11 +66,7 @@ class RunPodEndpoints:
         return await self.api.completions(request, app, reply)
 
     async def models(self, request):
-        endpoint_id = request.path_params["endpoint_id"]
-        found = self.endpoints.get(endpoint_id)
-        if found is None:
-            raise HTTPError(404, f"No endpoint {endpoint_id!r}", code="endpoint_not_found")
-        name, reply = found
+        name, reply = self._lookup(request)
         app = self.server.apps.get(name)
         data = []
         if app is not None and is_model_app(app):
