@@ -43,6 +43,13 @@ def _positive(table, name: str, kind: type, default):
     return value
 
 
+def _at_least_zero(table, name: str, default: float) -> float:
+    value = table.get(name, float, default=default)
+    if value < 0:
+        raise table.error(name, "must be >= 0")
+    return value
+
+
 def make_app(app_config, table, server):
     model = table.get("model", str)
     if not model.startswith("builtin:"):
@@ -61,7 +68,7 @@ def make_app(app_config, table, server):
             default_max_tokens=_positive(table, "default_max_tokens", int, 16),
             chat_template=table.get("chat_template", str, default=None),
             max_batch_size=_positive(table, "max_batch_size", int, 16),
-            batch_window=_positive(table, "batch_window_ms", float, 2.0) / 1000,
+            batch_window=_at_least_zero(table, "batch_window_ms", 2.0) / 1000,
             max_queue=_positive(table, "max_queue", int, 256),
             seed=table.get("seed", int, default=None),
         )

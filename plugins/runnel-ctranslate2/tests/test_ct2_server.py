@@ -183,7 +183,7 @@ def test_a_full_queue_answers_429_to_a_streamed_request_too(start_server, tiny_d
     ({"task": "generation"}, "apps.tiny.task"),
     ({"intra_threads": -1}, "apps.tiny.intra_threads"),
     ({"max_queue": 0}, "apps.tiny.max_queue"),
-    ({"batch_window_ms": 0}, "apps.tiny.batch_window_ms"),
+    ({"batch_window_ms": -1}, "apps.tiny.batch_window_ms"),
     ({"max_batch_size": "8"}, "apps.tiny.max_batch_size"),
     ({"device": 1}, "apps.tiny.device"),
     # Generation settings mean nothing to an encoder: a typo-like unknown key there.
