@@ -86,6 +86,14 @@ class ServerConfig:
     body_timeout: float = 30.0  # a body making no progress this long -> 408
     write_timeout: float = 30.0  # a client that stops reading this long is dropped
     shutdown_grace: float = 30.0  # in-flight requests get this long at shutdown
+    # Async runs (runnel.jobs) and their webhooks.
+    runs_path: str = "runnel-runs.sqlite3"  # SQLite file (relative: to the working directory); "" = memory
+    runs_retention: float = 1800.0  # finished runs are kept this long, then purged
+    runs_workers: int = 8  # background runs executing at once
+    webhook_allowed_hosts: tuple[str, ...] = ()  # hosts webhooks may be sent to; none by default
+    webhook_secret: str = ""  # signs webhooks (HMAC-SHA256); "" = unsigned
+    webhook_retry_delay: float = 2.0  # seconds between webhook attempts
+    runsync_timeout: float = 90.0  # RunPod /runsync waits this long for a result
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +244,15 @@ def _log_level(value: str) -> str:
     return value.lower()
 
 
+def _hosts(value: list) -> tuple[str, ...]:
+    hosts = []
+    for index, host in enumerate(value):
+        if type(host) is not str or not host.strip() or any(c.isspace() or c in "/?#@" for c in host):
+            raise ValueError(f"item {index} must be a host name, an address or host:port, got {host!r}")
+        hosts.append(host.strip().lower())
+    return tuple(hosts)
+
+
 def _header_value(value: str) -> str:
     # A control character here would break (or split) every response's head.
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
@@ -257,6 +274,13 @@ _SERVER_RULES: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
     "body_timeout": (float, _above(0)),
     "write_timeout": (float, _above(0)),
     "shutdown_grace": (float, _at_least(0)),
+    "runs_path": (str, None),
+    "runs_retention": (float, _above(0)),
+    "runs_workers": (int, _between(1, 1024)),
+    "webhook_allowed_hosts": (list, _hosts),
+    "webhook_secret": (str, None),
+    "webhook_retry_delay": (float, _at_least(0)),
+    "runsync_timeout": (float, _above(0)),
 }
 _SERVER_KEYS = tuple(_SERVER_RULES)
 

@@ -17,6 +17,7 @@ DEFAULT_PLUGINS = (
     "runnel.functions",
     "runnel.surfaces.openai",
     "runnel.surfaces.runpod",
+    "runnel.surfaces.runpod_jobs",
     "runnel.surfaces.baseten",
     "runnel.surfaces.cortex",
 )

@@ -44,6 +44,9 @@ class Server:
         self.auth_kinds: dict = {}
         self.serializers: dict = {}
         self.pm = None
+        # Per-server objects that plugins share (the run store's runner, say): kept on
+        # the server, not in module globals, so servers in one process stay apart.
+        self.state: dict[str, object] = {}
         self._extra_plugins = tuple(plugins)
         self._load_entrypoints = load_entrypoints
         self._listener = None

@@ -225,6 +225,59 @@ def test_range_edges_are_allowed():
     assert (server.port, server.backlog, server.max_header_bytes, server.max_body_bytes) == (65535, 1, 1024, 0)
 
 
+def test_run_and_webhook_defaults():
+    server = ServerConfig()
+    assert (server.runs_path, server.runs_retention, server.runs_workers) == ("runnel-runs.sqlite3", 1800.0, 8)
+    assert (server.webhook_allowed_hosts, server.webhook_secret, server.webhook_retry_delay) == ((), "", 2.0)
+    assert server.runsync_timeout == 90.0
+
+
+def test_run_and_webhook_values_are_read(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        [server]
+        runs_path = ""
+        runs_retention = 60
+        runs_workers = 1
+        webhook_allowed_hosts = ["Hooks.Example.com", "127.0.0.1:8080", "::1"]
+        webhook_secret = "s3cret"
+        webhook_retry_delay = 0
+        runsync_timeout = 0.5
+        """,
+    )
+    server = load_config(path).server
+    assert (server.runs_path, server.runs_retention, server.runs_workers) == ("", 60.0, 1)
+    assert type(server.runs_retention) is float
+    assert server.webhook_allowed_hosts == ("hooks.example.com", "127.0.0.1:8080", "::1")
+    assert (server.webhook_secret, server.webhook_retry_delay, server.runsync_timeout) == ("s3cret", 0.0, 0.5)
+    hash(server)  # still hashable: the host list is kept as a tuple
+
+
+@pytest.mark.parametrize(
+    "name, value, words",
+    [
+        ("runs_retention", 0, "greater than 0"),
+        ("runs_retention", float("inf"), "finite"),
+        ("runs_workers", 0, "between 1 and 1024"),
+        ("runs_workers", 2.0, "integer"),
+        ("webhook_retry_delay", -1, "at least 0"),
+        ("runsync_timeout", 0, "greater than 0"),
+        ("runs_path", 5, "string"),
+        ("webhook_secret", True, "string"),
+        ("webhook_allowed_hosts", "example.com", "array"),
+        ("webhook_allowed_hosts", ["ok.example", 3], "item 1"),
+        ("webhook_allowed_hosts", [""], "item 0"),
+        ("webhook_allowed_hosts", ["http://example.com/"], "host name"),
+        ("webhook_allowed_hosts", ["a b"], "host name"),
+    ],
+)
+def test_run_and_webhook_values_are_checked(name, value, words):
+    error = raises_config_error(config_from_dict, {"server": {name: value}}, source="f.toml")
+    assert (error.key, error.source) == (f"server.{name}", "f.toml")
+    assert words in error.message
+
+
 # --- [auth] and [apps] -----------------------------------------------------------------------
 
 

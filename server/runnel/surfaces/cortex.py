@@ -28,6 +28,23 @@ changing only its base URL. The project id is accepted as is (any value).
     these are the OpenAI surface's own chat completions and embeddings, whatever the
     function name.
 
+``POST /v4/{project_id}/{app}/{function}?async=true[&webhookEndpoint=URL]``
+    An async run (python function apps only): the arguments are checked (404 / 422 as
+    for a sync call), the run is recorded durably (``runnel.jobs``), and the answer is
+    ``202 {"run_id"}``; the function then runs in the background, a generator's values
+    collected into a list. ``webhookEndpoint`` (implies ``async``) is where the
+    finished run is POSTed (see ``runnel.webhooks``); its host must be in ``[server]
+    webhook_allowed_hosts``, else 400 and nothing is recorded.
+
+``GET /v4/{project_id}/{app}/runs/{run_id}``
+    ``{"run_id", "status"}``, status one of ``queued``, ``running``, ``succeeded``,
+    ``failed``, ``cancelled``; once done, plus what the sync call would have answered:
+    ``"status_code"`` (its HTTP status) and ``"run_time_ms"`` and ``"result"``, or
+    ``"error"``. This is also the webhook's body. Unknown, expired (older than
+    ``[server] runs_retention``) and other apps' runs are 404. With ``[apps.NAME.functions]
+    idempotent = true`` a run a crash interrupted is run again at the next start,
+    instead of failing with code ``interrupted``.
+
 Errors, everywhere under /v4, are ``{"error": {message, type, param, code}, "run_id"}``
 (the OpenAI envelope plus the run id); an exception in a function is a 500 whose
 message is the exception's; mid-stream it becomes the stream's last event.
@@ -53,9 +70,11 @@ from ..auth import ANONYMOUS
 from ..errors import HTTPError
 from ..functions import FunctionStream, is_function_app
 from ..hookspecs import hookimpl
-from ..http import Response
+from ..http import Response, json_response
 from ..http.response import JSON
+from ..jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, Surface, runner_for
 from ..serializers import parse_accept
+from ..webhooks import check_target
 from .openai import SSE as OPENAI_SSE
 from .openai import OpenAIAPI, can_embed, is_model_app
 
@@ -64,6 +83,10 @@ logger = logging.getLogger("runnel.cortex")
 NO_CACHE = ((b"cache-control", b"no-cache"),)
 DONE = b"data: [DONE]\n\n"
 MODEL_FUNCTION = "run"  # a model app's function: chat completions
+SURFACE = "cortex"  # the runs this surface submits
+RUN_STATUS = {QUEUED: "queued", RUNNING: "running", SUCCEEDED: "succeeded", FAILED: "failed",
+              CANCELLED: "cancelled", TIMED_OUT: "failed"}
+_TRUE, _FALSE = ("true", "1", "yes", ""), ("false", "0", "no")  # a bare ?async is true
 
 
 class CortexAPI:
@@ -71,11 +94,15 @@ class CortexAPI:
         self.server = server
         self.openai = OpenAIAPI(server)
         self.public: set[str] = set()
+        self.runs = runner_for(server)
+        self.runs.add_surface(CortexRuns())
         config = server.config
         for name, app_config in config.apps.items():
             table = config.table(f"apps.{name}.functions", app_config.surfaces.get("functions", {}))
             if table.get("public", bool, default=False):
                 self.public.add(name)
+            if table.get("idempotent", bool, default=False):
+                self.runs.idempotent.add(name)
             table.finish()
         # Stream framings a client may ask for by Accept (media type -> serializer).
         self.framings = {media.decode("latin-1"): serializer for media, serializer in server.serializers.items()}
@@ -107,8 +134,24 @@ class CortexAPI:
                               code="function_error")
             return self._error(request, error, run_id)
 
+    async def run_status(self, request):
+        run_id = request.path_params["run_id"]
+        try:
+            name = request.path_params["app"]
+            self._authenticate(request, name)
+            run = await self.runs.get(run_id)
+            if run is None or run.surface != SURFACE or run.app != name:
+                raise HTTPError(404, f"No run '{run_id}' in app '{name}' (unknown, or finished and expired)",
+                                param="run_id", code="run_not_found")
+            return json_response(CortexRuns.render(run))
+        except HTTPError as error:
+            return self._error(request, error, run_id)
+
     async def _call(self, request, name, app, run_id, started):
         function = request.path_params["function"]
+        background, webhook = self._background(request)
+        if background:
+            return await self._submit(request, name, app, function, run_id, webhook)
         if is_function_app(app):
             result = await app.invoke(function, await self._arguments(request), run_id)
             if isinstance(result, FunctionStream):
@@ -125,6 +168,7 @@ class CortexAPI:
         raise _no_function(name, function)
 
     async def _chat(self, request, name, app, run_id, started):
+        self._no_background(request)
         if is_function_app(app):
             function = request.path_params["function"]
             arguments = await self._arguments(request)
@@ -139,6 +183,7 @@ class CortexAPI:
         raise _no_function(name, request.path_params["function"])
 
     async def _embedding(self, request, name, app, run_id, started):
+        self._no_background(request)
         if is_function_app(app):
             function = request.path_params["function"]
             result = await app.invoke(function, await self._arguments(request), run_id)
@@ -152,10 +197,48 @@ class CortexAPI:
             self.openai.app_by_name(name, need=can_embed)
         raise _no_function(name, request.path_params["function"])
 
+    # -- async runs ------------------------------------------------------------------
+    @staticmethod
+    def _background(request) -> tuple[bool, str | None]:
+        """Whether the call is to run in the background, and the webhook URL if one is given."""
+        flag = request.query_param("async")
+        webhook = request.query_param("webhookEndpoint")
+        wanted = None
+        if flag is not None:
+            if flag.lower() not in _TRUE + _FALSE:
+                raise HTTPError(400, f"async must be true or false, got {flag!r}", param="async",
+                                code="invalid_async")
+            wanted = flag.lower() in _TRUE
+        if webhook is not None:
+            if wanted is False:
+                raise HTTPError(400, "webhookEndpoint needs an async run; drop async=false",
+                                param="webhookEndpoint", code="invalid_async")
+            wanted = True
+        return bool(wanted), webhook
+
+    def _no_background(self, request) -> None:
+        if self._background(request)[0]:
+            raise HTTPError(400, "Async runs are for POST /v4/{project_id}/{app}/{function} only",
+                            param="async", code="async_not_supported")
+
+    async def _submit(self, request, name, app, function, run_id, webhook):
+        """Check the call as a sync one would be, record the run, answer 202."""
+        if not is_function_app(app):
+            raise HTTPError(400, f"Async runs are for python function apps; app '{name}' is not one",
+                            param="async", code="async_not_supported")
+        arguments = await self._arguments(request)
+        app.function(function).arguments(arguments, run_id)  # 404 / 422 now, not later in the run
+        if webhook is not None:
+            try:
+                check_target(webhook, self.runs.allowed_hosts)
+            except ValueError as exc:
+                raise HTTPError(400, str(exc), param="webhookEndpoint", code="webhook_not_allowed") from None
+        await self.runs.submit(SURFACE, name, function, arguments, run_id=run_id, webhook=webhook)
+        return json_response({"run_id": run_id}, status=202)
+
     # -- pieces ----------------------------------------------------------------------
-    def _app(self, request):
-        """Authenticate (unless the app is public), then the app: 404 unknown, 503 not ready."""
-        name = request.path_params["app"]
+    def _authenticate(self, request, name: str) -> None:
+        """Unless app ``name`` is public, someone must vouch for the caller (401)."""
         if name in self.public:
             request.principal = ANONYMOUS
         else:
@@ -163,6 +246,11 @@ class CortexAPI:
             if principal is None:
                 raise HTTPError(401, "Request is not authenticated")
             request.principal = principal
+
+    def _app(self, request):
+        """Authenticate (unless the app is public), then the app: 404 unknown, 503 not ready."""
+        name = request.path_params["app"]
+        self._authenticate(request, name)
         app = self.server.apps.get(name)
         if app is None:
             state = self.server.apps.state(name)
@@ -253,6 +341,34 @@ class CortexAPI:
         return Response(error.status, orjson.dumps(body), media_type=JSON, headers=error.headers)
 
 
+class CortexRuns(Surface):
+    """Async runs of the /v4 routes: called with the body's keys as arguments."""
+
+    name = SURFACE
+
+    def check(self, run, result):
+        if type(result) is dict and type(result.get("status_code")) is int and \
+                not 200 <= result["status_code"] <= 599:
+            raise HTTPError(500, f"Function '{run.function}' returned an invalid status_code "
+                            f"{result['status_code']}", code="invalid_status_code")
+        return result
+
+    @staticmethod
+    def render(run) -> dict:
+        """``{"run_id", "status"}``, plus, once done, what the sync call would have answered."""
+        body = {"run_id": run.id, "status": RUN_STATUS[run.state]}
+        if run.state == SUCCEEDED:
+            result, status = run.output, 200
+            if type(result) is dict and type(result.get("status_code")) is int:
+                result = dict(result)
+                status = result.pop("status_code")
+            body.update(status_code=status, run_time_ms=run.run_time_ms or 0, result=result)
+        elif run.error is not None:
+            error = dict(run.error)
+            body.update(status_code=error.pop("status"), error=error)
+        return body
+
+
 async def _collect(values: FunctionStream) -> list:
     try:
         return [value async for value in values]
@@ -316,3 +432,15 @@ def runnel_register_routes(register, server):
     register("POST", "/v4/{project_id}/{app}/{function}/chat/completions", cortex.chat, public=True)
     register("POST", "/v4/{project_id}/{app}/{function}/embedding", cortex.embedding, public=True)
     register("POST", "/v4/{project_id}/{app}/{function}/embeddings", cortex.embedding, public=True)
+    # After .../{function}/embedding(s): a path both could match is the function's.
+    register("GET", "/v4/{project_id}/{app}/runs/{run_id}", cortex.run_status, public=True)
+
+
+@hookimpl
+def runnel_startup(server):
+    return runner_for(server).start()  # also started by the RunPod job API: whichever comes first
+
+
+@hookimpl
+def runnel_shutdown(server):
+    return runner_for(server).close()

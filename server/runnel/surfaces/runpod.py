@@ -8,6 +8,7 @@ environment variables would:
     served_model_name_override = "my-model"    # OPENAI_SERVED_MODEL_NAME_OVERRIDE
     response_role = "assistant"                # OPENAI_RESPONSE_ROLE
     raw_openai_output = true                   # RAW_OPENAI_OUTPUT: SSE; false: JSON lines
+    handler = "handler"                        # the function /run jobs call (runpod_jobs)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class RunPodEndpoints:
         for name, app_config in config.apps.items():
             table = config.table(f"apps.{name}.runpod", app_config.surfaces.get("runpod", {}))
             endpoint_id = table.get("endpoint_id", str, default=name)
+            table.get("handler", str, default="handler")  # the job API's (runnel.surfaces.runpod_jobs)
             reply = ReplyOptions(
                 model_name=table.get("served_model_name_override", str, default=None),
                 role=table.get("response_role", str, default="assistant"),

@@ -1,0 +1,225 @@
+"""Built-in plugin: RunPod's serverless job API, ``/v2/{endpoint_id}/...``, for python apps.
+
+A client written for a RunPod queue endpoint works by changing only its base URL.
+Each python function app is an endpoint (``[apps.NAME.runpod] endpoint_id``, default
+the app's name) whose jobs call one of its functions (``[apps.NAME.runpod] handler``,
+default ``"handler"``). Jobs are runs in the server's run store (``runnel.jobs``),
+the same one ``/v4 ...?async=true`` uses: durable, recovered after a crash, purged
+after ``[server] runs_retention``.
+
+    POST /v2/{id}/run           {"input": ..., "webhook"?: URL, "policy"?: {"executionTimeout": ms}}
+                                -> {"id", "status": "IN_QUEUE"}
+    POST /v2/{id}/runsync       the same, then waits up to [server] runsync_timeout
+                                -> the job's status
+    GET  /v2/{id}/status/{job}  -> {"id", "status", "output"?, "error"?, "delayTime", "executionTime"}
+    GET  /v2/{id}/stream/{job}  -> {"status", "stream": [{"output": value}, ...]}: what a
+                                   generator handler yielded since the previous call
+    POST /v2/{id}/cancel/{job}  -> {"id", "status"}
+    GET  /v2/{id}/health        -> {"jobs": {"completed", "failed", "inProgress", "inQueue",
+                                   "retried"}, "workers": {"idle", "running"}}
+
+States: ``IN_QUEUE``, ``IN_PROGRESS``, ``COMPLETED``, ``FAILED``, ``CANCELLED``,
+``TIMED_OUT`` (past ``policy.executionTimeout``, counted from the job's start).
+
+A handler whose only parameter is ``job`` (or ``event``) gets RunPod's job dict,
+``{"id", "input"}``; any other function gets the input's keys as keyword arguments.
+A generator handler's values are its output, as a list. A handler that returns a
+dict with an ``"error"`` key fails its job, as RunPod's SDK has it. Cancelling a
+queued job means it never runs; a running async handler is cancelled; a running
+sync handler cannot be stopped (it runs in a thread) and its result is discarded.
+
+Model apps (echo, ctranslate2) are not served here: their endpoints answer 404
+saying so; they keep ``/v2/{id}/openai/v1/...`` (``runnel.surfaces.runpod``).
+Errors are ``{"error": "<message>"}``. Routes are authenticated like the rest.
+"""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from ..errors import HTTPError
+from ..functions import is_function_app
+from ..hookspecs import hookimpl
+from ..http import Response, json_response
+from ..http.response import JSON
+from ..jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, Surface, runner_for
+from ..webhooks import check_target
+
+SURFACE = "runpod"
+STATUS = {QUEUED: "IN_QUEUE", RUNNING: "IN_PROGRESS", SUCCEEDED: "COMPLETED", FAILED: "FAILED",
+          CANCELLED: "CANCELLED", TIMED_OUT: "TIMED_OUT"}
+JOB_PARAMETERS = (frozenset(("job",)), frozenset(("event",)))
+
+
+class RunPodJobs(Surface):
+    """How a job calls its handler, and how RunPod shows a job."""
+
+    name = SURFACE
+
+    def arguments(self, app, run) -> dict:
+        function = app.function(run.function)
+        if function.parameters in JOB_PARAMETERS and not function.var_keyword:
+            (parameter,) = function.parameters
+            return {parameter: {"id": run.id, "input": run.input}}
+        if type(run.input) is not dict:
+            raise HTTPError(422, f"The input must be an object whose keys are the arguments of '{run.function}'",
+                            param="input", code="invalid_input")
+        return dict(run.input)  # checked against the signature by invoke (422 fails the job)
+
+    def check(self, run, result):
+        if type(result) is dict and "error" in result:
+            error = result["error"]
+            raise HTTPError(500, error if type(error) is str else orjson.dumps(error).decode(), code="handler_error")
+        return result
+
+    @staticmethod
+    def render(run) -> dict:
+        body = {"id": run.id, "status": STATUS[run.state]}
+        if run.state == SUCCEEDED:
+            body["output"] = run.output
+        elif run.error is not None:
+            body["error"] = run.error["message"]
+        now = time.time()
+        body["delayTime"] = _ms((run.started_at or run.finished_at or now) - run.created_at)
+        body["executionTime"] = _ms((run.finished_at or now) - run.started_at) if run.started_at else 0
+        return body
+
+
+def _ms(seconds: float) -> int:
+    return max(0, int(seconds * 1000))
+
+
+def render_error(error: HTTPError) -> Response:
+    return Response(error.status, orjson.dumps({"error": error.message}), media_type=JSON, headers=error.headers)
+
+
+class RunPodJobAPI:
+    def __init__(self, server) -> None:
+        self.apps = server.apps
+        self.runs = runner_for(server)
+        self.runs.add_surface(RunPodJobs())
+        self.runsync_timeout = server.config.server.runsync_timeout
+        self.endpoints: dict[str, tuple[str, str]] = {}  # endpoint id -> (app, handler)
+        self.model_endpoints: set[str] = set()
+        config = server.config
+        apps = dict(server.apps.items())
+        for name, app_config in config.apps.items():
+            # runnel.surfaces.runpod owns [apps.NAME.runpod] (and finish()es it); read only ours here.
+            table = config.table(f"apps.{name}.runpod", app_config.surfaces.get("runpod", {}))
+            endpoint_id = table.get("endpoint_id", str, default=name)
+            handler = table.get("handler", str, default="handler")
+            if not handler.isidentifier():
+                raise table.error("handler", f"must be a function name, got {handler!r}")
+            if is_function_app(apps.get(name)):
+                self.endpoints[endpoint_id] = (name, handler)
+            else:
+                self.model_endpoints.add(endpoint_id)
+
+    def _endpoint(self, request) -> tuple[str, str]:
+        endpoint_id = request.path_params["endpoint_id"]
+        found = self.endpoints.get(endpoint_id)
+        if found is None:
+            if endpoint_id in self.model_endpoints:
+                raise HTTPError(404, f"Endpoint {endpoint_id!r} serves a model: the job API (/run, /runsync, "
+                                "/status, ...) runs python function apps only; use "
+                                f"/v2/{endpoint_id}/openai/v1/... for this one", code="endpoint_not_found")
+            raise HTTPError(404, f"No endpoint {endpoint_id!r}", code="endpoint_not_found")
+        return found
+
+    async def _job(self, request):
+        name, _ = self._endpoint(request)
+        job_id = request.path_params["job_id"]
+        run = await self.runs.get(job_id)
+        if run is None or run.surface != SURFACE or run.app != name:
+            raise HTTPError(404, f"No job {job_id!r} on this endpoint (unknown, or finished and expired)",
+                            code="job_not_found")
+        return run
+
+    async def _submit(self, request):
+        name, handler = self._endpoint(request)
+        body = await request.json()
+        if type(body) is not dict or "input" not in body:
+            raise HTTPError(400, 'The request body must be a JSON object with the job\'s "input"',
+                            param="input", code="invalid_body")
+        policy = body.get("policy", {})
+        if type(policy) is not dict:
+            raise HTTPError(400, '"policy" must be an object', param="policy", code="invalid_body")
+        timeout = policy.get("executionTimeout")
+        if timeout is not None and (type(timeout) is not int or timeout <= 0):
+            raise HTTPError(400, '"policy.executionTimeout" must be a positive integer (milliseconds)',
+                            param="policy.executionTimeout", code="invalid_body")
+        webhook = body.get("webhook")
+        if webhook is not None:
+            try:
+                check_target(webhook, self.runs.allowed_hosts)
+            except ValueError as exc:
+                raise HTTPError(400, str(exc), param="webhook", code="webhook_not_allowed") from None
+        state = self.apps.state(name)
+        if state == "failed":
+            raise HTTPError(503, f"The app of endpoint {request.path_params['endpoint_id']!r} failed to start",
+                            code="app_not_ready")
+        app = self.apps.get(name)
+        if app is not None and handler not in app.functions:  # loading: jobs wait, as on a cold endpoint
+            raise HTTPError(404, f"App '{name}' has no function '{handler}' to run jobs with "
+                            f"(set [apps.{name}.runpod] handler)", code="handler_not_found")
+        return await self.runs.submit(SURFACE, name, handler, body["input"], webhook=webhook, timeout_ms=timeout)
+
+    # -- handlers --------------------------------------------------------------------
+    async def run(self, request):
+        run = await self._submit(request)
+        return json_response({"id": run.id, "status": STATUS[run.state]})
+
+    async def runsync(self, request):
+        run = await self._submit(request)
+        return json_response(RunPodJobs.render(await self.runs.wait(run.id, self.runsync_timeout) or run))
+
+    async def status(self, request):
+        return json_response(RunPodJobs.render(await self._job(request)))
+
+    async def stream(self, request):
+        run = await self._job(request)
+        body = {"status": STATUS[run.state],
+                "stream": [{"output": value} for value in self.runs.take_stream(run)]}
+        if run.error is not None:
+            body["error"] = run.error["message"]
+        return json_response(body)
+
+    async def cancel(self, request):
+        run = await self._job(request)
+        run = await self.runs.cancel(run.id) or run
+        return json_response({"id": run.id, "status": STATUS[run.state]})
+
+    async def health(self, request):
+        name, _ = self._endpoint(request)
+        counts = await self.runs.counts(name, SURFACE)
+        busy = self.runs.busy
+        return json_response({
+            "jobs": {"completed": counts[SUCCEEDED], "failed": counts[FAILED] + counts[TIMED_OUT],
+                     "inProgress": counts[RUNNING], "inQueue": counts[QUEUED], "retried": counts["retried"]},
+            "workers": {"idle": max(0, self.runs.workers - busy), "running": busy},
+        })
+
+
+@hookimpl
+def runnel_register_routes(register, server):
+    api = RunPodJobAPI(server)
+    # Three segments, or four with a fixed second: none overlaps /v2/{id}/openai/v1/...
+    register("POST", "/v2/{endpoint_id}/run", api.run, errors=render_error)
+    register("POST", "/v2/{endpoint_id}/runsync", api.runsync, errors=render_error)
+    register("GET", "/v2/{endpoint_id}/health", api.health, errors=render_error)
+    for method in ("GET", "POST"):
+        register(method, "/v2/{endpoint_id}/status/{job_id}", api.status, errors=render_error)
+        register(method, "/v2/{endpoint_id}/stream/{job_id}", api.stream, errors=render_error)
+    register("POST", "/v2/{endpoint_id}/cancel/{job_id}", api.cancel, errors=render_error)
+
+
+@hookimpl
+def runnel_startup(server):
+    return runner_for(server).start()  # also started by the /v4 surface: whichever comes first
+
+
+@hookimpl
+def runnel_shutdown(server):
+    return runner_for(server).close()

@@ -1,0 +1,135 @@
+"""A server killed with SIGKILL loses no accepted run.
+
+``python -m runnel serve`` runs as a subprocess with one background worker; the
+first run holds that worker (until a gate file appears) while three more wait in
+the queue; the server is killed, then started again on the same run store. The
+queued runs complete; the interrupted one fails with code ``interrupted``, or runs
+again when its app is idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import request, wait_until
+
+LAB = '''
+import os, time
+
+def hold(gate: str, tag: str):
+    deadline = time.monotonic() + 30
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return tag
+
+def quick(tag: str):
+    return tag
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Serve:
+    """``python -m runnel serve --config ... --port ...``, output in a file."""
+
+    def __init__(self, tmp_path: Path, config: Path, name: str) -> None:
+        self.port = free_port()
+        self.log_path = tmp_path / f"{name}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNEL_")}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "runnel", "serve", "--config", str(config), "--port", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+
+    def ready(self) -> bool:
+        assert self.proc.poll() is None, self.log_path.read_text()
+        try:
+            return request(self.port, "GET", "/health").status == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+def states(path: Path) -> dict[str, str]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return dict(conn.execute("SELECT id, state FROM runs"))
+
+
+@pytest.mark.parametrize("idempotent", [False, True])
+def test_sigkill_loses_no_accepted_run(tmp_path, idempotent):
+    module = tmp_path / "lab.py"
+    module.write_text(textwrap.dedent(LAB))
+    store = tmp_path / "runs.sqlite3"
+    gate = tmp_path / "gate"
+    config = tmp_path / "runnel.toml"
+    config.write_text(textwrap.dedent(f"""
+        [server]
+        runs_path = "{store}"
+        runs_workers = 1
+
+        [apps.lab]
+        backend = "python"
+        module = "{module}"
+
+        [apps.lab.functions]
+        public = true
+        idempotent = {str(idempotent).lower()}
+    """))
+
+    def submit(port: int, function: str, body: dict) -> str:
+        reply = request(port, "POST", f"/v4/p/lab/{function}?async=true", body=orjson.dumps(body))
+        assert reply.status == 202, reply.body
+        return reply.json()["run_id"]
+
+    def status(port: int, run_id: str) -> dict:
+        return request(port, "GET", f"/v4/p/lab/runs/{run_id}").json()
+
+    servers = []
+    try:
+        first = Serve(tmp_path, config, "first")
+        servers.append(first)
+        wait_until(first.ready, timeout=30)
+        held = submit(first.port, "hold", {"gate": str(gate), "tag": "held"})
+        queued = [submit(first.port, "quick", {"tag": f"q{n}"}) for n in range(3)]
+        wait_until(lambda: status(first.port, held)["status"] == "running")
+        first.kill()
+        assert states(store) == {held: "running", **dict.fromkeys(queued, "queued")}
+
+        gate.write_text("")  # a re-run of the held run may finish now
+        second = Serve(tmp_path, config, "second")
+        servers.append(second)
+        wait_until(second.ready, timeout=30)
+        done = ("succeeded", "failed", "cancelled")
+        for n, run_id in enumerate(queued):
+            body = wait_until(lambda: (b := status(second.port, run_id))["status"] in done and b, timeout=15)
+            assert (body["status"], body["result"]) == ("succeeded", f"q{n}")
+        body = wait_until(lambda: (b := status(second.port, held))["status"] in done and b, timeout=15)
+        if idempotent:
+            assert (body["status"], body["result"]) == ("succeeded", "held")
+            with contextlib.closing(sqlite3.connect(store)) as conn:
+                assert conn.execute("SELECT attempts FROM runs WHERE id = ?", (held,)).fetchone() == (2,)
+        else:
+            assert (body["status"], body["status_code"], body["error"]["code"]) == ("failed", 500, "interrupted")
+            assert "interrupted" in body["error"]["message"]
+    finally:
+        gate.write_text("")
+        for server in servers:
+            server.kill()
