@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/protocol_cycle.py [--requests N]
 
-Both sides parse the same GET and answer the same small JSON body; the bare
-side is the minimum h11 work (receive, next_event x2, send Response/Data/EOM,
+Both sides parse the same GET and answer a small JSON body (runnel's real
+/v1/models, listing one model); the bare side is the minimum h11 work (receive, next_event x2, send Response/Data/EOM,
 start_next_cycle). The difference is what runnel adds: routing, auth hook,
 request object, headers, the task per request.
 """
@@ -64,16 +64,11 @@ def bare_h11(n: int) -> float:
 
 
 async def runnel_cycle(n: int) -> float:
-    class Models:
-        @runnel.hookimpl
-        def runnel_register_routes(self, register, server):
-            async def models(request):
-                return runnel.Response(200, BODY, media_type=b"application/json")
-
-            register("GET", "/v1/models", models)
-
-    server = runnel.Server(runnel.config_from_dict({"server": {"port": 0}}), plugins=[Models()], load_entrypoints=False)
+    # The real GET /v1/models of the OpenAI surface, with an echo app to list.
+    config = runnel.config_from_dict({"server": {"port": 0}, "apps": {"echo": {"backend": "echo"}}})
+    server = runnel.Server(config)
     await server.start()
+    await server.wait_ready()
     try:
         from runnel.http import HttpProtocol
 
