@@ -128,10 +128,12 @@ class GeneratorApp:
 
     async def close(self) -> None:
         if self.scheduler is not None:
-            self.scheduler.close()
+            self.scheduler.close()  # waits for the batches still running
+            self.scheduler = None
         if self.generator is not None:
-            # Release explicitly: a process that exits with a generator that ran Python
-            # callbacks still alive can abort inside CTranslate2's threads.
+            # Release explicitly, and drop every reference (the scheduler held one): a
+            # generator that ran Python callbacks and is still alive when the process
+            # exits aborts it ("terminate called without an active exception").
             self.generator.unload_model()
             self.generator = None
 

@@ -306,3 +306,4 @@ class BatchScheduler:
             row.stop()
         self.waiting = []
         self._threads.shutdown(wait=True, cancel_futures=False)
+        self.generator = None  # the app deletes it next; no reference may outlive that

@@ -242,8 +242,12 @@ def test_model_is_listed_only_when_ready_and_released_on_stop(start_server, tiny
 
     app = server.server.apps.get("tiny")
     assert app.generator is not None
+    scheduler = app.scheduler
     server.stop()
     assert app.generator is None  # released on stop, not left to the garbage collector
+    # Nor kept alive by the scheduler: a generator that ran Python callbacks and is
+    # still alive at exit aborts the process (seen with streams cut before SIGTERM).
+    assert app.scheduler is None and scheduler.generator is None
     assert server.server.apps.get("tiny") is None
 
 
