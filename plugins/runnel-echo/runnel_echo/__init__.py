@@ -16,7 +16,7 @@ LOREM = (
     "incididunt ut labore et dolore magna aliqua ut enim ad minim veniam quis nostrud"
 ).split()
 
-MAX_TOKENS_LIMIT = 1_000_000
+MAX_TOKENS_LIMIT = 100_000
 
 
 class EchoApp:
@@ -73,10 +73,13 @@ class EchoApp:
     async def close(self) -> None:
         pass
 
-    def tokens(self, prompt: str, max_tokens: int) -> list[str]:
+    def tokens(self, prompt: str, max_tokens: int):
+        """The tokens one at a time, so a long stream costs no memory up front."""
         words = prompt.split() or random.Random(self.seed).choices(LOREM, k=min(max_tokens, 64))
-        tokens = [words[i % len(words)] for i in range(max_tokens)]
-        return [token if i == 0 else " " + token for i, token in enumerate(tokens)]
+        spaced = [" " + word for word in words]
+        yield words[0]
+        for i in range(1, max_tokens):
+            yield spaced[i % len(words)]
 
     # -- runnel.generation.ModelApp --------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -139,7 +142,7 @@ class _EchoRow:
     def __init__(self, app: EchoApp, index: int, prompt_tokens: list[int], params) -> None:
         self.app = app
         self.index = index
-        self.source = prompt_tokens or app.tokenize(" ".join(app.tokens("", 16)))
+        self.source = prompt_tokens or app.tokenize("".join(app.tokens("", 16)))
         self.params = params
         self.count = 0
         self.stops = StopStrings(params.stop)
@@ -242,8 +245,8 @@ def runnel_register_routes(register, server):
         tokens = app.tokens(prompt, max_tokens)
         if not _field(body, "stream", bool, False):
             if app.pace:
-                await asyncio.sleep(app.pace * len(tokens))
-            return json_response({"app": app.name, "text": "".join(tokens), "tokens": len(tokens)})
+                await asyncio.sleep(app.pace * max_tokens)
+            return json_response({"app": app.name, "text": "".join(tokens), "tokens": max_tokens})
         stream = request.stream()
         pace = app.pace
         for index, token in enumerate(tokens):
@@ -252,6 +255,6 @@ def runnel_register_routes(register, server):
             stream.send({"index": index, "token": token})
             if stream.paused:
                 await stream.drain()
-        stream.send({"done": True, "tokens": len(tokens)})
+        stream.send({"done": True, "tokens": max_tokens})
 
     register("POST", "/echo/{app}", echo)
