@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test clean
+.PHONY: install serve test clean bench
 
 $(STAMP): pyproject.toml plugins/runnel-echo/pyproject.toml plugins/runnel-ctranslate2/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,4 +23,16 @@ test: install
 	$(BIN)/pytest
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) benchmarks/.venv-peers
+
+# The benchmarks (benchmarks/README.md): the peers and the load client get their own
+# environment, benchmarks/.venv-peers, never .venv; then the quick mode of every scenario.
+bench:
+	@[ benchmarks/.venv-peers/.installed -nt benchmarks/requirements-peers.txt ] || { \
+	  $(PYTHON) -m venv benchmarks/.venv-peers && \
+	  benchmarks/.venv-peers/bin/pip install --quiet --upgrade pip && \
+	  benchmarks/.venv-peers/bin/pip install --quiet -r benchmarks/requirements-peers.txt \
+	    -e . -e plugins/runnel-echo -e plugins/runnel-ctranslate2 && \
+	  { benchmarks/.venv-peers/bin/pip install --quiet granian || echo "granian did not install: the report says so"; } && \
+	  touch benchmarks/.venv-peers/.installed; }
+	benchmarks/.venv-peers/bin/python benchmarks/run.py --quick $(BENCH_ARGS)
