@@ -65,36 +65,47 @@ class Router:
         return route
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        """The route for this request, or HTTPError 404 / 405 (with Allow)."""
-        params: dict[str, str] = {}
+        """The route for this request, or HTTPError 404 / 405 (with Allow).
+
+        Every route whose path matches is considered, exact paths first, so two
+        templates that fit the same path with different methods both work.
+        """
+        allowed: set[str] = set()
         methods = self._exact.get(path)
-        if methods is None:
-            for regex, _, candidate in self._templates:
-                found = regex.match(path)
-                if found is not None:
-                    methods = candidate
-                    params = {name: unquote(value) for name, value in found.groupdict().items()}
-                    break
-            else:
-                raise HTTPError(404, f"No route for {path}", code="route_not_found")
-        route = methods.get(method)
-        if route is None and method == "HEAD":
-            route = methods.get("GET")
-        if route is None:
-            allowed = set(methods)
-            if "GET" in allowed:
-                allowed.add("HEAD")
-            allow = ", ".join(sorted(allowed))
-            raise HTTPError(
-                405,
-                f"Method {method} is not allowed for {path}; allowed: {allow}",
-                code="method_not_allowed",
-                headers=((b"allow", allow.encode("ascii")),),
-            )
-        return route, params
+        if methods is not None:
+            route = _pick(methods, method)
+            if route is not None:
+                return route, {}
+            allowed.update(methods)
+        for regex, _, methods in self._templates:
+            found = regex.match(path)
+            if found is None:
+                continue
+            route = _pick(methods, method)
+            if route is not None:
+                return route, {name: unquote(value) for name, value in found.groupdict().items()}
+            allowed.update(methods)
+        if not allowed:
+            raise HTTPError(404, f"No route for {path}", code="route_not_found")
+        if "GET" in allowed:
+            allowed.add("HEAD")
+        allow = ", ".join(sorted(allowed))
+        raise HTTPError(
+            405,
+            f"Method {method} is not allowed for {path}; allowed: {allow}",
+            code="method_not_allowed",
+            headers=((b"allow", allow.encode("ascii")),),
+        )
 
     def __iter__(self):
         for methods in self._exact.values():
             yield from methods.values()
         for _, _, methods in self._templates:
             yield from methods.values()
+
+
+def _pick(methods: dict[str, Route], method: str) -> Route | None:
+    route = methods.get(method)
+    if route is None and method == "HEAD":  # HEAD is GET without the body
+        route = methods.get("GET")
+    return route

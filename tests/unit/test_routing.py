@@ -223,3 +223,18 @@ def test_template_must_start_with_a_slash():
 def test_iterating_yields_every_route():
     router = router_with(("GET", "/a", list_models), ("POST", "/a", create), ("GET", "/b/{x}", get_model))
     assert sorted((r.method, r.template) for r in router) == [("GET", "/a"), ("GET", "/b/{x}"), ("POST", "/a")]
+
+
+def test_two_templates_that_fit_one_path_each_serve_their_method():
+    # /v4/p/a/{function}/embedding (POST) and /v4/p/a/runs/{run_id} (GET) both fit
+    # /v4/p/a/runs/embedding: the GET must reach the run, whatever the order of registration.
+    router = Router()
+    router.add("POST", "/v4/{project}/{app}/{function}/embedding", "embed")
+    router.add("GET", "/v4/{project}/{app}/runs/{run_id}", "run")
+    route, params = router.match("GET", "/v4/p/a/runs/embedding")
+    assert (route.handler, params) == ("run", {"project": "p", "app": "a", "run_id": "embedding"})
+    assert router.match("POST", "/v4/p/a/runs/embedding")[0].handler == "embed"
+    with pytest.raises(HTTPError) as info:
+        router.match("DELETE", "/v4/p/a/runs/embedding")
+    assert info.value.status == 405
+    assert dict(info.value.headers)[b"allow"] == b"GET, HEAD, POST"

@@ -432,7 +432,6 @@ def runnel_register_routes(register, server):
     register("POST", "/v4/{project_id}/{app}/{function}/chat/completions", cortex.chat, public=True)
     register("POST", "/v4/{project_id}/{app}/{function}/embedding", cortex.embedding, public=True)
     register("POST", "/v4/{project_id}/{app}/{function}/embeddings", cortex.embedding, public=True)
-    # After .../{function}/embedding(s): a path both could match is the function's.
     register("GET", "/v4/{project_id}/{app}/runs/{run_id}", cortex.run_status, public=True)
 
 
