@@ -30,6 +30,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # 0 = off; n = never repeat an n-gram
     ignore_eos: bool = False
     min_tokens: int = 0
 

@@ -219,11 +219,13 @@ def test_sampling_params_defaults():
     assert params.presence_penalty == 0.0
     assert params.frequency_penalty == 0.0
     assert params.repetition_penalty == 1.0
+    assert params.no_repeat_ngram_size == 0
     assert params.ignore_eos is False
     assert params.min_tokens == 0
     assert {item.name for item in fields(SamplingParams)} == {
         "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs",
-        "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens",
+        "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "no_repeat_ngram_size",
+        "ignore_eos", "min_tokens",
     }
 
 

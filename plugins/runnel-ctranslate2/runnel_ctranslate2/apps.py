@@ -72,7 +72,7 @@ class GeneratorApp:
     # seed is accepted as best effort: CTranslate2 seeds its threads when a generator is
     # created, not per call (OpenAI documents seed as best effort too).
     supported = frozenset({"temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs",
-                           "top_logprobs", "repetition_penalty", "ignore_eos", "min_tokens"})
+                           "top_logprobs", "repetition_penalty", "no_repeat_ngram_size", "ignore_eos", "min_tokens"})
 
     def __init__(self, *, name: str, model: str, served_model_name: str | None, device: DeviceSettings,
                  context_length: int | None, default_max_tokens: int, chat_template: str | None,

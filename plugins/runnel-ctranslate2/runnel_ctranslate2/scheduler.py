@@ -40,6 +40,7 @@ def batch_key(params: SamplingParams) -> tuple:
         1.0 if greedy else params.top_p,
         1.0 if greedy else params.temperature,
         params.repetition_penalty,
+        params.no_repeat_ngram_size,
         params.ignore_eos,
         params.min_tokens,
         params.logprobs,
@@ -257,7 +258,7 @@ class BatchScheduler:
 
     def _launch(self, rows: list[Row]) -> None:
         batch = Batch(rows, self.loop)
-        top_k, top_p, temperature, repetition_penalty, ignore_eos, min_tokens, logprobs = rows[0].key
+        top_k, top_p, temperature, repetition_penalty, no_repeat_ngram_size, ignore_eos, min_tokens, logprobs = rows[0].key
         options = dict(
             max_length=max(row.params.max_tokens for row in rows),
             include_prompt_in_result=False,
@@ -265,6 +266,7 @@ class BatchScheduler:
             sampling_topp=top_p,
             sampling_temperature=temperature,
             repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
             min_length=min_tokens,
             return_scores=logprobs,
             callback=batch.callback,

@@ -260,3 +260,23 @@ def test_a_model_that_fails_to_load_is_never_listed(start_server, tmp_path):
     assert health.json()["status"] == "failed"
     with sync_client(server) as client:
         assert [model.id for model in client.models.list()] == []
+
+
+def test_no_repeat_ngram_size_is_applied_as_ctranslate2_applies_it(start_server, tiny_dir, reference):
+    # The random model repeats itself greedily; with no_repeat_ngram_size the server's
+    # answer must be CTranslate2's own answer under the same setting, and differ from plain greedy.
+    server = start_server(tiny_config(tiny_dir))
+    prompt_ids = reference.prompt_ids(PROMPT)
+    start = [reference.tokenizer.id_to_token(i) for i in prompt_ids]
+    expected = reference.generator.generate_batch(
+        [start], max_length=40, sampling_topk=1, include_prompt_in_result=False, no_repeat_ngram_size=2)
+    expected_text = reference.continuation(prompt_ids, expected[0].sequences_ids[0])
+    with sync_client(server) as client:
+        reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=40, temperature=0,
+                                          extra_body={"no_repeat_ngram_size": 2})
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4,
+                                      extra_body={"no_repeat_ngram_size": -1})
+    assert reply.choices[0].text == expected_text
+    assert expected_text != reference.greedy_text(PROMPT, 40)
+    assert info.value.body["param"] == "no_repeat_ngram_size"

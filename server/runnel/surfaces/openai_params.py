@@ -149,6 +149,7 @@ def _sampling(body: dict) -> tuple[SamplingParams, bool]:
         presence_penalty=_typed(body, "presence_penalty", float, 0.0),
         frequency_penalty=_typed(body, "frequency_penalty", float, 0.0),
         repetition_penalty=_typed(body, "repetition_penalty", float, 1.0),
+        no_repeat_ngram_size=_typed(body, "no_repeat_ngram_size", int, 0),
         ignore_eos=_typed(body, "ignore_eos", bool, False),
         min_tokens=_typed(body, "min_tokens", int, 0),
     )
@@ -160,6 +161,8 @@ def _sampling(body: dict) -> tuple[SamplingParams, bool]:
     _between("frequency_penalty", params.frequency_penalty, -2.0, 2.0)
     if params.repetition_penalty <= 0:
         raise invalid("repetition_penalty", "Invalid value for 'repetition_penalty': it must be greater than 0.")
+    if params.no_repeat_ngram_size < 0:
+        raise invalid("no_repeat_ngram_size", "Invalid value for 'no_repeat_ngram_size': it must be 0 (off) or more.")
     if params.min_tokens < 0 or (max_tokens is not None and params.min_tokens > max_tokens):
         raise invalid("min_tokens", "Invalid value for 'min_tokens': it must be between 0 and max_tokens.")
     return params, max_tokens is not None
