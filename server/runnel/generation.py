@@ -10,7 +10,7 @@ when the client goes away.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Protocol, Sequence
 
 
