@@ -92,6 +92,18 @@ class Negotiator:
                         return candidate
         return self.default
 
+    def named(self, request) -> Any | None:
+        """The serializer the client's Accept names explicitly (best first), else None:
+        for routes that stream only when asked to (a generator's values otherwise come
+        back collected)."""
+        accept = request.header(b"accept")
+        if not accept:
+            return None
+        for quality, media in parse_accept(accept):
+            if quality > 0 and media in self._by_name:
+                return self._by_name[media]
+        return None
+
     def wants(self, request, media_type: bytes) -> bool:
         """Whether the client explicitly asked for this media type (e.g. SSE)."""
         accept = request.header(b"accept")

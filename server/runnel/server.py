@@ -43,6 +43,7 @@ class Server:
         self.backends: dict = {}
         self.auth_kinds: dict = {}
         self.serializers: dict = {}
+        self.negotiator: Negotiator | None = None
         self.pm = None
         # Per-server objects that plugins share (the run store's runner, say): kept on
         # the server, not in module globals, so servers in one process stay apart.
@@ -71,6 +72,8 @@ class Server:
         pm.hook.runnel_register_serializers(
             register=lambda serializer: _registry("serializer", self.serializers)(serializer.media_type, serializer)
         )
+        # Chooses a stream framing by Accept; routes may ask it too (before start()).
+        self.negotiator = Negotiator(self.serializers)
         try:
             factory = self.auth_kinds.get(config.auth.kind)
             if factory is None:
@@ -109,7 +112,7 @@ class Server:
                 finished_hook(request=request, status=status, elapsed=elapsed)
         self._site = Site(
             dispatch=Dispatcher(self.router, self.pm.hook.runnel_authenticate),
-            negotiate=Negotiator(self.serializers),
+            negotiate=self.negotiator,
             max_header_bytes=settings.max_header_bytes,
             max_body_bytes=settings.max_body_bytes,
             header_timeout=settings.header_timeout,

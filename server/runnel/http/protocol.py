@@ -352,13 +352,16 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.write(b"0\r\n\r\n")
         self._cycle_done(request)
 
-    def _cycle_done(self, request: Request) -> None:
+    def _report_finished(self, request: Request) -> None:
         finished = self.site.finished
         if finished is not None:
             try:
                 finished(request, request.status, self.loop.time() - request.started_at)
             except Exception:
                 self.site.logger.exception("request-finished observer failed")
+
+    def _cycle_done(self, request: Request) -> None:
+        self._report_finished(request)
         self._request = None
         self._task = None
         conn = self.conn
@@ -397,9 +400,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport.write(self._head(request, status, fields) + body)
         if request is not None:
             request.status = status
-            finished = self.site.finished
-            if finished is not None:
-                finished(request, status, self.loop.time() - request.started_at)
+            self._report_finished(request)
         self.transport.close()
 
     # -- shutdown ----------------------------------------------------------------

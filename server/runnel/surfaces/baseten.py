@@ -26,7 +26,7 @@ BASETEN_REPLY = ReplyOptions(uuid_ids=True)
 
 class BasetenBridge:
     def __init__(self, server) -> None:
-        self.api = OpenAIAPI(server)
+        self.api = OpenAIAPI.of(server)
         self.deployments: dict[tuple[str, str], str] = {}  # (model_id, deployment_id) -> app
         self.production: dict[str, str] = {}  # model_id -> app
         config = server.config

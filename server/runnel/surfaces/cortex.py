@@ -73,7 +73,6 @@ from ..hookspecs import hookimpl
 from ..http import Response, json_response
 from ..http.response import JSON
 from ..jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, Surface, runner_for
-from ..serializers import parse_accept
 from ..webhooks import check_target
 from .openai import SSE as OPENAI_SSE
 from .openai import OpenAIAPI, can_embed, is_model_app
@@ -92,7 +91,7 @@ _TRUE, _FALSE = ("true", "1", "yes", ""), ("false", "0", "no")  # a bare ?async 
 class CortexAPI:
     def __init__(self, server) -> None:
         self.server = server
-        self.openai = OpenAIAPI(server)
+        self.openai = OpenAIAPI.of(server)
         self.public: set[str] = set()
         self.runs = runner_for(server)
         self.runs.add_surface(CortexRuns())
@@ -104,8 +103,6 @@ class CortexAPI:
             if table.get("idempotent", bool, default=False):
                 self.runs.idempotent.add(name)
             table.finish()
-        # Stream framings a client may ask for by Accept (media type -> serializer).
-        self.framings = {media.decode("latin-1"): serializer for media, serializer in server.serializers.items()}
 
     # -- handlers --------------------------------------------------------------------
     async def call(self, request):
@@ -155,7 +152,7 @@ class CortexAPI:
         if is_function_app(app):
             result = await app.invoke(function, await self._arguments(request), run_id)
             if isinstance(result, FunctionStream):
-                framing = self._framing(request)
+                framing = self.server.negotiator.named(request)
                 if framing is not None:
                     return await self._stream(request, result, framing, run_id)
                 result = await _collect(result)
@@ -270,16 +267,6 @@ class CortexAPI:
             raise HTTPError(400, "The request body must be a JSON object whose keys are the function's arguments",
                             code="invalid_body")
         return arguments
-
-    def _framing(self, request):
-        """The stream framing the client's Accept names explicitly, else None (collect)."""
-        accept = request.header(b"accept")
-        if not accept:
-            return None
-        for quality, media in parse_accept(accept):
-            if quality > 0 and media in self.framings:
-                return self.framings[media]
-        return None
 
     @staticmethod
     def _result(result, function: str, run_id: str, started: float) -> Response:

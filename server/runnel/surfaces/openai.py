@@ -57,6 +57,14 @@ def can_embed(app) -> bool:
 
 
 class OpenAIAPI:
+    @classmethod
+    def of(cls, server) -> OpenAIAPI:
+        """The server's one instance, shared by every surface that speaks OpenAI."""
+        api = server.state.get("openai")
+        if api is None:
+            api = server.state["openai"] = cls(server)
+        return api
+
     def __init__(self, server) -> None:
         self.server = server
         self.created = int(time.time())  # what /v1/models reports as a model's creation time
@@ -241,7 +249,7 @@ class OpenAIAPI:
 
 @hookimpl
 def runnel_register_routes(register, server):
-    api = OpenAIAPI(server)
+    api = OpenAIAPI.of(server)
     register("GET", "/v1/models", api.models)
     register("GET", "/v1/models/{model:path}", api.model)
     register("POST", "/v1/chat/completions", api.chat)

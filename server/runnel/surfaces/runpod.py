@@ -22,7 +22,7 @@ from .openai import OpenAIAPI, ReplyOptions, is_model_app
 
 class RunPodEndpoints:
     def __init__(self, server) -> None:
-        self.api = OpenAIAPI(server)
+        self.api = OpenAIAPI.of(server)
         self.server = server
         self.endpoints: dict[str, tuple[str, ReplyOptions]] = {}
         config = server.config
