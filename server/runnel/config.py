@@ -81,6 +81,9 @@ class ServerConfig:
     server_header: str = "runnel"  # "" = send no Server header
     max_header_bytes: int = 16384  # whole request head: request line + headers
     max_body_bytes: int = 8388608
+    # A stream whose client falls this far behind (bytes waiting to be sent) is dropped:
+    # a model cannot pause, so this is what a client that stops reading may cost.
+    max_stream_buffer_bytes: int = 4194304
     header_timeout: float = 10.0  # deadline for a whole request head, from its first byte
     keepalive_timeout: float = 5.0  # idle keep-alive connections are closed after this
     body_timeout: float = 30.0  # a body making no progress this long -> 408
@@ -269,6 +272,7 @@ _SERVER_RULES: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
     "server_header": (str, _header_value),
     "max_header_bytes": (int, _at_least(1024)),
     "max_body_bytes": (int, _at_least(0)),
+    "max_stream_buffer_bytes": (int, _at_least(65536)),
     "header_timeout": (float, _above(0)),
     "keepalive_timeout": (float, _above(0)),
     "body_timeout": (float, _above(0)),

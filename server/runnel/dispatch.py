@@ -1,11 +1,18 @@
-"""One request through the server: route -> auth -> handler, errors made into bodies."""
+"""One request through the server: route -> policy (prepare, auth) -> handler -> errors.
+
+The dispatcher is the one caller of the ``runnel_authenticate`` hook and the one
+place an error becomes a body: as the response, in the route's own shape, or, when
+the handler had already started a stream, as that stream's last event.
+"""
 
 from __future__ import annotations
 
 import logging
 
+from .auth import ANONYMOUS
 from .errors import HTTPError
-from .http.response import error_response
+from .http import Request, Response, json_response
+from .routing import Route, Router
 
 logger = logging.getLogger("runnel.dispatch")
 
@@ -13,16 +20,20 @@ logger = logging.getLogger("runnel.dispatch")
 class Dispatcher:
     """Called by the HTTP layer for each request; never raises except on cancellation."""
 
-    def __init__(self, router, authenticate) -> None:
+    def __init__(self, router: Router, authenticate) -> None:
         self._router = router
         self._authenticate = authenticate  # the pluggy hook caller (firstresult)
 
-    async def __call__(self, request):
+    async def __call__(self, request: Request) -> Response | None:
         route = None
         try:
             route, request.path_params = self._router.match(request.method, request.path)
             request.route = route
-            if not route.public:
+            if route.prepare is not None:
+                route.prepare(request)
+            if route.is_public(request):
+                request.principal = ANONYMOUS
+            else:
                 principal = self._authenticate(request=request, route=route)
                 if principal is None:
                     raise HTTPError(401, "Request is not authenticated")
@@ -36,14 +47,13 @@ class Dispatcher:
             return self._fail(request, route, error)
 
     @staticmethod
-    def _fail(request, route, error: HTTPError):
-        stream = request._stream
+    def _fail(request: Request, route: Route | None, error: HTTPError) -> Response | None:
+        body = error.to_dict() if route is None else route.error_body(request, error)
+        stream = request.response_stream
         if stream is not None:
             # The status line is gone already: the error becomes the stream's last event.
-            if not stream.ended:
-                stream.write(stream.serializer.encode_error(error.to_dict()))
-                stream.end()
+            stream.fail(error.to_dict() if isinstance(body, Response) else body)
             return None
-        if route is not None and route.errors is not None:
-            return route.errors(error)
-        return error_response(error)
+        if isinstance(body, Response):
+            return body
+        return json_response(body, error.status, error.headers)

@@ -28,12 +28,17 @@ def runnel_register_backends(register):
 def runnel_register_routes(register, server):
     """Add HTTP routes.
 
-    :param register: ``register(method, template, handler, *, public=False, errors=None)``.
-        ``template`` is a path such as ``/v1/models/{model}`` (``{rest:path}`` spans
-        slashes); ``handler(request)`` is a coroutine function returning a
-        ``runnel.http.Response`` or streaming through ``request.stream()``.
-        ``public`` routes skip authentication; ``errors`` renders an ``HTTPError`` in
-        the surface's own body shape.
+    :param register: ``register(method, template, handler, *, public=False, errors=None,
+        prepare=None)``. ``template`` is a path such as ``/v1/models/{model}``
+        (``{rest:path}`` spans slashes); ``handler(request)`` is a coroutine function
+        returning a ``runnel.http.Response``, or streaming through ``request.stream()``
+        (and ending the stream) and returning None. The rest is the route's policy,
+        applied by the dispatcher: ``public`` (a bool, or ``public(request) -> bool``
+        decided once the path parameters are known) skips authentication;
+        ``errors(request, error) -> body`` renders an ``HTTPError`` in the surface's
+        own shape, for the response or, once a stream has started, its last event;
+        ``prepare(request)`` runs before authentication (e.g. to set the request id
+        that the surface's errors carry).
     :param server: the ``runnel.Server``; handlers reach apps through ``server.apps``.
     """
 
@@ -43,7 +48,10 @@ def runnel_register_serializers(register):
     """Add stream framings chosen by the request's ``Accept`` header.
 
     :param register: ``register(serializer)``; a serializer has ``media_type``
-        (bytes), ``encode(event) -> bytes`` and ``encode_error(error_dict) -> bytes``.
+        (bytes), ``encode(event) -> bytes`` (one framed event; ``bytes`` events are
+        payloads encoded already), ``encode_error(error_body) -> bytes`` (the event
+        that ends a stream early) and ``end`` (bytes a stream that finishes normally
+        writes last, ``b""`` for none). ``runnel.http.ResponseStream`` is the caller.
     """
 
 

@@ -3,25 +3,54 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Union
 from urllib.parse import unquote
 
 from .errors import HTTPError
 
+if TYPE_CHECKING:
+    from .http import Request, Response
+
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}")
 
 
+Handler = Callable[["Request"], Awaitable["Response | None"]]
+# Whether a request may skip authentication: a constant, or decided per request
+# (a /v4 app made public by its config) once the path parameters are known.
+Public = Union[bool, Callable[["Request"], bool]]
+# An HTTPError as the body the surface's clients expect ({"error": "..."} for RunPod,
+# OpenAI's envelope plus the run id for /v4), sent as JSON; the same body ends a
+# stream early. A renderer may return a whole Response instead (errors that are not
+# JSON): that is the response, and a stream that has started ends with the default body.
+ErrorRenderer = Callable[["Request", HTTPError], Any]
+
+
 class Route:
-    """A handler at a path template, with what dispatch needs to know about it."""
+    """A handler at a path template, and the policy the dispatcher applies around it.
 
-    __slots__ = ("method", "template", "handler", "public", "errors")
+    ``prepare(request)`` runs first, before authentication (a surface that gives
+    every call its own id sets it there, so even a 401 carries it); then unless
+    ``public`` says so, the ``runnel_authenticate`` hook must vouch for the caller;
+    errors from any step are rendered by ``errors`` (default: OpenAI's envelope).
+    """
 
-    def __init__(self, method: str, template: str, handler, *, public: bool = False, errors=None):
+    __slots__ = ("method", "template", "handler", "public", "errors", "prepare")
+
+    def __init__(self, method: str, template: str, handler: Handler, *, public: Public = False,
+                 errors: ErrorRenderer | None = None, prepare: Callable[[Request], None] | None = None) -> None:
         self.method = method
         self.template = template
         self.handler = handler
-        self.public = public  # reachable without authentication (health checks)
-        self.errors = errors  # optional (HTTPError) -> Response in the surface's own error shape
+        self.public = public
+        self.errors = errors
+        self.prepare = prepare
+
+    def is_public(self, request: Request) -> bool:
+        public = self.public
+        return public if type(public) is bool else bool(public(request))
+
+    def error_body(self, request: Request, error: HTTPError) -> Any:
+        return error.to_dict() if self.errors is None else self.errors(request, error)
 
     def __repr__(self) -> str:
         return f"Route({self.method} {self.template} -> {getattr(self.handler, '__qualname__', self.handler)})"

@@ -1,4 +1,13 @@
-"""Framings for streamed responses, chosen by the request's Accept header."""
+"""Framings for streamed responses, chosen by the request's Accept header.
+
+A framing (a "serializer") owns everything about how a stream's events look on the
+wire: ``encode(event)`` frames one event (``bytes`` are a payload encoded already,
+which is what the per-token paths send), ``encode_error(body)`` frames the error
+that ends a stream early, and ``end`` is what a stream that finishes normally
+writes last (``data: [DONE]`` for OpenAI's SSE, nothing for plain SSE or NDJSON).
+``runnel.http.ResponseStream`` is their only caller: handlers ``send``, ``fail``
+and ``end`` a stream and never write framing bytes themselves.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ class ServerSentEvents:
     """
 
     media_type = b"text/event-stream"
+    end = b""
 
     def encode(self, event: Any) -> bytes:
         if type(event) is bytes:
@@ -34,6 +44,7 @@ class NDJSON:
     """``application/x-ndjson``: one JSON document per line."""
 
     media_type = b"application/x-ndjson"
+    end = b""
 
     def encode(self, event: Any) -> bytes:
         if type(event) is bytes:

@@ -115,6 +115,7 @@ class Server:
             negotiate=self.negotiator,
             max_header_bytes=settings.max_header_bytes,
             max_body_bytes=settings.max_body_bytes,
+            max_stream_buffer_bytes=settings.max_stream_buffer_bytes,
             header_timeout=settings.header_timeout,
             keepalive_timeout=settings.keepalive_timeout,
             body_timeout=settings.body_timeout,

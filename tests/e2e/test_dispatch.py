@@ -32,7 +32,7 @@ def split_response(data: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
     return status_line, headers, body
 
 
-def render_plain(error: HTTPError) -> Response:
+def render_plain(request, error: HTTPError) -> Response:
     text = f"{error.status} {error.code}: {error.message}".encode()
     return Response(error.status, text, media_type=b"text/plain", headers=((b"x-rendered-by", b"surface"),))
 

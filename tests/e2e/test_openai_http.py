@@ -4,6 +4,7 @@ envelope, errors after a stream started, client disconnects, stop strings, curl.
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import threading
 import time
@@ -157,7 +158,8 @@ class Handle:
 
 class ScriptedApp:
     """A ModelApp whose generate() follows a script: "fail" pushes two tokens then
-    an error; "hang" pushes one token and never finishes unless cancelled."""
+    an error; "hang" pushes one token and never finishes unless cancelled; "flood"
+    pushes tokens as fast as the loop turns, whatever the client does, until cancelled."""
 
     owned_by = "tests"
     supported = frozenset()
@@ -196,6 +198,14 @@ class ScriptedApp:
                     loop.call_soon(step, i + 1)
                 else:
                     sink.on_error(RuntimeError("boom"))
+        elif self.mode == "flood":
+            # A model that cannot pause: ~1 KB a token at every turn of the loop, until cancelled.
+            piece = "x" * 1000
+
+            def step(i: int) -> None:
+                if not handle.cancelled.is_set():
+                    sink.on_tokens(0, piece, (i,), None)
+                    loop.call_soon(step, i + 1)
         else:
             def step(i: int) -> None:
                 if not handle.cancelled.is_set():
@@ -226,9 +236,15 @@ def scripted(start_server):
     config = {"apps": {"echo": {"backend": "echo"},
                        "failing": {"backend": "scripted", "mode": "fail"},
                        "hanging": {"backend": "scripted", "mode": "hang"},
-                       "busy": {"backend": "scripted", "mode": "busy"}}}
+                       "busy": {"backend": "scripted", "mode": "busy"},
+                       "flood": {"backend": "scripted", "mode": "flood"}},
+              # Only the stream's buffer bound may drop a client here, not the write timeout.
+              "server": {"max_stream_buffer_bytes": STREAM_BUFFER, "write_timeout": 120.0}}
     thread = start_server(config, plugins=[backends])
     return thread, backends
+
+
+STREAM_BUFFER = 256 * 1024
 
 
 # -- streaming: exact framing --------------------------------------------------------------------
@@ -571,6 +587,54 @@ def test_disconnect_from_paced_echo_stream(start_server):
     with H11Client(thread.port) as client:
         reply = client.request("POST", COMPLETIONS, body=orjson.dumps({"model": "echo", "prompt": "ok"}))
         assert reply.json()["choices"][0]["text"] == "ok"
+
+
+# -- back-pressure: a model stream whose client stops reading ---------------------------------------
+
+
+def test_a_client_that_stops_reading_a_model_stream_costs_at_most_the_bound(scripted):
+    thread, backends = scripted
+    app = backends.apps["flood"]
+    peak = [0]
+    sampling = [True]
+
+    def sample(loop) -> None:  # on the server's loop, between the model's pushes
+        for connection in list(thread.server._site.connections):
+            peak[0] = max(peak[0], connection.flow.pending_bytes())
+        if sampling[0]:
+            loop.call_later(0.0005, sample, loop)
+
+    thread.call_soon(lambda: sample(asyncio.get_running_loop()))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # so the server's side backs up fast
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", thread.port))
+    with sock:
+        send_post(sock, CHAT, {"model": "flood", "messages": USER, "stream": True})
+        wait_until(lambda: app.handles and app.handles[-1].cancelled.is_set(), timeout=10)  # never reading
+        wait_until(lambda: thread.call_soon(lambda: len(thread.server._site.connections)) == 0)
+        sampling[0] = False
+        # Far less than the flood would have queued in the 120 s of the write timeout:
+        # the bound, plus at most the one event that crossed it.
+        assert STREAM_BUFFER < peak[0] <= STREAM_BUFFER + 4096, peak[0]
+        received = read_all(sock)
+    # The client got the head and the events the kernel held, then the connection closed.
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert len(received) < 16 * 1024 * 1024
+    assert post(thread.port, CHAT, {"model": "echo", "messages": USER}).status == 200
+
+
+def read_all(sock) -> bytes:
+    chunks = []
+    while True:
+        try:
+            data = sock.recv(1 << 20)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)
 
 
 # -- stop strings over HTTP ------------------------------------------------------------------------

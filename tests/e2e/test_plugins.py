@@ -129,7 +129,7 @@ class RouteRecorder:
             "GET",
             "/plug/failing",
             failing,
-            errors=lambda error: Response(error.status, f"<{error.code}>".encode(), media_type=b"text/html"),
+            errors=lambda request, error: Response(error.status, f"<{error.code}>".encode(), media_type=b"text/html"),
         )
 
 

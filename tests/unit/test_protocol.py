@@ -52,6 +52,10 @@ class FakeTransport:
 
     def __init__(self) -> None:
         self.events: list = []
+        self.buffered = 0  # what get_write_buffer_size() answers: bytes "not yet sent"
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
 
     def get_extra_info(self, name, default=None):
         return ("203.0.113.7", 54321) if name == "peername" else default
@@ -828,6 +832,65 @@ def test_http10_stream_has_no_chunk_framing_and_closes_at_the_end(env):
     env.spin()
     assert conn.transport.written == head(200, b"content-type: text/event-stream", close=True) + b'data: {"a":1}\n\n'
     assert conn.events[-1] == "close"
+
+
+class Terminated(ServerSentEvents):
+    """SSE with a terminator, as OpenAI's stream has ``data: [DONE]``."""
+
+    end = b"data: [DONE]\n\n"
+
+
+def test_stream_end_writes_the_serializers_terminator_and_fail_does_not(env):
+    async def handler(req):
+        stream = req.stream(serializer=Terminated())
+        stream.send(b'{"pre":"encoded"}')
+        if req.path == "/fail":
+            stream.fail({"error": "late"})
+        stream.end()  # after fail: nothing more
+        stream.send("dropped")
+
+    conn = Conn(env, handler, keepalive_timeout=100.0)
+    conn.feed(request(b"GET", b"/ok"))
+    assert conn.transport.writes == [
+        SSE_HEAD, b'19\r\ndata: {"pre":"encoded"}\n\n\r\n', b"e\r\ndata: [DONE]\n\n\r\n", b"0\r\n\r\n"]
+    conn.transport.events.clear()
+    conn.feed(request(b"GET", b"/fail"))
+    assert conn.transport.writes == [
+        SSE_HEAD, b'19\r\ndata: {"pre":"encoded"}\n\n\r\n', b'25\r\nevent: error\ndata: {"error":"late"}\n\n\r\n',
+        b"0\r\n\r\n"]
+    assert "close" not in conn.events  # the cycle completed: keep-alive
+
+
+def test_a_stream_past_its_buffer_bound_drops_the_client_and_cancels_the_handler(env):
+    log = []
+
+    async def handler(req):
+        stream = req.stream()
+        try:
+            while True:  # a producer that cannot pause (a model's batch row)
+                stream.send("x" * 100)
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            log.append("cancelled")
+            raise
+
+    conn = Conn(env, handler, max_stream_buffer_bytes=1000)
+    conn.feed(GET)
+    conn.transport.buffered = 5000
+    env.spin(3)
+    assert "abort" not in conn.events  # not paused: the transport has not said it is full
+    conn.protocol.pause_writing()
+    conn.transport.buffered = 1000
+    env.spin(3)
+    assert "abort" not in conn.events  # at the bound, not past it
+    written = len(conn.transport.writes)
+    conn.transport.buffered = 1001
+    env.spin()
+    assert conn.transport.calls == ["abort"]
+    assert log == ["cancelled"]
+    assert len(conn.transport.writes) == written + 1  # the write that crossed the bound, then nothing
+    conn.protocol.connection_lost(None)
+    env.spin()
 
 
 # --- timers -------------------------------------------------------------------------------------------

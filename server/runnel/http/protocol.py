@@ -3,6 +3,33 @@
 The shape follows h11's reference server loop: NEED_DATA reads more, PAUSED stops
 reading until our response is done, and both sides DONE starts the next cycle,
 which is also what makes pipelined responses go out strictly in request order.
+
+The state of a connection, and why it is consistent (h11's ``_state.py`` keeps
+its invariants the same way, next to the state):
+
+- ``_request`` is the request of the current cycle: set when h11 hands over a
+  complete head (``_on_request``), cleared when its response is complete
+  (``_cycle_done``). While it is None the connection is between requests: idle,
+  or reading a head. At most one request is in flight; a pipelined one waits in
+  h11's buffer (reading paused on ``PAUSED``) until the cycle ends.
+- ``request.status`` says what has been sent for ``_request``: 0 nothing, 100 an
+  interim ``100 Continue`` (only when the handler reads the body), >= 200 a final
+  status line. Once >= 200 the only way to report a failure is to close (or, in a
+  stream, the serializer's error event): ``_refuse`` checks it for that reason.
+- A request answered with a stream (``request.response_stream``): the stream
+  ends itself (``end``/``fail``) and then calls ``_stream_ended``, which completes
+  the cycle. A handler that returns with its stream open has it ended then.
+- One deadline at a time, in ``_deadline`` with its kind in ``_deadline_kind``:
+  ``_IDLE`` between requests (keep-alive), ``_HEAD`` from a head's first byte
+  until it is complete (never extended: slowloris), ``_BODY`` while a handler
+  waits for body bytes (each arrival extends it), 0 while the handler works or
+  the response is written. A write stall has its own timer (``_stall_timer``),
+  armed only while the transport is paused.
+- ``_closing`` is sticky: once set, the response in flight is the last and the
+  transport closes after it. ``flow.lost`` is set by ``connection_lost`` only;
+  after it nothing is written and the handler task has been cancelled.
+- Responses never go through h11 (we write them), so h11's connection is
+  replaced at each cycle's end and fed the bytes that followed the request.
 """
 
 from __future__ import annotations
@@ -14,8 +41,10 @@ import h11
 import orjson
 
 from ..errors import HTTPError
-from .request import Request
+from .body import RequestBody
+from .flow_control import FlowControl
 from .head import encode_fields, status_line
+from .request import Request
 from .response import JSON, ResponseStream, error_response
 from .site import Site
 from .strict import ChunkedBodyChecker, check_head
@@ -40,13 +69,10 @@ class HttpProtocol(asyncio.Protocol):
         "transport",
         "conn",
         "peer",
-        "lost",
-        "write_paused",
-        "_drain_waiter",
+        "flow",
         "_stall_timer",
         "_request",
         "_task",
-        "_reading_paused",
         "_chunk_checker",
         "_closing",
         "_head_started",
@@ -63,13 +89,10 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = None
         self.conn = self._new_h11()
         self.peer = None
-        self.lost = False
-        self.write_paused = False
-        self._drain_waiter = None
+        self.flow: FlowControl | None = None  # made with the transport
         self._stall_timer = None
         self._request: Request | None = None
         self._task = None
-        self._reading_paused = False
         self._chunk_checker: ChunkedBodyChecker | None = None
         self._closing = False
         self._head_started = False
@@ -87,6 +110,7 @@ class HttpProtocol(asyncio.Protocol):
     # -- asyncio callbacks ----------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.flow = FlowControl(transport, self.loop)
         self.peer = transport.get_extra_info("peername")
         self.site.connections.add(self)
         self._set_deadline(self.site.keepalive_timeout, _IDLE)
@@ -116,8 +140,13 @@ class HttpProtocol(asyncio.Protocol):
         # and connection_lost cancels the handler and the work it started.
         return False
 
+    @property
+    def lost(self) -> bool:
+        """The connection is gone: nothing more is read or written."""
+        return self.flow is not None and self.flow.lost
+
     def connection_lost(self, exc) -> None:
-        self.lost = True
+        self.flow.connection_lost()
         self.site.connections.discard(self)
         self._deadline_kind = 0
         if self._timer is not None:
@@ -126,28 +155,22 @@ class HttpProtocol(asyncio.Protocol):
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("client disconnected"))
         request = self._request
-        if request is not None and not request._complete:
-            request._finish(ConnectionResetError("client disconnected"))
+        if request is not None:
+            request.incoming.fail(ConnectionResetError("client disconnected"))
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the handler and whatever it started stop now
 
     def pause_writing(self) -> None:
-        self.write_paused = True
+        self.flow.pause_writing()
         if self._stall_timer is None:
             self._stall_timer = self.loop.call_later(self.site.write_timeout, self._on_write_stall)
 
     def resume_writing(self) -> None:
-        self.write_paused = False
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.flow.resume_writing()
 
     # -- parsing ---------------------------------------------------------------
     def _process(self) -> None:
@@ -171,7 +194,7 @@ class HttpProtocol(asyncio.Protocol):
             if event is h11.NEED_DATA:
                 return
             if event is h11.PAUSED:
-                self._pause_reading()
+                self.flow.pause_reading()
                 return
             kind = type(event)
             if kind is h11.Data:
@@ -182,7 +205,7 @@ class HttpProtocol(asyncio.Protocol):
             elif kind is h11.EndOfMessage:
                 if self._deadline_kind == _BODY:
                     self._deadline_kind = 0
-                self._request._finish()
+                self._request.incoming.finish()
             elif kind is h11.ConnectionClosed:
                 if self._request is None:
                     self.transport.close()
@@ -203,7 +226,8 @@ class HttpProtocol(asyncio.Protocol):
                 request_id = value
             elif name == b"connection" and b"close" in [token.strip() for token in value.lower().split(b",")]:
                 keep_alive = False
-        request = Request(self, event.method.decode("ascii"), event.target, event.headers, event.http_version)
+        body = RequestBody(self.loop, self._body_wanted, self._body_consumed)
+        request = Request(self, event.method.decode("ascii"), event.target, event.headers, event.http_version, body)
         if request_id is not None and _REQUEST_ID.fullmatch(request_id):
             request.request_id = request_id.decode("ascii")
         else:
@@ -229,49 +253,39 @@ class HttpProtocol(asyncio.Protocol):
         return True
 
     def _on_body(self, data: bytes) -> None:
-        request = self._request
-        request._received += len(data)
-        if request._received > self.site.max_body_bytes:
+        body = self._request.incoming
+        if body.received + len(data) > self.site.max_body_bytes:
             self._body_failed(413, f"Request body is larger than the limit of {self.site.max_body_bytes} bytes")
             return
-        request._feed(data)
-        if request._buffered > BODY_HIGH_WATER:
-            self._pause_reading()
+        body.feed(data)
+        if body.buffered > BODY_HIGH_WATER:
+            self.flow.pause_reading()
 
     def _body_failed(self, status: int, message: str) -> None:
         """The body cannot be read to its end: tell the handler, answer, then close."""
         self._closing = True
         self._chunk_checker = None
-        self._pause_reading()
+        self.flow.pause_reading()
         request = self._request
         if request is None:
             self._refuse(status, message)
-        elif not request._complete and request._error is None:
-            request._finish(HTTPError(status, message))
+        else:
+            request.incoming.fail(HTTPError(status, message))
 
-    # -- called by Request -------------------------------------------------------
-    def body_wanted(self, request: Request) -> None:
-        conn = self.conn
-        if conn.they_are_waiting_for_100_continue and not request.status:
+    # -- called back by the request body as the handler reads it ----------------------
+    def _body_wanted(self) -> None:
+        request = self._request
+        if request is None or self.lost:
+            return
+        if self.conn.they_are_waiting_for_100_continue and not request.status:
             request.status = 100  # once only
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if not request._complete and request._error is None:
+        if not request.incoming.done:
             self._set_deadline(self.site.body_timeout, _BODY)
 
-    def body_consumed(self) -> None:
-        if self._reading_paused and self.conn.their_state is h11.SEND_BODY:
-            self._reading_paused = False
-            self.transport.resume_reading()
-
-    async def drain(self) -> None:
-        if self.lost:
-            raise ConnectionResetError("client disconnected")
-        if not self.write_paused:
-            return
-        waiter = self._drain_waiter
-        if waiter is None or waiter.done():
-            waiter = self._drain_waiter = self.loop.create_future()
-        await waiter
+    def _body_consumed(self) -> None:
+        if self.flow.reading_paused and self.conn.their_state is h11.SEND_BODY:
+            self.flow.resume_reading()
 
     # -- answering ---------------------------------------------------------------
     async def _run(self, request: Request) -> None:
@@ -282,10 +296,9 @@ class HttpProtocol(asyncio.Protocol):
             response = error_response(HTTPError(500, f"Internal server error (request id {request.request_id})"))
         if self.lost:
             return
-        stream = request._stream
+        stream = request.response_stream
         if stream is not None:
-            if not stream.ended:
-                stream.end()
+            stream.end()  # left open by its handler; a no-op once ended
         elif response is not None:
             self.send_response(request, response)
         else:
@@ -340,17 +353,19 @@ class HttpProtocol(asyncio.Protocol):
         self.transport.write(self._head(request, status, fields))
         request.status = status
         return ResponseStream(
-            self, self.transport, chunked=chunked, discard=request.method == "HEAD", serializer=serializer
+            self.transport, self.flow, serializer=serializer, chunked=chunked, discard=request.method == "HEAD",
+            max_pending=self.site.max_stream_buffer_bytes, on_end=self._stream_ended, on_overflow=self._stream_overflowed,
         )
 
-    def end_stream(self) -> None:
+    def _stream_ended(self) -> None:
         request = self._request
-        if self.lost or request is None:
-            return
-        stream = request._stream
-        if stream._chunked and not stream._discard:
-            self.transport.write(b"0\r\n\r\n")
-        self._cycle_done(request)
+        if request is not None and not self.lost:
+            self._cycle_done(request)
+
+    def _stream_overflowed(self, pending: int) -> None:
+        self.site.logger.info("dropping a client that fell %d bytes behind its stream (limit %d)", pending,
+                              self.site.max_stream_buffer_bytes)
+        self.abort()
 
     def _report_finished(self, request: Request) -> None:
         finished = self.site.finished
@@ -376,9 +391,7 @@ class HttpProtocol(asyncio.Protocol):
             conn.receive_data(leftover)
         if closed:
             conn.receive_data(b"")
-        if self._reading_paused:
-            self._reading_paused = False
-            self.transport.resume_reading()
+        self.flow.resume_reading()
         if leftover or closed:  # a pipelined request is already here
             self._head_started = True
             self._set_deadline(self.site.header_timeout, _HEAD)
@@ -453,8 +466,3 @@ class HttpProtocol(asyncio.Protocol):
         self._stall_timer = None
         self.site.logger.info("dropping a client that stopped reading for %ss", self.site.write_timeout)
         self.abort()
-
-    def _pause_reading(self) -> None:
-        if not self._reading_paused and not self.lost:
-            self._reading_paused = True
-            self.transport.pause_reading()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AsyncIterator
 from urllib.parse import parse_qs
 
 import orjson
@@ -10,7 +10,9 @@ import orjson
 from ..errors import HTTPError
 
 if TYPE_CHECKING:
+    from .body import RequestBody
     from .protocol import HttpProtocol
+    from .response import ResponseStream
 
 
 _UNREAD = object()
@@ -22,6 +24,10 @@ class Request:
     Header names are lower-case bytes, as h11 gives them. The body is read with
     ``await body()``, ``await json()`` or ``async for chunk in stream_body()``;
     a client that sent ``Expect: 100-continue`` is told to go on only then.
+
+    ``status`` is what has been sent so far: 0 nothing, 100 an interim
+    ``100 Continue``, >= 200 the final status line (the response has started and
+    can no longer become an error response). The protocol writes it; handlers read it.
     """
 
     __slots__ = (
@@ -37,21 +43,16 @@ class Request:
         "principal",
         "started_at",
         "status",
+        "incoming",
         "_protocol",
         "_query_params",
-        "_content_length",
-        "_chunks",
-        "_buffered",
-        "_received",
-        "_complete",
-        "_error",
-        "_waiter",
-        "_stream",
+        "_response_stream",
         "_body",
         "_json",
     )
 
-    def __init__(self, protocol: HttpProtocol, method: str, target: bytes, headers, http_version: bytes) -> None:
+    def __init__(self, protocol: HttpProtocol, method: str, target: bytes, headers, http_version: bytes,
+                 incoming: RequestBody) -> None:
         self._protocol = protocol
         self.method = method
         self.target = target
@@ -68,15 +69,9 @@ class Request:
         self.principal = None
         self.started_at = 0.0
         self.status = 0
+        self.incoming = incoming  # the body as the protocol feeds it
         self._query_params = None
-        self._content_length: int | None = None
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self._received = 0
-        self._complete = False
-        self._error: BaseException | None = None
-        self._waiter = None
-        self._stream = None
+        self._response_stream: ResponseStream | None = None
         self._body: bytes | None = None
         self._json: Any = _UNREAD
 
@@ -106,7 +101,7 @@ class Request:
     async def body(self) -> bytes:
         """The whole body (read once, then kept). Raises HTTPError 413 past the configured limit."""
         if self._body is None:
-            parts = [chunk async for chunk in self.stream_body()]
+            parts = [chunk async for chunk in self.incoming]
             self._body = parts[0] if len(parts) == 1 else b"".join(parts)
         return self._body
 
@@ -120,44 +115,9 @@ class Request:
                 raise HTTPError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from None
         return self._json
 
-    async def stream_body(self):
-        protocol = self._protocol
-        protocol.body_wanted(self)
-        while True:
-            if self._chunks:
-                chunks, self._chunks = self._chunks, []
-                self._buffered = 0
-                protocol.body_consumed()
-                for chunk in chunks:
-                    yield chunk
-                continue
-            if self._error is not None:
-                raise self._error
-            if self._complete:
-                return
-            self._waiter = protocol.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-
-    # Called by the protocol as h11 hands over the body.
-    def _feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._buffered += len(data)
-        self._wake()
-
-    def _finish(self, error: BaseException | None = None) -> None:
-        if error is not None:
-            self._error = error
-        else:
-            self._complete = True
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def stream_body(self) -> AsyncIterator[bytes]:
+        """The body's pieces as they arrive."""
+        return self.incoming.__aiter__()
 
     # -- answering ----------------------------------------------------------
     def stream(
@@ -167,19 +127,28 @@ class Request:
         headers: tuple[tuple[bytes, bytes], ...] | list = (),
         serializer=None,
         media_type: bytes | None = None,
-    ):
-        """Send the response head now and return a ResponseStream for the body.
+    ) -> ResponseStream:
+        """Send the response head now and return the ResponseStream for the body.
 
         ``serializer`` defaults to the one the client's ``Accept`` asks for among
-        the registered stream serializers (SSE when it asks for none).
+        the registered stream serializers (SSE when it asks for none). The caller
+        ends the stream (``end()`` or ``fail()``); one left open when the handler
+        returns is ended then.
         """
+        if self._response_stream is not None:
+            raise RuntimeError("the response has started already")
+        protocol = self._protocol
         if serializer is None:
-            serializer = self._protocol.site.negotiate(self)
-        self._stream = self._protocol.start_stream(
-            self, status, headers, media_type or serializer.media_type, serializer
-        )
-        return self._stream
+            serializer = protocol.site.negotiate(self)
+        self._response_stream = protocol.start_stream(self, status, headers, media_type or serializer.media_type,
+                                                      serializer)
+        return self._response_stream
+
+    @property
+    def response_stream(self) -> ResponseStream | None:
+        """The stream this request is answered with, once ``stream()`` was called."""
+        return self._response_stream
 
     @property
     def response_started(self) -> bool:
-        return self._stream is not None
+        return self._response_stream is not None

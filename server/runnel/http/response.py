@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import orjson
+
+from .flow_control import FlowControl
 
 JSON = b"application/json"
 
@@ -38,49 +40,88 @@ def error_response(error) -> Response:
 
 
 class ResponseStream:
-    """A response body written piece by piece as HTTP/1.1 chunks.
+    """A response body written piece by piece, as HTTP/1.1 chunks (or raw until close on HTTP/1.0).
 
-    ``write`` and ``send`` are synchronous so a producer can call them straight
-    from a loop callback; a producer that can wait should ``await drain()`` when
-    ``paused`` is set, which is how a slow reader holds the producer back.
+    The stream owns its framing and its end: ``send(event)`` frames one event with
+    the negotiated serializer (``bytes`` are a payload encoded already), ``fail(body)``
+    writes the serializer's error event and ends, ``end()`` writes the serializer's
+    terminator (``data: [DONE]`` for OpenAI) and the last chunk. Whoever opened the
+    stream ends it; the request cycle completes when it does. Both are idempotent,
+    and nothing is written after either.
+
+    Back-pressure: a producer that can wait awaits ``drain()`` when ``paused`` is set.
+    One that cannot (a model's batch row keeps decoding whatever the client does)
+    may write past that, but only up to ``max_pending`` bytes waiting in the
+    transport: past it the stream gives up on the client (``on_overflow``: the
+    protocol aborts the connection, which cancels the handler and the generation
+    it started), so a client that stops reading costs at most that much memory.
     """
 
-    __slots__ = ("_protocol", "_transport", "_chunked", "_discard", "serializer", "ended")
+    __slots__ = ("_transport", "_flow", "_chunked", "_discard", "_encode", "_max_pending", "_on_end",
+                 "_on_overflow", "serializer", "ended")
 
-    def __init__(self, protocol, transport, *, chunked: bool, discard: bool, serializer) -> None:
-        self._protocol = protocol
+    def __init__(self, transport, flow: FlowControl, *, serializer, chunked: bool, discard: bool,
+                 max_pending: int, on_end: Callable[[], None], on_overflow: Callable[[int], None]) -> None:
         self._transport = transport
+        self._flow = flow
         self._chunked = chunked
-        self._discard = discard  # HEAD: headers only
+        self._discard = discard  # HEAD: the head only
         self.serializer = serializer
+        self._encode = serializer.encode
+        self._max_pending = max_pending
+        self._on_end = on_end
+        self._on_overflow = on_overflow
         self.ended = False
 
     @property
     def closed(self) -> bool:
-        """True once the client has gone: writes are dropped from then on."""
-        return self._protocol.lost
+        """True once the client has gone (or was dropped): writes are dropped from then on."""
+        return self._flow.lost
 
     @property
     def paused(self) -> bool:
-        return self._protocol.write_paused
+        """The transport's buffer is past its high-water mark: a producer that can wait should ``drain()``."""
+        return self._flow.writing_paused
+
+    async def drain(self) -> None:
+        """Wait until the client has taken enough; ConnectionResetError once it has gone."""
+        await self._flow.drain()
 
     def write(self, data: bytes) -> None:
-        if self._discard or not data or self._protocol.lost:
+        """Raw body bytes, unframed: for bodies that are not a sequence of events."""
+        if self.ended or self._discard or not data or self._flow.lost:
             return
         if self._chunked:
             # Writing the chunk framing ourselves is ~25x cheaper than h11's Data event.
             self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             self._transport.write(data)
+        if self._flow.writing_paused:
+            pending = self._flow.pending_bytes()
+            if pending > self._max_pending:
+                self.ended = True
+                self._on_overflow(pending)
 
     def send(self, event: Any) -> None:
-        """Frame one event with the negotiated serializer (SSE, NDJSON, ...) and write it."""
-        self.write(self.serializer.encode(event))
+        """One event, framed by the serializer; ``bytes`` are an encoded payload (JSON, say)."""
+        self.write(self._encode(event))
 
-    async def drain(self) -> None:
-        await self._protocol.drain()
+    def fail(self, error: dict) -> None:
+        """End early with the serializer's error event carrying ``error`` (an error body)."""
+        if not self.ended:
+            self.write(self.serializer.encode_error(error))
+            self._finish()
 
     def end(self) -> None:
+        """End normally: the serializer's terminator, then the last chunk."""
         if not self.ended:
-            self.ended = True
-            self._protocol.end_stream()
+            terminator = getattr(self.serializer, "end", b"")  # optional for a plugin's framing
+            if terminator:
+                self.write(terminator)
+            self._finish()
+
+    def _finish(self) -> None:
+        self.ended = True
+        if self._chunked and not self._discard and not self._flow.lost:
+            self._transport.write(b"0\r\n\r\n")
+        self._on_end()

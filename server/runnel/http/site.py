@@ -22,6 +22,8 @@ class Site:
     negotiate: Callable[[Any], Any]
     max_header_bytes: int = 16384
     max_body_bytes: int = 8 * 1024 * 1024
+    # Bytes a stream may have waiting in the transport before its client is dropped.
+    max_stream_buffer_bytes: int = 4 * 1024 * 1024
     header_timeout: float = 10.0
     keepalive_timeout: float = 5.0
     body_timeout: float = 30.0

@@ -50,12 +50,11 @@ Errors, everywhere under /v4, are ``{"error": {message, type, param, code}, "run
 message is the exception's; mid-stream it becomes the stream's last event.
 
 Authentication per app: ``[apps.NAME.functions] public = true`` lets anyone call the
-app's /v4 routes (as a platform's "auth off" switch does). The routes are
-registered public so the core dispatcher does not authenticate them; the handler
-calls the ``runnel_authenticate`` hook itself for every app that is not public
-(and for unknown app names, so a caller without credentials cannot tell which apps
-exist), refusing with 401 when nobody vouches for the caller, and sets
-``request.principal`` (``ANONYMOUS`` on a public app).
+app's /v4 routes (as a platform's "auth off" switch does). The routes' policy says
+so to the dispatcher, which authenticates every other app (and unknown app names,
+so a caller without credentials cannot tell which apps exist). Each call's run id
+is made before authentication (the route's ``prepare``), so every error, a 401
+included, carries it.
 """
 
 from __future__ import annotations
@@ -66,7 +65,6 @@ import uuid
 
 import orjson
 
-from ..auth import ANONYMOUS
 from ..errors import HTTPError
 from ..functions import FunctionStream, is_function_app
 from ..hookspecs import hookimpl
@@ -74,13 +72,11 @@ from ..http import Response, json_response
 from ..http.response import JSON
 from ..jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, Surface, runner_for
 from ..webhooks import check_target
+from .openai import NO_CACHE, OpenAIAPI, can_embed, is_model_app
 from .openai import SSE as OPENAI_SSE
-from .openai import OpenAIAPI, can_embed, is_model_app
 
 logger = logging.getLogger("runnel.cortex")
 
-NO_CACHE = ((b"cache-control", b"no-cache"),)
-DONE = b"data: [DONE]\n\n"
 MODEL_FUNCTION = "run"  # a model app's function: chat completions
 SURFACE = "cortex"  # the runs this surface submits
 RUN_STATUS = {QUEUED: "queued", RUNNING: "running", SUCCEEDED: "succeeded", FAILED: "failed",
@@ -115,34 +111,40 @@ class CortexAPI:
         return await self._run(request, self._embedding)
 
     async def _run(self, request, handler):
-        run_id = uuid.uuid4().hex
-        request.request_id = run_id  # the protocol sends it back as X-Request-Id
         started = time.perf_counter()
+        name, app = self._app(request)
         try:
-            name, app = self._app(request)
-            return await handler(request, name, app, run_id, started)
-        except HTTPError as error:
-            return self._error(request, error, run_id)
+            return await handler(request, name, app, request.request_id, started)
+        except HTTPError:
+            raise
         except Exception as exc:
-            function = request.path_params.get("function")
-            logger.exception("function %r of app %r failed (run %s)", function, request.path_params.get("app"),
-                             run_id)
-            error = HTTPError(500, f"Function '{function}' failed: {type(exc).__name__}: {exc}",
-                              code="function_error")
-            return self._error(request, error, run_id)
+            function = request.path_params["function"]
+            logger.exception("function %r of app %r failed (run %s)", function, name, request.request_id)
+            raise HTTPError(500, f"Function '{function}' failed: {type(exc).__name__}: {exc}",
+                            code="function_error") from None
 
     async def run_status(self, request):
         run_id = request.path_params["run_id"]
-        try:
-            name = request.path_params["app"]
-            self._authenticate(request, name)
-            run = await self.runs.get(run_id)
-            if run is None or run.surface != SURFACE or run.app != name:
-                raise HTTPError(404, f"No run '{run_id}' in app '{name}' (unknown, or finished and expired)",
-                                param="run_id", code="run_not_found")
-            return json_response(CortexRuns.render(run))
-        except HTTPError as error:
-            return self._error(request, error, run_id)
+        name = request.path_params["app"]
+        run = await self.runs.get(run_id)
+        if run is None or run.surface != SURFACE or run.app != name:
+            raise HTTPError(404, f"No run '{run_id}' in app '{name}' (unknown, or finished and expired)",
+                            param="run_id", code="run_not_found")
+        return json_response(CortexRuns.render(run))
+
+    # -- the routes' policy ------------------------------------------------------------
+    def is_public(self, request) -> bool:
+        return request.path_params["app"] in self.public
+
+    @staticmethod
+    def new_run(request) -> None:
+        """Every call is a run with its own id, sent back as X-Request-Id (a client's own is not used)."""
+        request.request_id = uuid.uuid4().hex
+
+    @staticmethod
+    def error_body(request, error: HTTPError) -> dict:
+        """OpenAI's envelope plus the run id: the call's own, or the one a status request names."""
+        return {**error.to_dict(), "run_id": request.path_params.get("run_id") or request.request_id}
 
     async def _call(self, request, name, app, run_id, started):
         function = request.path_params["function"]
@@ -154,7 +156,7 @@ class CortexAPI:
             if isinstance(result, FunctionStream):
                 framing = self.server.negotiator.named(request)
                 if framing is not None:
-                    return await self._stream(request, result, framing, run_id)
+                    return await self._stream(request, result, framing)
                 result = await _collect(result)
             return self._result(result, function, run_id, started)
         if is_model_app(app) and function == MODEL_FUNCTION:
@@ -172,7 +174,7 @@ class CortexAPI:
             result = await app.invoke(function, arguments, run_id)
             if isinstance(result, FunctionStream):
                 if arguments.get("stream") is True:
-                    return await self._stream(request, result, OPENAI_SSE, run_id, end=DONE)
+                    return await self._stream(request, result, OPENAI_SSE)
                 result = merge_chat_chunks(await _collect(result))
             return _body(result, function)
         if is_model_app(app):
@@ -234,20 +236,9 @@ class CortexAPI:
         return json_response({"run_id": run_id}, status=202)
 
     # -- pieces ----------------------------------------------------------------------
-    def _authenticate(self, request, name: str) -> None:
-        """Unless app ``name`` is public, someone must vouch for the caller (401)."""
-        if name in self.public:
-            request.principal = ANONYMOUS
-        else:
-            principal = self.server.pm.hook.runnel_authenticate(request=request, route=request.route)
-            if principal is None:
-                raise HTTPError(401, "Request is not authenticated")
-            request.principal = principal
-
     def _app(self, request):
-        """Authenticate (unless the app is public), then the app: 404 unknown, 503 not ready."""
+        """The app: 404 unknown, 503 not ready."""
         name = request.path_params["app"]
-        self._authenticate(request, name)
         app = self.server.apps.get(name)
         if app is None:
             state = self.server.apps.state(name)
@@ -285,8 +276,10 @@ class CortexAPI:
             raise _not_serializable(function, exc) from None
         return Response(status, body, media_type=JSON)
 
-    async def _stream(self, request, values: FunctionStream, framing, run_id: str, end: bytes = b""):
-        """Each value as one event, holding back while the client reads slowly."""
+    @staticmethod
+    async def _stream(request, values: FunctionStream, framing):
+        """Each value as one event, holding back while the client reads slowly. An error
+        mid-way propagates: the dispatcher makes it the stream's last event."""
         try:
             stream = request.stream(serializer=framing, headers=NO_CACHE)
             try:
@@ -296,36 +289,14 @@ class CortexAPI:
                     stream.send(value)
                     if stream.paused:
                         await stream.drain()
-            except Exception as exc:
+            except Exception:
                 if stream.closed:  # the client has gone (drain raised): nothing to tell
                     return None
-                if isinstance(exc, HTTPError):
-                    error = exc
-                else:
-                    logger.exception("function %r failed mid-stream (run %s)",
-                                     request.path_params.get("function"), run_id)
-                    error = HTTPError(500, f"Function '{request.path_params.get('function')}' failed: "
-                                      f"{type(exc).__name__}: {exc}", code="function_error")
-                stream.write(framing.encode_error({**error.to_dict(), "run_id": run_id}))
-                stream.end()
-                return None
-            if end:
-                stream.write(end)
+                raise
             stream.end()
             return None
         finally:
             await values.aclose()  # stops the function if we stopped early
-
-    @staticmethod
-    def _error(request, error: HTTPError, run_id: str):
-        body = {**error.to_dict(), "run_id": run_id}
-        stream = request._stream
-        if stream is not None:  # the status line is gone: the error is the stream's last event
-            if not stream.ended:
-                stream.write(stream.serializer.encode_error(body))
-                stream.end()
-            return None
-        return Response(error.status, orjson.dumps(body), media_type=JSON, headers=error.headers)
 
 
 class CortexRuns(Surface):
@@ -414,12 +385,13 @@ def merge_chat_chunks(chunks: list):
 @hookimpl
 def runnel_register_routes(register, server):
     cortex = CortexAPI(server)
-    # public=True: authentication is per app, done in the handler (see the module docstring).
-    register("POST", "/v4/{project_id}/{app}/{function}", cortex.call, public=True)
-    register("POST", "/v4/{project_id}/{app}/{function}/chat/completions", cortex.chat, public=True)
-    register("POST", "/v4/{project_id}/{app}/{function}/embedding", cortex.embedding, public=True)
-    register("POST", "/v4/{project_id}/{app}/{function}/embeddings", cortex.embedding, public=True)
-    register("GET", "/v4/{project_id}/{app}/runs/{run_id}", cortex.run_status, public=True)
+    call = dict(public=cortex.is_public, errors=cortex.error_body, prepare=cortex.new_run)
+    register("POST", "/v4/{project_id}/{app}/{function}", cortex.call, **call)
+    register("POST", "/v4/{project_id}/{app}/{function}/chat/completions", cortex.chat, **call)
+    register("POST", "/v4/{project_id}/{app}/{function}/embedding", cortex.embedding, **call)
+    register("POST", "/v4/{project_id}/{app}/{function}/embeddings", cortex.embedding, **call)
+    register("GET", "/v4/{project_id}/{app}/runs/{run_id}", cortex.run_status, public=cortex.is_public,
+             errors=cortex.error_body)
 
 
 @hookimpl

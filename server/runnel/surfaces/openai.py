@@ -25,14 +25,18 @@ from .openai_params import CompletionRequest, invalid, parse_chat, parse_complet
 from .openai_sinks import ChatStream, Collector, CompletionStream, IndexShift, Usage, chat_logprobs, completion_logprobs
 
 class OpenAIEvents(ServerSentEvents):
-    """SSE whose error event is OpenAI's: a plain ``data: {"error": ...}``."""
+    """SSE as OpenAI frames it: a stream ends with ``data: [DONE]``, and its error
+    event is a plain ``data: {"error": ...}`` (no ``event:`` line)."""
+
+    end = b"data: [DONE]\n\n"
 
     def encode_error(self, error: dict) -> bytes:
         return b"data: %b\n\n" % orjson.dumps(error)
 
 
 SSE = OpenAIEvents()
-NDJSON = NDJSONFraming()
+NDJSON = NDJSONFraming()  # RunPod's non-raw output: bare JSON lines, no [DONE]
+NO_CACHE = ((b"cache-control", b"no-cache"),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +173,7 @@ class OpenAIAPI:
                 "created": int(time.time()), "model": reply.model_name or app.model_id}
         echo = [prompt for prompt in parsed.prompts for _ in range(n)] if parsed.echo else None
         if parsed.stream:
-            common = dict(choices=choices, usage=usage, include_usage=parsed.include_usage, head=head, sse=reply.sse)
+            common = dict(choices=choices, usage=usage, include_usage=parsed.include_usage, head=head)
             if chat:
                 sink = ChatStream(role=reply.role, logprobs=parsed.params.logprobs, **common)
             else:
@@ -184,8 +188,7 @@ class OpenAIAPI:
             if parsed.stream:
                 # Backends push from loop callbacks, never inside generate(): nothing
                 # has been missed, and a refused generate() above was still a plain error.
-                sink.open(request.stream(serializer=SSE if reply.sse else NDJSON,
-                                         headers=((b"cache-control", b"no-cache"),)))
+                sink.open(request.stream(serializer=SSE if reply.sse else NDJSON, headers=NO_CACHE))
             await sink.done
         except BaseException:
             # The client went away (cancellation), or part of the work failed: stop all of it.
@@ -194,6 +197,7 @@ class OpenAIAPI:
                 generation.cancel()
             raise
         if parsed.stream:
+            sink.stream.end()
             return None
         return self._reply(sink, head, chat, parsed, echo, reply, usage)
 

@@ -1,8 +1,14 @@
 """Token sinks that turn a generation into OpenAI's response objects.
 
-The streaming sinks write each push as one SSE event straight to the response:
-the constant parts of a chunk are encoded once per request, so a token costs
-one orjson.dumps of its text and one transport write.
+The streaming sinks send each push as one event straight to the response stream,
+which frames it (SSE, or bare JSON lines for RunPod's non-raw output) and owns the
+stream's end (``[DONE]``) and its error event. The constant parts of a chunk are
+encoded once per request, so a token costs one orjson.dumps of its text, one
+format of the chunk and one transport write.
+
+Errors: a sink never writes one. A failed generation fails ``done`` with an
+HTTPError, the handler raises it, and the dispatcher renders it: as the response,
+or as the stream's last event once the stream has started.
 """
 
 from __future__ import annotations
@@ -15,13 +21,11 @@ import orjson
 from ..errors import HTTPError
 from ..generation import TokenLogprob
 
-DONE = b"data: [DONE]\n\n"
-
-
-def error_payload(error: BaseException) -> dict:
+def generation_error(error: BaseException) -> HTTPError:
+    """What a backend's failure is to the client: its own HTTPError, else a 500."""
     if isinstance(error, HTTPError):
-        return error.to_dict()
-    return HTTPError(500, f"Generation failed: {error}", code="generation_failed").to_dict()
+        return error
+    return HTTPError(500, f"Generation failed: {error}", code="generation_failed")
 
 
 def chat_logprobs(items: Sequence[TokenLogprob]) -> dict:
@@ -65,7 +69,9 @@ class Usage:
 
 
 class _Sink:
-    """What every sink shares: counting choices down to 'done'."""
+    """What every sink shares: counting choices down to ``done``, or failing it."""
+
+    __slots__ = ("usage", "remaining", "done")
 
     def __init__(self, choices: int, usage: Usage) -> None:
         self.usage = usage
@@ -82,11 +88,13 @@ class _Sink:
 
     def on_error(self, error: BaseException) -> None:
         if not self.done.done():
-            self.fail(error)
+            self.done.set_exception(generation_error(error))
 
 
 class Collector(_Sink):
     """Non-streaming: gathers each choice's text, log probs and finish reason."""
+
+    __slots__ = ("texts", "logprobs", "reasons")
 
     def __init__(self, choices: int, usage: Usage) -> None:
         super().__init__(choices, usage)
@@ -106,28 +114,24 @@ class Collector(_Sink):
     def complete(self) -> None:
         pass
 
-    def fail(self, error: BaseException) -> None:
-        self.done.set_exception(error if isinstance(error, HTTPError) else HTTPError(500, f"Generation failed: {error}"))
-
     def text(self, index: int) -> str:
         return "".join(self.texts[index])
 
 
 class _StreamSink(_Sink):
-    """Streaming: one SSE event per push, then the usage chunk and [DONE]."""
+    """Streaming: one event per push, then the usage chunk; the stream writes the rest."""
 
-    def __init__(self, *, choices: int, usage: Usage, include_usage: bool, head: dict, sse: bool = True) -> None:
+    __slots__ = ("stream", "include_usage", "head", "_prefix", "_suffix")
+
+    def __init__(self, *, choices: int, usage: Usage, include_usage: bool, head: dict) -> None:
         super().__init__(choices, usage)
         self.stream = None  # set by open(), once every generation has been admitted
         self.include_usage = include_usage
         self.head = head
-        # SSE as OpenAI frames it, or bare JSON lines (RunPod's non-raw output).
-        self._open, self._close = (b"data: ", b"\n\n") if sse else (b"", b"\n")
-        self._done = DONE if sse else b""
         # Everything before the choices array, and after it, encoded once.
         encoded = orjson.dumps({**head, "choices": []})
-        self._prefix = self._open + encoded[: encoded.rindex(b"[") + 1]
-        self._suffix = (b'],"usage":null}' if include_usage else b"]}") + self._close
+        self._prefix = encoded[: encoded.rindex(b"[") + 1]
+        self._suffix = b'],"usage":null}' if include_usage else b"]}"
 
     def open(self, stream) -> None:
         """Start the response: the status line goes out only now, so a refusal
@@ -135,24 +139,14 @@ class _StreamSink(_Sink):
         self.stream = stream
         self.begin()
 
-    def _write_choice(self, choice: bytes) -> None:
-        self.stream.write(self._prefix + choice + self._suffix)
-
-    def _write_event(self, payload: dict) -> None:
-        self.stream.write(self._open + orjson.dumps(payload) + self._close)
-
     def complete(self) -> None:
         if self.include_usage:
-            self._write_event({**self.head, "choices": [], "usage": self.usage.to_dict()})
-        self.stream.write(self._done)
-
-    def fail(self, error: BaseException) -> None:
-        # The status line is long gone: the error is the stream's last event.
-        self._write_event(error_payload(error))
-        self.done.set_result(None)
+            self.stream.send(orjson.dumps({**self.head, "choices": [], "usage": self.usage.to_dict()}))
 
 
 class ChatStream(_StreamSink):
+    __slots__ = ("role", "logprobs", "started")
+
     def __init__(self, *, role: str, logprobs: bool, **kwargs) -> None:
         super().__init__(**kwargs)
         self.role = role
@@ -163,9 +157,10 @@ class ChatStream(_StreamSink):
         # chat template's framing ("Assistant:" then " My"), not the model's content.
         self.started = [False] * self.remaining
         role = self.role
+        delta = orjson.dumps({"role": role, "content": ""})
         for index in range(self.remaining):
-            delta = orjson.dumps({"role": role, "content": ""})
-            self._write_choice(b'{"index":%d,"delta":%b,"logprobs":null,"finish_reason":null}' % (index, delta))
+            self.stream.send(b'%b{"index":%d,"delta":%b,"logprobs":null,"finish_reason":null}%b'
+                             % (self._prefix, index, delta, self._suffix))
 
     def on_tokens(self, index, text, token_ids, logprobs) -> None:
         if not self.started[index]:
@@ -174,15 +169,17 @@ class ChatStream(_StreamSink):
         if not text and not logprobs:
             return
         lp = orjson.dumps(chat_logprobs(logprobs)) if self.logprobs and logprobs else b"null"
-        self._write_choice(
-            b'{"index":%d,"delta":{"content":%b},"logprobs":%b,"finish_reason":null}' % (index, orjson.dumps(text), lp)
-        )
+        self.stream.send(b'%b{"index":%d,"delta":{"content":%b},"logprobs":%b,"finish_reason":null}%b'
+                         % (self._prefix, index, orjson.dumps(text), lp, self._suffix))
 
     def finish(self, index: int, reason: str) -> None:
-        self._write_choice(b'{"index":%d,"delta":{},"logprobs":null,"finish_reason":"%b"}' % (index, reason.encode()))
+        self.stream.send(b'%b{"index":%d,"delta":{},"logprobs":null,"finish_reason":"%b"}%b'
+                         % (self._prefix, index, reason.encode(), self._suffix))
 
 
 class CompletionStream(_StreamSink):
+    __slots__ = ("logprobs", "echo", "offsets")
+
     def __init__(self, *, logprobs: bool, echo: list[str] | None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.logprobs = logprobs
@@ -201,12 +198,12 @@ class CompletionStream(_StreamSink):
         if self.logprobs and logprobs:
             lp = orjson.dumps(completion_logprobs(logprobs, self.offsets[index]))
         self.offsets[index] += len(text)
-        self._write_choice(
-            b'{"index":%d,"text":%b,"logprobs":%b,"finish_reason":null}' % (index, orjson.dumps(text), lp)
-        )
+        self.stream.send(b'%b{"index":%d,"text":%b,"logprobs":%b,"finish_reason":null}%b'
+                         % (self._prefix, index, orjson.dumps(text), lp, self._suffix))
 
     def finish(self, index: int, reason: str) -> None:
-        self._write_choice(b'{"index":%d,"text":"","logprobs":null,"finish_reason":"%b"}' % (index, reason.encode()))
+        self.stream.send(b'%b{"index":%d,"text":"","logprobs":null,"finish_reason":"%b"}%b'
+                         % (self._prefix, index, reason.encode(), self._suffix))
 
 
 class IndexShift:

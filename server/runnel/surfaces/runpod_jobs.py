@@ -91,8 +91,8 @@ def _ms(seconds: float) -> int:
     return max(0, int(seconds * 1000))
 
 
-def render_error(error: HTTPError) -> Response:
-    return Response(error.status, orjson.dumps({"error": error.message}), media_type=JSON, headers=error.headers)
+def render_error(request, error: HTTPError) -> dict:
+    return {"error": error.message}
 
 
 class RunPodJobAPI:
