@@ -155,13 +155,14 @@ class Runner:
             return
         self._state = "started"
         try:
-            opened = await self.store.open(create=False)  # a file is made on the first run
-        except StoreUnavailable as exc:
-            await self.store.close()
+            if await self.store.open(create=False):  # a file is made on the first run
+                await self._recover_at_start()
+        except BaseException as exc:
             self._state = "closed"
-            raise ConfigError(str(exc), key=exc.key) from None
-        if opened:
-            await self._recover_at_start()
+            await self.store.close()
+            if isinstance(exc, StoreUnavailable):
+                raise ConfigError(str(exc), key=exc.key) from None
+            raise
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._work()) for _ in range(self.workers)]
         self._tasks.append(loop.create_task(self._keep_claims()))
