@@ -1,4 +1,9 @@
-"""The apps a server runs, built by backend plugins, and whether each is ready."""
+"""The apps a server runs, built by backend plugins, and whether each is ready.
+
+An app's state goes ``loading -> ready | failed`` once, in ``start_all``; ``close_all``
+puts every app back to ``loading``. Each app has an event that is set exactly while
+its state is not ``loading``, so ``wait_settled`` wakes the moment loading ends.
+"""
 
 from __future__ import annotations
 
@@ -28,12 +33,14 @@ class AppRegistry:
     def __init__(self) -> None:
         self._apps: dict[str, App] = {}
         self._states: dict[str, str] = {}
+        self._settled: dict[str, asyncio.Event] = {}  # set while the app is not loading
 
     def add(self, name: str, app: App) -> None:
         if name in self._apps:
             raise ValueError(f"app {name!r} is defined twice")
         self._apps[name] = app
         self._states[name] = LOADING
+        self._settled[name] = asyncio.Event()  # binds no loop until waited on
 
     def get(self, name: str) -> App | None:
         """The app called ``name`` if it is ready to serve, else None."""
@@ -43,6 +50,21 @@ class AppRegistry:
 
     def state(self, name: str) -> str | None:
         return self._states.get(name)
+
+    async def wait_settled(self, name: str) -> str | None:
+        """Wait until app ``name`` is no longer loading; its state then (None: no such app).
+        No deadline of its own: an app loads as long as it takes; wrap it in one if needed."""
+        settled = self._settled.get(name)
+        if settled is not None:
+            await settled.wait()
+        return self._states.get(name)
+
+    def _set_state(self, name: str, state: str) -> None:
+        self._states[name] = state
+        if state == LOADING:
+            self._settled[name].clear()
+        else:
+            self._settled[name].set()
 
     def states(self) -> dict[str, str]:
         return dict(self._states)
@@ -61,9 +83,9 @@ class AppRegistry:
             await app.start()
         except Exception:
             logger.exception("app %r failed to start", name)
-            self._states[name] = FAILED
+            self._set_state(name, FAILED)
         else:
-            self._states[name] = READY
+            self._set_state(name, READY)
             logger.info("app %r is ready", name)
 
     async def close_all(self) -> None:
@@ -72,4 +94,4 @@ class AppRegistry:
                 await app.close()
             except Exception:
                 logger.exception("app %r failed to close", name)
-            self._states[name] = LOADING
+            self._set_state(name, LOADING)

@@ -89,7 +89,7 @@ class ServerConfig:
     body_timeout: float = 30.0  # a body making no progress this long -> 408
     write_timeout: float = 30.0  # a client that stops reading this long is dropped
     shutdown_grace: float = 30.0  # in-flight requests get this long at shutdown
-    # Async runs (runnel.jobs) and their webhooks.
+    # Async runs (runnel.runs) and their webhooks.
     runs_path: str = "runnel-runs.sqlite3"  # SQLite file (relative: to the working directory); "" = memory
     runs_retention: float = 1800.0  # finished runs are kept this long, then purged
     runs_workers: int = 8  # background runs executing at once

@@ -14,10 +14,9 @@ DEFAULT_PLUGINS = (
     "runnel.health",
     "runnel.auth.builtin",
     "runnel.auth.jwt_auth",
-    "runnel.functions",
+    "runnel.backends.python",
     "runnel.surfaces.openai",
     "runnel.surfaces.runpod",
-    "runnel.surfaces.runpod_jobs",
     "runnel.surfaces.baseten",
     "runnel.surfaces.cortex",
 )

@@ -4,8 +4,8 @@
         print(server.url)
         await server.serve_forever()
 
-Everything lives on the instance (plugin manager, routes, apps, connections), so
-several servers can run in one process.
+Everything lives on the instance (plugin manager, routes, apps, the runner of
+async runs, connections), so several servers can run in one process.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .dispatch import Dispatcher
 from .http import HttpProtocol, Site
 from .plugins import make_plugin_manager
 from .routing import Router
+from .runs import Runner
 from .serializers import Negotiator
 
 logger = logging.getLogger("runnel.server")
@@ -44,9 +45,10 @@ class Server:
         self.auth_kinds: dict = {}
         self.serializers: dict = {}
         self.negotiator: Negotiator | None = None
+        self.runs: Runner | None = None  # made in build(), next to the apps
         self.pm = None
-        # Per-server objects that plugins share (the run store's runner, say): kept on
-        # the server, not in module globals, so servers in one process stay apart.
+        # Per-server objects that plugins share: kept on the server, not in module
+        # globals, so servers in one process stay apart.
         self.state: dict[str, object] = {}
         self._extra_plugins = tuple(plugins)
         self._load_entrypoints = load_entrypoints
@@ -90,6 +92,8 @@ class Server:
                         key=f"apps.{name}.backend",
                     )
                 self.apps.add(name, backend(app_config, config.table(f"apps.{name}", app_config.options), self))
+            # Before the routes: surfaces register their run views on it.
+            self.runs = Runner(config, self.apps)
         except ConfigError as error:
             raise error.with_source(config.source) if config.source else error
         if config.server.access_log:
@@ -123,11 +127,19 @@ class Server:
             server_header=settings.server_header.encode("latin-1"),
             finished=finished,
         )
-        await _call_lifecycle(self.pm.hook.runnel_startup(server=self))
-        site = self._site
-        self._listener = await loop.create_server(
-            lambda: HttpProtocol(site, loop), settings.host, settings.port, backlog=settings.backlog
-        )
+        try:
+            await self.runs.start()
+        except ConfigError as error:  # its store cannot be used
+            raise error.with_source(self.config.source) if self.config.source else error
+        try:
+            await _call_lifecycle(self.pm.hook.runnel_startup(server=self))
+            site = self._site
+            self._listener = await loop.create_server(
+                lambda: HttpProtocol(site, loop), settings.host, settings.port, backlog=settings.backlog
+            )
+        except BaseException:
+            await self.runs.close()  # let go of the store (and its file lock)
+            raise
         # Kept, not looked up, so the address stays known after stop().
         self._address = self._listener.sockets[0].getsockname()[:2]
         self._loading = loop.create_task(self.apps.start_all())
@@ -177,6 +189,7 @@ class Server:
             self._loading.cancel()
         await asyncio.gather(self._loading, return_exceptions=True)
         await _call_lifecycle(self.pm.hook.runnel_shutdown(server=self))
+        await self.runs.close()  # before the apps: no run calls a closed app
         await self.apps.close_all()
         self._stopped.set()
 

@@ -8,6 +8,7 @@ held are held by a gate file the test creates.
 from __future__ import annotations
 
 import textwrap
+import time
 
 import orjson
 import pytest
@@ -323,3 +324,53 @@ def test_job_routes_are_authenticated(start_server, module):
     assert reply.status == 401 and list(reply.json()) == ["error"]
     reply = post(server, "/v2/jobs/runsync", {"input": 1}, headers=[("authorization", f"Bearer {KEY}")])
     assert reply.json()["status"] == "COMPLETED"
+
+
+def test_a_handler_that_is_not_a_function_name_is_a_config_error(start_server, module):
+    from runnel.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        start_server({"apps": apps(module, jobs="not a name")})
+    assert caught.value.key == "apps.jobs.runpod.handler" and "must be a function name" in caught.value.message
+
+
+# -- an app still loading ----------------------------------------------------------------------------
+
+SLOW = '''
+import os, time
+
+def setup():
+    deadline = time.monotonic() + 30
+    while not os.path.exists({gate!r}) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+def handler(job):
+    return job["input"]
+'''
+
+
+def test_a_job_sent_while_its_app_loads_runs_once_it_is_ready_without_polling(start_server, tmp_path):
+    gate = tmp_path / "loaded"
+    module = tmp_path / "slow.py"
+    module.write_text(textwrap.dedent(SLOW.format(gate=str(gate))))
+    server = start_server({"server": {"runs_path": ""}, "apps": {"slow": {"backend": "python", "module": str(module)}}},
+                          ready=False)
+    registry = server.server.apps
+    asked = []  # apps.get() calls: how a runner polling for the app would ask
+    get = registry.get
+
+    def counting_get(name):
+        asked.append(name)
+        return get(name)
+
+    server.call_soon(setattr, registry, "get", counting_get)
+    try:
+        job_id = run(server, "slow", {"n": 1})
+        assert request(server.port, "GET", "/health").status == 503  # still loading
+        before = len(asked)
+        time.sleep(0.5)  # a runner polling every 50 ms would have asked about ten times by now
+        assert len(asked) == before
+        assert status(server, "slow", job_id)["status"] == "IN_QUEUE"
+    finally:
+        gate.write_text("")
+    assert settled(server, "slow", job_id)["output"] == {"n": 1}

@@ -245,3 +245,17 @@ def test_one_server_per_run_store(start_server, tmp_path):
     with pytest.raises(ConfigError) as caught:
         start_server({"server": {"runs_path": str(tmp_path / "absent" / "runs.sqlite3")}})
     assert caught.value.key == "server.runs_path" and "no such directory" in caught.value.message
+
+
+def test_a_server_that_fails_to_start_lets_go_of_its_run_store(start_server, tmp_path):
+    path = tmp_path / "runs.sqlite3"
+    config = {"server": {"runs_path": str(path)}, "apps": {"hello": hello_app()}}
+    first = start_server(config)
+    finished(first.port, "hello", accepted(submit(first.port, "hello", "greet", {"name": "x"})))  # makes the file
+    first.stop()
+    taken = start_server({"server": {"runs_path": ""}})
+    with pytest.raises(OSError):  # opens (and locks) the store, then cannot listen
+        start_server({**config, "server": {**config["server"], "port": taken.port}})
+    again = start_server(config)
+    assert finished(again.port, "hello", accepted(submit(again.port, "hello", "greet", {"name": "y"})))[
+        "result"] == "Hello, y!"

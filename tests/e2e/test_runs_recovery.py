@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import orjson
@@ -133,3 +134,68 @@ def test_sigkill_loses_no_accepted_run(tmp_path, idempotent):
         gate.write_text("")
         for server in servers:
             server.kill()
+
+
+# -- claims in a live server -----------------------------------------------------------------------
+# A store may be shared: the runs below are claimed by "other runners", written straight
+# into the file. The lease is cut to 0.3 s, so claims are renewed every 0.1 s.
+
+
+def insert_claimed(path: Path, run_id: str, owner: str, lease_until: float, tag: str) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("INSERT INTO runs (id, surface, app, function, input, state, attempts, created_at, started_at, "
+                     "owner, lease_until) VALUES (?, 'cortex', 'lab', 'quick', ?, 'running', 1, ?, ?, ?, ?)",
+                     (run_id, orjson.dumps({"tag": tag}), time.time(), time.time(), owner, lease_until))
+        conn.commit()
+
+
+def lab_server(start_server, tmp_path: Path, *, idempotent: bool = False):
+    module = tmp_path / "lab.py"
+    module.write_text(textwrap.dedent(LAB))
+    store = tmp_path / "runs.sqlite3"
+    server = start_server({"server": {"runs_path": str(store)}, "apps": {"lab": {
+        "backend": "python", "module": str(module), "functions": {"public": True, "idempotent": idempotent}}}})
+    return server, store
+
+
+def run_status(server, run_id: str) -> dict:
+    return request(server.port, "GET", f"/v4/p/lab/runs/{run_id}").json()
+
+
+def settled(server, run_id: str) -> dict:
+    done = ("succeeded", "failed", "cancelled")
+    return wait_until(lambda: (body := run_status(server, run_id))["status"] in done and body, timeout=15)
+
+
+@pytest.mark.parametrize("idempotent", [False, True])
+def test_a_live_server_takes_back_claims_whose_lease_ran_out(start_server, tmp_path, monkeypatch, idempotent):
+    monkeypatch.setattr("runnel.runs.runner.LEASE", 0.3)
+    server, store = lab_server(start_server, tmp_path, idempotent=idempotent)
+    first = request(server.port, "POST", "/v4/p/lab/quick?async=true", body=b'{"tag": "first"}')
+    assert settled(server, first.json()["run_id"])["result"] == "first"  # the file exists now
+    insert_claimed(store, "dead", "runner-that-died", time.time() - 1, "dead")
+    insert_claimed(store, "alive", "runner-still-running", time.time() + 3600, "alive")
+    body = settled(server, "dead")
+    if idempotent:
+        assert (body["status"], body["result"]) == ("succeeded", "dead")
+        with contextlib.closing(sqlite3.connect(store)) as conn:
+            assert conn.execute("SELECT attempts FROM runs WHERE id = 'dead'").fetchone() == (2,)
+    else:
+        assert (body["status"], body["status_code"], body["error"]["code"]) == ("failed", 500, "interrupted")
+    assert run_status(server, "alive") == {"run_id": "alive", "status": "running"}  # a live claim is left alone
+
+
+def test_a_run_longer_than_its_lease_keeps_its_claim(start_server, tmp_path, monkeypatch):
+    monkeypatch.setattr("runnel.runs.runner.LEASE", 0.3)
+    server, store = lab_server(start_server, tmp_path)
+    gate = tmp_path / "gate"
+    try:
+        reply = request(server.port, "POST", "/v4/p/lab/hold?async=true",
+                        body=orjson.dumps({"gate": str(gate), "tag": "held"}))
+        run_id = reply.json()["run_id"]
+        wait_until(lambda: run_status(server, run_id)["status"] == "running")
+        time.sleep(1.0)  # over three leases: renewed, or taken back as interrupted
+    finally:
+        gate.write_text("")
+    body = settled(server, run_id)
+    assert (body["status"], body["result"]) == ("succeeded", "held")

@@ -26,7 +26,7 @@ import orjson
 import pytest
 from conftest import request, wait_until
 
-from runnel.webhooks import check_target, sign
+from runnel.runs.webhooks import check_target, sign
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "examples" / "hello" / "main.py"

@@ -5,7 +5,7 @@ changing only its base URL. The project id is accepted as is (any value).
 
 ``POST /v4/{project_id}/{app}/{function}``
     The JSON body (an object; an empty body means no arguments) gives the keyword
-    arguments of ``function`` in app ``app`` (see ``runnel.functions``). Answers
+    arguments of ``function`` in app ``app`` (see ``runnel.backends.python``). Answers
     ``200 {"run_id", "run_time_ms", "result"}``; ``X-Request-Id`` carries the run id
     (a uuid4 in hex, made here for every call; a client's own X-Request-Id is not
     used). A function picks its status by returning a dict with an int
@@ -30,10 +30,10 @@ changing only its base URL. The project id is accepted as is (any value).
 
 ``POST /v4/{project_id}/{app}/{function}?async=true[&webhookEndpoint=URL]``
     An async run (python function apps only): the arguments are checked (404 / 422 as
-    for a sync call), the run is recorded durably (``runnel.jobs``), and the answer is
+    for a sync call), the run is recorded durably (``runnel.runs``), and the answer is
     ``202 {"run_id"}``; the function then runs in the background, a generator's values
     collected into a list. ``webhookEndpoint`` (implies ``async``) is where the
-    finished run is POSTed (see ``runnel.webhooks``); its host must be in ``[server]
+    finished run is POSTed (see ``runnel.runs.webhooks``); its host must be in ``[server]
     webhook_allowed_hosts``, else 400 and nothing is recorded.
 
 ``GET /v4/{project_id}/{app}/runs/{run_id}``
@@ -65,13 +65,12 @@ import uuid
 
 import orjson
 
+from ..backends.python import FunctionStream, is_function_app
 from ..errors import HTTPError
-from ..functions import FunctionStream, is_function_app
 from ..hookspecs import hookimpl
 from ..http import Response, json_response
 from ..http.response import JSON
-from ..jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, Surface, runner_for
-from ..webhooks import check_target
+from ..runs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, RunView, check_target
 from .openai import NO_CACHE, OpenAIAPI, can_embed, is_model_app
 from .openai import SSE as OPENAI_SSE
 
@@ -89,8 +88,8 @@ class CortexAPI:
         self.server = server
         self.openai = OpenAIAPI.of(server)
         self.public: set[str] = set()
-        self.runs = runner_for(server)
-        self.runs.add_surface(CortexRuns())
+        self.runs = server.runs
+        self.runs.add_view(CortexRuns())
         config = server.config
         for name, app_config in config.apps.items():
             table = config.table(f"apps.{name}.functions", app_config.surfaces.get("functions", {}))
@@ -261,13 +260,7 @@ class CortexAPI:
 
     @staticmethod
     def _result(result, function: str, run_id: str, started: float) -> Response:
-        status = 200
-        if type(result) is dict and type(result.get("status_code")) is int:
-            result = dict(result)
-            status = result.pop("status_code")
-            if not 200 <= status <= 599:
-                raise HTTPError(500, f"Function '{function}' returned an invalid status_code {status}",
-                                code="invalid_status_code")
+        status, result = split_status(result, function)
         elapsed = int((time.perf_counter() - started) * 1000)
         try:
             body = orjson.dumps({"run_id": run_id, "run_time_ms": elapsed, "result": result},
@@ -299,16 +292,28 @@ class CortexAPI:
             await values.aclose()  # stops the function if we stopped early
 
 
-class CortexRuns(Surface):
+def split_status(result, function: str) -> tuple[int, object]:
+    """A function's HTTP status and the result to send: a dict with an int ``"status_code"``
+    picks the status (the rest of the dict is the result); anything else is 200 as it is.
+    HTTPError 500 for a status outside 200-599. The one place this rule lives, for sync
+    calls, async runs (checked when they finish) and their rendering."""
+    if type(result) is dict and type(result.get("status_code")) is int:
+        result = dict(result)
+        status = result.pop("status_code")
+        if not 200 <= status <= 599:
+            raise HTTPError(500, f"Function '{function}' returned an invalid status_code {status}",
+                            code="invalid_status_code")
+        return status, result
+    return 200, result
+
+
+class CortexRuns(RunView):
     """Async runs of the /v4 routes: called with the body's keys as arguments."""
 
     name = SURFACE
 
     def check(self, run, result):
-        if type(result) is dict and type(result.get("status_code")) is int and \
-                not 200 <= result["status_code"] <= 599:
-            raise HTTPError(500, f"Function '{run.function}' returned an invalid status_code "
-                            f"{result['status_code']}", code="invalid_status_code")
+        split_status(result, run.function)  # fails the run now, as the sync call would
         return result
 
     @staticmethod
@@ -316,10 +321,7 @@ class CortexRuns(Surface):
         """``{"run_id", "status"}``, plus, once done, what the sync call would have answered."""
         body = {"run_id": run.id, "status": RUN_STATUS[run.state]}
         if run.state == SUCCEEDED:
-            result, status = run.output, 200
-            if type(result) is dict and type(result.get("status_code")) is int:
-                result = dict(result)
-                status = result.pop("status_code")
+            status, result = split_status(run.output, run.function)  # checked when it finished
             body.update(status_code=status, run_time_ms=run.run_time_ms or 0, result=result)
         elif run.error is not None:
             error = dict(run.error)
@@ -392,13 +394,3 @@ def runnel_register_routes(register, server):
     register("POST", "/v4/{project_id}/{app}/{function}/embeddings", cortex.embedding, **call)
     register("GET", "/v4/{project_id}/{app}/runs/{run_id}", cortex.run_status, public=cortex.is_public,
              errors=cortex.error_body)
-
-
-@hookimpl
-def runnel_startup(server):
-    return runner_for(server).start()  # also started by the RunPod job API: whichever comes first
-
-
-@hookimpl
-def runnel_shutdown(server):
-    return runner_for(server).close()

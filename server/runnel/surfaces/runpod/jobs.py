@@ -1,9 +1,9 @@
-"""Built-in plugin: RunPod's serverless job API, ``/v2/{endpoint_id}/...``, for python apps.
+"""RunPod's serverless job API, ``/v2/{endpoint_id}/...``, for python function apps.
 
 A client written for a RunPod queue endpoint works by changing only its base URL.
 Each python function app is an endpoint (``[apps.NAME.runpod] endpoint_id``, default
 the app's name) whose jobs call one of its functions (``[apps.NAME.runpod] handler``,
-default ``"handler"``). Jobs are runs in the server's run store (``runnel.jobs``),
+default ``"handler"``). Jobs are runs in the server's run store (``runnel.runs``),
 the same one ``/v4 ...?async=true`` uses: durable, recovered after a crash, purged
 after ``[server] runs_retention``.
 
@@ -29,7 +29,7 @@ queued job means it never runs; a running async handler is cancelled; a running
 sync handler cannot be stopped (it runs in a thread) and its result is discarded.
 
 Model apps (echo, ctranslate2) are not served here: their endpoints answer 404
-saying so; they keep ``/v2/{id}/openai/v1/...`` (``runnel.surfaces.runpod``).
+saying so; they keep ``/v2/{id}/openai/v1/...`` (``openai.py`` here).
 Errors are ``{"error": "<message>"}``. Routes are authenticated like the rest.
 """
 
@@ -39,13 +39,11 @@ import time
 
 import orjson
 
-from ..errors import HTTPError
-from ..functions import is_function_app
-from ..hookspecs import hookimpl
-from ..http import Response, json_response
-from ..http.response import JSON
-from ..jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, Surface, runner_for
-from ..webhooks import check_target
+from ...backends.python import is_function_app
+from ...errors import HTTPError
+from ...http import json_response
+from ...runs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, Run, RunView, check_target
+from .config import RunPodEndpoint
 
 SURFACE = "runpod"
 STATUS = {QUEUED: "IN_QUEUE", RUNNING: "IN_PROGRESS", SUCCEEDED: "COMPLETED", FAILED: "FAILED",
@@ -53,7 +51,7 @@ STATUS = {QUEUED: "IN_QUEUE", RUNNING: "IN_PROGRESS", SUCCEEDED: "COMPLETED", FA
 JOB_PARAMETERS = (frozenset(("job",)), frozenset(("event",)))
 
 
-class RunPodJobs(Surface):
+class RunPodJobs(RunView):
     """How a job calls its handler, and how RunPod shows a job."""
 
     name = SURFACE
@@ -91,29 +89,54 @@ def _ms(seconds: float) -> int:
     return max(0, int(seconds * 1000))
 
 
+class StreamCursors:
+    """How many of each job's values ``/stream`` has handed out, so each call returns
+    only what is new. RunPod's cursor, kept here: the runner only offers a running
+    generator's values so far. Entries untouched for ``retention`` seconds (the job
+    has expired by then) are dropped."""
+
+    def __init__(self, retention: float) -> None:
+        self.retention = retention
+        self._seen: dict[str, tuple[int, float]] = {}  # job id -> (values handed out, when)
+        self._pruned = time.monotonic()
+
+    def take(self, run: Run, so_far: list | None) -> list:
+        """The values of ``run`` not handed out before: ``so_far`` (a running generator's
+        values), or once the job is done its recorded values (a non-generator's output)."""
+        values = so_far
+        if values is None:
+            if not run.done:
+                return []  # not started, or finishing right now: the next call has them
+            if run.streamed and type(run.output) is list:
+                values = run.output
+            else:
+                values = [run.output] if run.state == SUCCEEDED else []
+        now = time.monotonic()
+        if now - self._pruned > min(max(self.retention / 2, 0.05), 60.0):
+            self._pruned = now
+            self._seen = {key: value for key, value in self._seen.items() if value[1] >= now - self.retention}
+        seen = self._seen.get(run.id, (0, 0.0))[0]
+        self._seen[run.id] = (max(seen, len(values)), now)
+        return values[seen:]
+
+
 def render_error(request, error: HTTPError) -> dict:
     return {"error": error.message}
 
 
 class RunPodJobAPI:
-    def __init__(self, server) -> None:
+    def __init__(self, server, endpoints: dict[str, RunPodEndpoint]) -> None:
         self.apps = server.apps
-        self.runs = runner_for(server)
-        self.runs.add_surface(RunPodJobs())
+        self.runs = server.runs
+        self.runs.add_view(RunPodJobs())
+        self.cursors = StreamCursors(server.config.server.runs_retention)
         self.runsync_timeout = server.config.server.runsync_timeout
         self.endpoints: dict[str, tuple[str, str]] = {}  # endpoint id -> (app, handler)
         self.model_endpoints: set[str] = set()
-        config = server.config
         apps = dict(server.apps.items())
-        for name, app_config in config.apps.items():
-            # runnel.surfaces.runpod owns [apps.NAME.runpod] (and finish()es it); read only ours here.
-            table = config.table(f"apps.{name}.runpod", app_config.surfaces.get("runpod", {}))
-            endpoint_id = table.get("endpoint_id", str, default=name)
-            handler = table.get("handler", str, default="handler")
-            if not handler.isidentifier():
-                raise table.error("handler", f"must be a function name, got {handler!r}")
-            if is_function_app(apps.get(name)):
-                self.endpoints[endpoint_id] = (name, handler)
+        for endpoint_id, endpoint in endpoints.items():
+            if is_function_app(apps.get(endpoint.app)):
+                self.endpoints[endpoint_id] = (endpoint.app, endpoint.handler)
             else:
                 self.model_endpoints.add(endpoint_id)
 
@@ -180,8 +203,8 @@ class RunPodJobAPI:
 
     async def stream(self, request):
         run = await self._job(request)
-        body = {"status": STATUS[run.state],
-                "stream": [{"output": value} for value in self.runs.take_stream(run)]}
+        values = self.cursors.take(run, self.runs.values_so_far(run.id))
+        body = {"status": STATUS[run.state], "stream": [{"output": value} for value in values]}
         if run.error is not None:
             body["error"] = run.error["message"]
         return json_response(body)
@@ -202,9 +225,8 @@ class RunPodJobAPI:
         })
 
 
-@hookimpl
-def runnel_register_routes(register, server):
-    api = RunPodJobAPI(server)
+def register_routes(register, server, endpoints: dict[str, RunPodEndpoint]) -> None:
+    api = RunPodJobAPI(server, endpoints)
     # Three segments, or four with a fixed second: none overlaps /v2/{id}/openai/v1/...
     register("POST", "/v2/{endpoint_id}/run", api.run, errors=render_error)
     register("POST", "/v2/{endpoint_id}/runsync", api.runsync, errors=render_error)
@@ -214,12 +236,3 @@ def runnel_register_routes(register, server):
         register(method, "/v2/{endpoint_id}/stream/{job_id}", api.stream, errors=render_error)
     register("POST", "/v2/{endpoint_id}/cancel/{job_id}", api.cancel, errors=render_error)
 
-
-@hookimpl
-def runnel_startup(server):
-    return runner_for(server).start()  # also started by the /v4 surface: whichever comes first
-
-
-@hookimpl
-def runnel_shutdown(server):
-    return runner_for(server).close()

@@ -1,25 +1,29 @@
-"""Durable background runs: the runner that executes runs recorded in the run store (``runnel.runstore``).
+"""The runner: executes the runs recorded in a run store, in the background.
 
-Surfaces (``/v4 ...?async=true`` in ``runnel.surfaces.cortex``, the RunPod job API in
-``runnel.surfaces.runpod_jobs``) submit runs; one ``Runner`` per server, shared
-through ``runner_for(server)``, records each run before the caller is answered, then
-runs it in the background. Each surface starts and stops the runner from its
-``runnel_startup`` / ``runnel_shutdown`` hooks (``start`` and ``close`` are idempotent).
+One ``Runner`` per ``Server``, made next to its apps in ``Server.build()``, started
+in ``Server.start()`` and closed in ``Server.stop()``. Surfaces submit runs to it
+(``/v4 ...?async=true`` in ``runnel.surfaces.cortex``, the RunPod job API in
+``runnel.surfaces.runpod``) and register a ``RunView`` saying how their runs are
+called, checked and rendered. A run is recorded before its caller is answered, then
+queued here; a worker waits for the run's app to be ready, claims the run in the
+store (which makes it ours: see ``runnel.runs.store`` for states and claims), runs
+it and records the outcome. While it runs, the claim is renewed every
+``lease / 3`` seconds; a claim left to expire (its runner died) is taken back by
+``recover``: the run fails with code ``interrupted``, or is queued again when its
+app is idempotent (``[apps.NAME.functions] idempotent = true``).
 
-States: ``queued -> running -> succeeded | failed | cancelled | timed_out``; a
-queued run may also go straight to ``cancelled``. Every change is a committed
-SQLite write (WAL, ``synchronous=FULL``), made on the store's one thread.
-
-Recovery, when a server starts on a store a previous process left (e.g. after
-SIGKILL): runs still ``running`` become ``failed`` with code ``interrupted``, or
-``queued`` again when their app is idempotent (``[apps.NAME.functions]
-idempotent = true``); then every queued run is run, in submission order, and
-webhooks not yet delivered are sent. Finished runs are kept ``runs_retention``
-seconds, then purged (at start, then periodically); an expired run reads as unknown.
+At start the runner recovers (the SQLite store has already expired every claim a
+dead process left), queues every queued run, in submission order, and sends the
+webhooks not yet delivered. Finished runs are kept ``runs_retention`` seconds, then
+purged (at start, then periodically); an expired run reads as unknown.
 
 At most ``runs_workers`` runs execute at once per server. A sync function runs in
-its app's own thread pool (``FunctionApp.invoke``), so it cannot be interrupted:
-cancelling or timing it out abandons the call and discards its result.
+its app's own thread pool, so it cannot be interrupted: cancelling or timing it
+out abandons the call and discards its result.
+
+What lives only here, in this process: the queue of run ids to take (a run is in it
+at most once per submit or recovery; a stale id is skipped because the claim fails),
+the task running each run this runner holds, and a running generator's values so far.
 """
 
 from __future__ import annotations
@@ -27,19 +31,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sqlite3
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
-from .apps import LOADING
-from .config import ConfigError
-from .errors import HTTPError
-from .functions import FunctionStream
-from .runstore import (
+from ..config import ConfigError
+from ..errors import HTTPError
+from .sqlite import SQLiteRunStore
+from .store import (
     CANCELLED,
     FAILED,
     QUEUED,
@@ -48,19 +51,33 @@ from .runstore import (
     TIMED_OUT,
     Run,
     RunStore,
-    StoreBusy,
+    StoreUnavailable,
 )
 from .webhooks import Webhooks, check_target
 
 logger = logging.getLogger("runnel.runs")
 
-__all__ = ["Run", "RunStore", "Runner", "StoreBusy", "Surface", "runner_for"]
+__all__ = ["RunView", "Runner", "ValueStream"]
 
 CANCEL_GRACE = 5.0  # seconds a cancelled call gets to unwind (its finally blocks)
+LEASE = 30.0  # seconds a claim lasts unless renewed; renewed every LEASE / 3
 
 
-class Surface:
-    """How one surface's runs are called and shown. Subclass and ``Runner.add_surface``."""
+@runtime_checkable
+class ValueStream(Protocol):
+    """What a function returns when it yields values (``runnel.backends.python.FunctionStream``
+    is one): async-iterable, and ``aclose()`` stops the function when the caller stops early."""
+
+    def __aiter__(self) -> AsyncIterator[Any]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class RunView:
+    """How one surface's runs are called, checked and shown.
+
+    A surface subclasses it, names it after itself (``name``, what ``Run.surface``
+    holds) and registers it with ``Runner.add_view``."""
 
     name = "default"
 
@@ -94,87 +111,83 @@ class _Outcome:
     run_time_ms: int | None = None
 
 
-def runner_for(server) -> Runner:
-    """The server's one runner (made on first use, kept in ``server.state``)."""
-    runner = server.state.get("runner")
-    if runner is None:
-        runner = server.state["runner"] = Runner(server.config, server.apps)
-    return runner
+def store_for(settings) -> RunStore:
+    """The store ``[server]`` names: the SQLite file ``runs_path`` ("" is memory)."""
+    path = settings.runs_path
+    return SQLiteRunStore(os.path.abspath(os.path.expanduser(path)) if path else "")
 
 
 class Runner:
-    def __init__(self, config, apps) -> None:
+    def __init__(self, config, apps, *, store: RunStore | None = None) -> None:
+        """No I/O here: ``start()`` opens the store."""
         settings = config.server
-        path = settings.runs_path
-        self.store = RunStore(os.path.abspath(os.path.expanduser(path)) if path else "")
+        self.store = store if store is not None else store_for(settings)
         self.apps = apps  # runnel.apps.AppRegistry
+        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"  # this runner's claims
+        self.lease = LEASE
         self.retention = settings.runs_retention
         self.workers = settings.runs_workers
         self.allowed_hosts = settings.webhook_allowed_hosts
         self.webhooks = Webhooks(settings.webhook_secret, settings.webhook_retry_delay)
         self.idempotent: set[str] = set()  # apps whose interrupted runs are run again
-        self.surfaces: dict[str, Surface] = {}
+        self.views: dict[str, RunView] = {}
         self._state = "new"
         self._queue: asyncio.Queue[str] = asyncio.Queue()
-        self._tasks: list[asyncio.Task] = []  # workers and the purger
+        self._tasks: list[asyncio.Task] = []  # workers, the claim keeper and the purger
         self._deliveries: set[asyncio.Task] = set()
         self._active: dict[str, _Active] = {}
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._streams: dict[str, list] = {}  # a running generator's values so far
-        self._seen: dict[str, tuple[int, float]] = {}  # run id -> (values streamed out, when)
 
-    def add_surface(self, surface: Surface) -> None:
-        self.surfaces[surface.name] = surface
+    def add_view(self, view: RunView) -> None:
+        if view.name in self.views:
+            raise ValueError(f"run view {view.name!r} is registered twice")
+        self.views[view.name] = view
 
-    def _surface(self, run: Run) -> Surface:
-        return self.surfaces.get(run.surface) or Surface()
+    def view(self, run: Run) -> RunView:
+        return self.views.get(run.surface) or RunView()
 
     # -- lifecycle -------------------------------------------------------------------
-    def start(self):
-        """A coroutine that opens the store, recovers and starts the workers; None if already started."""
+    async def start(self) -> None:
+        """Open the store, recover what a previous process left, start the workers.
+        ConfigError when the store cannot be used."""
         if self._state != "new":
-            return None
+            return
         self._state = "started"
-        return self._start()
-
-    async def _start(self) -> None:
-        path = self.store.path
-        if path and not os.path.isdir(os.path.dirname(path)):
-            raise ConfigError(f"no such directory: {os.path.dirname(path)}", key="server.runs_path")
         try:
-            opened = await self.store.open(create=not path)
-        except StoreBusy as exc:
+            if await self.store.open(create=False):  # a file is made on the first run
+                await self._recover_at_start()
+        except BaseException as exc:
+            self._state = "closed"
             await self.store.close()
-            raise ConfigError(str(exc), key="server.runs_path") from None
-        if opened:
-            await self._recover()
+            if isinstance(exc, StoreUnavailable):
+                raise ConfigError(str(exc), key=exc.key) from None
+            raise
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._work()) for _ in range(self.workers)]
+        self._tasks.append(loop.create_task(self._keep_claims()))
         self._tasks.append(loop.create_task(self._purge_forever()))
 
-    async def _recover(self) -> None:
-        interrupted = HTTPError(500, "The run was interrupted: the server stopped while it was running",
-                                code="interrupted")
-        queued = await self.store.recover(self.idempotent, interrupted)
+    async def _recover_at_start(self) -> None:
+        recovered = await self.store.recover(self.idempotent, _interrupted())
         purged = await self.store.purge(time.time() - self.retention)
+        queued = await self.store.queued()
         for run_id in queued:
             self._queue.put_nowait(run_id)
-        pending = await self.store.pending_webhooks()
+        pending = await self.store.pending_webhooks()  # those of runs failed just now included
         for run in pending:
             self._send_webhook(run)
-        if queued or purged or pending:
-            logger.info("run store %s: %d queued runs to run, %d purged, %d webhooks to send",
-                        self.store.path or "(memory)", len(queued), purged, len(pending))
+        if queued or purged or pending or recovered.failed:
+            logger.info("run store %s: %d queued runs to run (%d run again), %d interrupted, %d purged, "
+                        "%d webhooks to send", self.store.name, len(queued), len(recovered.requeued),
+                        len(recovered.failed), purged, len(pending))
 
-    def close(self):
-        """A coroutine that stops the workers and closes the store; None if already closed.
-        Runs still queued or running stay so in the store, for the next start."""
+    async def close(self) -> None:
+        """Stop the workers and close the store. Runs still queued or running stay so in
+        the store; their claims expire, for the next start (or another server) to recover."""
         if self._state == "closed":
-            return None
+            return
         self._state = "closed"
-        return self._close()
-
-    async def _close(self) -> None:
         tasks = [*self._tasks, *self._deliveries]
         for task in tasks:
             task.cancel()
@@ -192,10 +205,10 @@ class Runner:
             if not self.store.is_open:
                 await self.store.open(create=True)
             await self.store.insert(run)
-        except StoreBusy as exc:
+        except StoreUnavailable as exc:
             raise HTTPError(503, str(exc), code="run_store_busy") from None
-        except (sqlite3.Error, OSError) as exc:
-            logger.exception("run store %s: cannot record run %s", self.store.path or "(memory)", run.id)
+        except Exception as exc:  # the store's own errors (sqlite3.Error, OSError, ...)
+            logger.exception("run store %s: cannot record run %s", self.store.name, run.id)
             raise HTTPError(503, f"The run could not be recorded: {exc}", code="run_store_error") from None
         self._queue.put_nowait(run.id)
         return run
@@ -233,7 +246,7 @@ class Runner:
             run = await self.get(run_id)
             if run is None or run.done:
                 return run
-            if run.state == QUEUED and await self.store.finish(run_id, CANCELLED, from_states=(QUEUED,)):
+            if run.state == QUEUED and await self.store.finish(run_id, CANCELLED):
                 await self._finished(run)
                 return await self.get(run_id)
             active = self._active.get(run_id)
@@ -242,25 +255,15 @@ class Runner:
                 if active.task is not None:
                     active.task.cancel()
                 return await self.wait(run_id, CANCEL_GRACE * 2)
-            if run.state == RUNNING:  # running in another process on the same file: not ours to stop
+            if run.state == RUNNING:  # claimed by another runner: not ours to stop
                 return run
             await asyncio.sleep(0.01)
         return await self.get(run_id)
 
-    def take_stream(self, run: Run) -> list:
-        """The values of ``run`` not handed out by an earlier call (a generator's so far, or its
-        output once done)."""
-        values = self._streams.get(run.id)
-        if values is None:
-            if not run.done:
-                return []  # not started, or finishing right now: the next call has them
-            if run.streamed and type(run.output) is list:
-                values = run.output
-            else:
-                values = [run.output] if run.state == SUCCEEDED else []
-        seen = self._seen.get(run.id, (0, 0.0))[0]
-        self._seen[run.id] = (max(seen, len(values)), time.monotonic())
-        return values[seen:]
+    def values_so_far(self, run_id: str) -> list | None:
+        """The values a generator this runner is running has yielded so far (the live
+        list: read, don't keep); None when no generator of that run is running here."""
+        return self._streams.get(run_id)
 
     @property
     def busy(self) -> int:
@@ -285,12 +288,10 @@ class Runner:
                 self._active.pop(run_id, None)
 
     async def _ready_app(self, name: str):
-        """The app once it is ready; None if it failed or is gone."""
-        while True:
-            app = self.apps.get(name)
-            if app is not None or self.apps.state(name) != LOADING:
-                return app
-            await asyncio.sleep(0.05)
+        """The app once it has loaded; None if it failed or is gone. No deadline: a run
+        waits for its app as long as the app takes to load (or until the server stops)."""
+        await self.apps.wait_settled(name)
+        return self.apps.get(name)
 
     async def _run(self, run_id: str, active: _Active) -> None:
         run = await self.store.get(run_id)
@@ -300,11 +301,11 @@ class Runner:
         if app is None:
             error = HTTPError(503, f"App '{run.app}' is not available: it is {self.apps.state(run.app) or 'gone'}",
                               code="app_not_ready")
-            if await self.store.finish(run_id, FAILED, from_states=(QUEUED,), error=error):
+            if await self.store.finish(run_id, FAILED, error=error):
                 await self._finished(run)
             return
-        run = await self.store.claim(run_id)
-        if run is None:  # cancelled while queued
+        run = await self.store.claim(run_id, self.owner, self.lease)
+        if run is None:  # cancelled while queued, or claimed by another runner
             return
         if active.cancelled:
             await self._finish(run, _Outcome(CANCELLED))
@@ -313,7 +314,7 @@ class Runner:
         timeout = run.timeout_ms / 1000 if run.timeout_ms else None
         try:
             done, _ = await asyncio.wait((task,), timeout=timeout)
-        except asyncio.CancelledError:  # the server is stopping: left 'running' for recovery
+        except asyncio.CancelledError:  # the server is stopping: left 'running', its claim expires
             task.cancel()
             raise
         if not done:
@@ -328,13 +329,13 @@ class Runner:
         await self._finish(run, outcome)
 
     async def _call(self, run: Run, app) -> _Outcome:
-        surface = self._surface(run)
+        view = self.view(run)
         started = time.perf_counter()
         streamed = False
         values = None
         try:
-            result = await app.invoke(run.function, surface.arguments(app, run), run.id)
-            if isinstance(result, FunctionStream):
+            result = await app.invoke(run.function, view.arguments(app, run), run.id)
+            if isinstance(result, ValueStream):
                 streamed = True
                 values = self._streams[run.id] = []
                 try:
@@ -343,7 +344,7 @@ class Runner:
                 finally:
                     await result.aclose()
                 result = values
-            output = orjson.dumps(surface.check(run, result), option=orjson.OPT_SERIALIZE_NUMPY)
+            output = orjson.dumps(view.check(run, result), option=orjson.OPT_SERIALIZE_NUMPY)
             return _Outcome(SUCCEEDED, output, streamed=streamed, run_time_ms=_ms_since(started))
         except Exception as exc:
             if isinstance(exc, HTTPError):
@@ -356,7 +357,7 @@ class Runner:
                 error = HTTPError(500, f"Function '{run.function}' failed: {type(exc).__name__}: {exc}",
                                   code="function_error")
             partial = None
-            if values:  # what a generator yielded before it failed, for /stream
+            if values:  # what a generator yielded before it failed, for RunPod's /stream
                 try:
                     partial = orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY)
                 except orjson.JSONEncodeError:
@@ -367,11 +368,14 @@ class Runner:
         # Shielded: a server stopping mid-write still records the outcome (the store
         # closes after it, on the same thread).
         written = await asyncio.shield(self.store.finish(
-            run.id, outcome.state, output=outcome.output, error=outcome.error, streamed=outcome.streamed,
-            run_time_ms=outcome.run_time_ms))
+            run.id, outcome.state, owner=self.owner, output=outcome.output, error=outcome.error,
+            streamed=outcome.streamed, run_time_ms=outcome.run_time_ms))
         self._streams.pop(run.id, None)
         if written:
             await self._finished(run)
+        else:
+            logger.warning("run %s: its claim was taken back (not renewed in time); its %s outcome is discarded",
+                           run.id, outcome.state)
 
     async def _finished(self, run: Run) -> None:
         for waiter in self._waiters.pop(run.id, ()):
@@ -385,7 +389,7 @@ class Runner:
     def _send_webhook(self, run: Run) -> None:
         if self._state == "closed":
             return
-        body = orjson.dumps(self._surface(run).render(run), option=orjson.OPT_SERIALIZE_NUMPY)
+        body = orjson.dumps(self.view(run).render(run), option=orjson.OPT_SERIALIZE_NUMPY)
         task = asyncio.get_running_loop().create_task(self._deliver(run, body))
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
@@ -402,16 +406,40 @@ class Runner:
                 logger.exception("webhook for run %s failed", run.id)
         await self.store.webhook_done(run.id)  # delivered or given up; a stop before this resends
 
+    # -- housekeeping -------------------------------------------------------------------
+    async def _keep_claims(self) -> None:
+        """Renew this runner's claims; take back claims other runners let expire."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await self.store.renew(self.owner, self.lease)
+                recovered = await self.store.recover(self.idempotent, _interrupted())
+            except Exception:
+                logger.exception("run store %s: renewing claims failed", self.store.name)
+                continue
+            for run_id in recovered.requeued:
+                self._queue.put_nowait(run_id)
+            for run_id in recovered.failed:
+                run = await self.store.get(run_id)
+                if run is not None:
+                    await self._finished(run)
+            if recovered.requeued or recovered.failed:
+                logger.warning("run store %s: %d expired claims taken back (%d to run again, %d interrupted)",
+                               self.store.name, len(recovered.requeued) + len(recovered.failed),
+                               len(recovered.requeued), len(recovered.failed))
+
     async def _purge_forever(self) -> None:
         interval = min(max(self.retention / 2, 0.05), 60.0)
         while True:
             await asyncio.sleep(interval)
             try:
                 await self.store.purge(time.time() - self.retention)
-            except sqlite3.Error:
-                logger.exception("run store %s: purge failed", self.store.path or "(memory)")
-            stale = time.monotonic() - self.retention
-            self._seen = {key: value for key, value in self._seen.items() if value[1] >= stale}
+            except Exception:
+                logger.exception("run store %s: purge failed", self.store.name)
+
+
+def _interrupted() -> HTTPError:
+    return HTTPError(500, "The run was interrupted: the server stopped while it was running", code="interrupted")
 
 
 def _ms_since(started: float) -> int:

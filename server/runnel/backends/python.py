@@ -16,8 +16,8 @@ The setup function is not a function of the app.
 The module is imported (in a worker thread) and its setup function run in
 ``start()``, so ``/health`` answers 503 while either is slow.
 
-``FunctionApp.invoke`` is the one way in, for every surface (``/v4`` in
-``runnel.surfaces.cortex``, and whatever runs functions later, e.g. async runs):
+``FunctionApp.invoke`` is the one way in, for every caller (the ``/v4`` routes in
+``runnel.surfaces.cortex``, the RunPod job API, async runs in ``runnel.runs``):
 
     result = await app.invoke("greet", {"name": "Ada"}, run_id)
     if isinstance(result, FunctionStream):   # a generator: values as they are yielded
@@ -58,8 +58,8 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .errors import HTTPError
-from .hookspecs import hookimpl
+from ..errors import HTTPError
+from ..hookspecs import hookimpl
 
 logger = logging.getLogger("runnel.functions")
 

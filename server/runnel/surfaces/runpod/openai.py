@@ -1,45 +1,26 @@
-"""Built-in plugin: RunPod-style OpenAI paths, ``/v2/{endpoint_id}/openai/v1/...``.
+"""RunPod-style OpenAI paths for model apps, ``/v2/{endpoint_id}/openai/v1/...``.
 
 A client written for a RunPod vLLM worker works by changing only its base URL.
-Each app is an endpoint; ``[apps.NAME.runpod]`` holds what the worker's
-environment variables would:
-
-    endpoint_id = "abc123"                     # default: the app's name
-    served_model_name_override = "my-model"    # OPENAI_SERVED_MODEL_NAME_OVERRIDE
-    response_role = "assistant"                # OPENAI_RESPONSE_ROLE
-    raw_openai_output = true                   # RAW_OPENAI_OUTPUT: SSE; false: JSON lines
-    handler = "handler"                        # the function /run jobs call (runpod_jobs)
+Each app is an endpoint, configured by ``[apps.NAME.runpod]`` (``config.py``).
 """
 
 from __future__ import annotations
 
-from ..config import ConfigError
-from ..errors import HTTPError
-from ..hookspecs import hookimpl
-from ..http import json_response
-from .openai import OpenAIAPI, ReplyOptions, is_model_app
+from ...errors import HTTPError
+from ...http import json_response
+from ..openai import OpenAIAPI, ReplyOptions, is_model_app
+from .config import RunPodEndpoint
 
 
 class RunPodEndpoints:
-    def __init__(self, server) -> None:
+    def __init__(self, server, endpoints: dict[str, RunPodEndpoint]) -> None:
         self.api = OpenAIAPI.of(server)
         self.server = server
-        self.endpoints: dict[str, tuple[str, ReplyOptions]] = {}
-        config = server.config
-        for name, app_config in config.apps.items():
-            table = config.table(f"apps.{name}.runpod", app_config.surfaces.get("runpod", {}))
-            endpoint_id = table.get("endpoint_id", str, default=name)
-            table.get("handler", str, default="handler")  # the job API's (runnel.surfaces.runpod_jobs)
-            reply = ReplyOptions(
-                model_name=table.get("served_model_name_override", str, default=None),
-                role=table.get("response_role", str, default="assistant"),
-                sse=table.get("raw_openai_output", bool, default=True),
-            )
-            table.finish()
-            if endpoint_id in self.endpoints:
-                raise ConfigError(f"endpoint id {endpoint_id!r} is used by two apps", key=f"apps.{name}.runpod.endpoint_id",
-                                  source=config.source)
-            self.endpoints[endpoint_id] = (name, reply)
+        self.endpoints: dict[str, tuple[str, ReplyOptions]] = {
+            endpoint_id: (endpoint.app, ReplyOptions(model_name=endpoint.model_name, role=endpoint.role,
+                                                     sse=endpoint.sse))
+            for endpoint_id, endpoint in endpoints.items()
+        }
 
     def _lookup(self, request) -> tuple[str, ReplyOptions]:
         endpoint_id = request.path_params["endpoint_id"]
@@ -77,9 +58,8 @@ class RunPodEndpoints:
         return json_response({"object": "list", "data": data})
 
 
-@hookimpl
-def runnel_register_routes(register, server):
-    runpod = RunPodEndpoints(server)
+def register_routes(register, server, endpoints: dict[str, RunPodEndpoint]) -> None:
+    runpod = RunPodEndpoints(server, endpoints)
     register("POST", "/v2/{endpoint_id}/openai/v1/chat/completions", runpod.chat)
     register("POST", "/v2/{endpoint_id}/openai/v1/completions", runpod.completions)
     register("GET", "/v2/{endpoint_id}/openai/v1/models", runpod.models)

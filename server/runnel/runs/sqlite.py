@@ -1,9 +1,15 @@
-"""The SQLite run store behind durable background runs (see ``runnel.jobs``).
+"""The SQLite run store: runs on one host, durable across crashes (the default store).
 
-One table of runs, in WAL mode with ``synchronous=FULL``, written in autocommit
-on the store's one thread so the event loop never waits on the disk. A run is
-recorded before its caller is answered; every state change is a committed write
-that applies only if the run is still in the state the writer expects.
+One table of runs, in WAL mode with ``synchronous=FULL``, written in autocommit on
+the store's one thread so the event loop never waits on the disk. A run is
+recorded before its caller is answered; every state change is one committed
+``UPDATE ... WHERE`` that applies only if the run is still in the state (and
+claim) the writer expects (see ``runnel.runs.store`` for the states and claims).
+
+``<path>.lock`` (flock) keeps a second server off the file, so when this store
+opens a file, every claim in it belongs to a process that is gone: ``open``
+expires them all at once, and the runner's first ``recover`` takes them back
+without waiting for their leases to run out.
 """
 
 from __future__ import annotations
@@ -14,46 +20,16 @@ import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import fields
 
 import orjson
 
-from .errors import HTTPError
+from ..errors import HTTPError
+from .store import FAILED, QUEUED, RUNNING, TERMINAL, Recovered, Run, StoreUnavailable, error_record
 
 logger = logging.getLogger("runnel.runs")
 
-__all__ = ["Run", "RunStore", "StoreBusy"]
-
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, TIMED_OUT = (
-    "queued", "running", "succeeded", "failed", "cancelled", "timed_out")
-TERMINAL = frozenset((SUCCEEDED, FAILED, CANCELLED, TIMED_OUT))
-
-
-@dataclass(slots=True)
-class Run:
-    id: str
-    surface: str  # which surface submitted it, and renders it: "cortex", "runpod"
-    app: str
-    function: str
-    input: Any  # JSON: keyword arguments (cortex) or the job's input (runpod)
-    state: str = QUEUED
-    webhook: str | None = None
-    timeout_ms: int | None = None  # execution time allowed, None: no limit
-    output: Any = None  # JSON result; a generator's values as a list
-    error: dict | None = None  # {"status", "message", "type", "param", "code"}
-    streamed: bool = False  # output is the list of a generator's values
-    attempts: int = 0  # times it started running (> 1: re-run after a crash)
-    webhook_pending: bool = False
-    created_at: float = 0.0  # unix seconds
-    started_at: float | None = None
-    finished_at: float | None = None
-    run_time_ms: int | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.state in TERMINAL
-
+__all__ = ["SQLiteRunStore"]
 
 COLUMNS = tuple(f.name for f in fields(Run))
 _JSON_COLUMNS = ("input", "output", "error")
@@ -63,32 +39,29 @@ CREATE TABLE IF NOT EXISTS runs (
     input BLOB NOT NULL, state TEXT NOT NULL, webhook TEXT, timeout_ms INTEGER,
     output BLOB, error BLOB, streamed INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0, webhook_pending INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL, started_at REAL, finished_at REAL, run_time_ms INTEGER
+    created_at REAL NOT NULL, started_at REAL, finished_at REAL, run_time_ms INTEGER,
+    owner TEXT, lease_until REAL
 );
 CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state);
 CREATE INDEX IF NOT EXISTS runs_by_app ON runs (app, surface);
 CREATE INDEX IF NOT EXISTS runs_by_finish ON runs (finished_at);
 """
+# Columns added since the first release, for files an older server made.
+_ADDED_COLUMNS = (("owner", "TEXT"), ("lease_until", "REAL"))
 
 
-def error_record(error: HTTPError) -> dict:
-    return {"status": error.status, **error.to_dict()["error"]}
-
-
-class StoreBusy(RuntimeError):
-    """Another server holds the store's file."""
-
-
-class RunStore:
+class SQLiteRunStore:
     """Runs in SQLite: WAL, ``synchronous=FULL``, every statement on the store's one thread.
 
     ``path`` "" keeps them in memory (gone with the process; for tests). A file is
-    created on first use, so a server that never takes a run leaves nothing behind;
-    ``<path>.lock`` (flock) keeps a second server off the same file.
+    created on first use, so a server that never takes a run leaves nothing behind.
+    ``key`` is the setting that named the path, for errors.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, key: str = "server.runs_path") -> None:
         self.path = path
+        self.name = path or "(memory)"
+        self.key = key
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="runnel-runs")
@@ -103,13 +76,15 @@ class RunStore:
 
     # -- opening and closing (on the store's thread) --------------------------------
     async def open(self, *, create: bool) -> bool:
-        """Open (and create, when ``create``) the store; False when there is no file yet."""
         return await self._do(self._open, create)
 
     def _open(self, create: bool) -> bool:
         if self._conn is not None:
             return True
         if self.path:
+            directory = os.path.dirname(self.path)
+            if not os.path.isdir(directory):
+                raise StoreUnavailable(f"no such directory: {directory}", key=self.key)
             if not create and not os.path.exists(self.path):
                 return False
             self._lock()
@@ -123,6 +98,12 @@ class RunStore:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.executescript(SCHEMA)
+            have = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+            for name, kind in _ADDED_COLUMNS:
+                if name not in have:
+                    conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+            if self._lock_fd is not None:  # we hold the file alone: whoever claimed these is gone
+                conn.execute("UPDATE runs SET lease_until = 0 WHERE state = ?", (RUNNING,))
         except BaseException:
             conn.close()
             self._unlock()
@@ -133,14 +114,14 @@ class RunStore:
     def _lock(self) -> None:
         try:
             import fcntl
-        except ImportError:  # not POSIX: no guard against a second server
+        except ImportError:  # not POSIX: no guard against a second server, claims expire by lease only
             return
         fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise StoreBusy(f"{self.path} is in use by another runnel server") from None
+            raise StoreUnavailable(f"{self.path} is in use by another runnel server", key=self.key) from None
         self._lock_fd = fd
 
     def _unlock(self) -> None:
@@ -193,53 +174,79 @@ class RunStore:
         values["webhook_pending"] = bool(values["webhook_pending"])
         return Run(**values)
 
-    async def claim(self, run_id: str) -> Run | None:
-        """queued -> running; None when the run is no longer queued (cancelled)."""
-        return await self._do(self._claim, run_id)
+    async def queued(self) -> list[str]:
+        return await self._do(self._queued)
 
-    def _claim(self, run_id: str) -> Run | None:
+    def _queued(self) -> list[str]:
+        if self._conn is None:
+            return []
+        return [row[0] for row in self._conn.execute("SELECT id FROM runs WHERE state = ? ORDER BY rowid", (QUEUED,))]
+
+    async def claim(self, run_id: str, owner: str, lease: float) -> Run | None:
+        return await self._do(self._claim, run_id, owner, lease)
+
+    def _claim(self, run_id: str, owner: str, lease: float) -> Run | None:
+        now = time.time()
         cursor = self._conn.execute(
-            "UPDATE runs SET state = ?, started_at = ?, attempts = attempts + 1 WHERE id = ? AND state = ?",
-            (RUNNING, time.time(), run_id, QUEUED))
+            "UPDATE runs SET state = ?, owner = ?, lease_until = ?, started_at = ?, attempts = attempts + 1 "
+            "WHERE id = ? AND state = ?", (RUNNING, owner, now + lease, now, run_id, QUEUED))
         return self._get(run_id) if cursor.rowcount == 1 else None
 
-    async def finish(self, run_id: str, state: str, *, from_states=(RUNNING,), output: bytes | None = None,
+    async def renew(self, owner: str, lease: float) -> int:
+        return await self._do(self._renew, owner, lease)
+
+    def _renew(self, owner: str, lease: float) -> int:
+        if self._conn is None:
+            return 0
+        return self._conn.execute("UPDATE runs SET lease_until = ? WHERE owner = ? AND state = ?",
+                                  (time.time() + lease, owner, RUNNING)).rowcount
+
+    async def finish(self, run_id: str, state: str, *, owner: str | None = None, output: bytes | None = None,
                      error: HTTPError | None = None, streamed: bool = False,
                      run_time_ms: int | None = None) -> bool:
-        """Move a run in one of ``from_states`` to the final ``state``; False if it was not in one."""
-        return await self._do(self._finish, run_id, state, tuple(from_states), output,
+        return await self._do(self._finish, run_id, state, owner, output,
                               None if error is None else orjson.dumps(error_record(error)), streamed, run_time_ms)
 
-    def _finish(self, run_id, state, from_states, output, error, streamed, run_time_ms) -> bool:
+    def _finish(self, run_id, state, owner, output, error, streamed, run_time_ms) -> bool:
+        if owner is None:
+            expected, values = "state = ?", (QUEUED,)
+        else:
+            expected, values = "state = ? AND owner = ?", (RUNNING, owner)
         cursor = self._conn.execute(
-            f"UPDATE runs SET state = ?, output = ?, error = ?, streamed = ?, run_time_ms = ?, finished_at = ? "
-            f"WHERE id = ? AND state IN ({', '.join('?' * len(from_states))})",
-            (state, output, error, int(streamed), run_time_ms, time.time(), run_id, *from_states))
+            f"UPDATE runs SET state = ?, output = ?, error = ?, streamed = ?, run_time_ms = ?, finished_at = ?, "
+            f"lease_until = NULL WHERE id = ? AND {expected}",
+            (state, output, error, int(streamed), run_time_ms, time.time(), run_id, *values))
         return cursor.rowcount == 1
 
-    async def recover(self, idempotent_apps, interrupted: HTTPError) -> list[str]:
-        """Runs a dead process left running: re-queued (idempotent apps) or failed.
-        Returns the ids of every queued run, oldest first."""
-        return await self._do(self._recover, tuple(idempotent_apps), orjson.dumps(error_record(interrupted)))
+    async def recover(self, idempotent_apps, interrupted: HTTPError) -> Recovered:
+        return await self._do(self._recover, frozenset(idempotent_apps), orjson.dumps(error_record(interrupted)))
 
-    def _recover(self, idempotent: tuple, error: bytes) -> list[str]:
+    def _recover(self, idempotent: frozenset, error: bytes) -> Recovered:
+        recovered = Recovered()
         conn = self._conn
+        if conn is None:
+            return recovered
+        now = time.time()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if idempotent:
-                conn.execute(f"UPDATE runs SET state = ?, started_at = NULL WHERE state = ? "
-                             f"AND app IN ({', '.join('?' * len(idempotent))})", (QUEUED, RUNNING, *idempotent))
-            conn.execute("UPDATE runs SET state = ?, error = ?, finished_at = ? WHERE state = ?",
-                         (FAILED, error, time.time(), RUNNING))
-            queued = [row[0] for row in conn.execute("SELECT id FROM runs WHERE state = ? ORDER BY rowid", (QUEUED,))]
+            expired = conn.execute("SELECT id, app FROM runs WHERE state = ? AND "
+                                   "(lease_until IS NULL OR lease_until <= ?) ORDER BY rowid", (RUNNING, now))
+            for run_id, app in expired.fetchall():
+                if app in idempotent:
+                    conn.execute("UPDATE runs SET state = ?, owner = NULL, lease_until = NULL, started_at = NULL "
+                                 "WHERE id = ?", (QUEUED, run_id))
+                    recovered.requeued.append(run_id)
+                else:
+                    conn.execute("UPDATE runs SET state = ?, error = ?, finished_at = ?, lease_until = NULL "
+                                 "WHERE id = ?", (FAILED, error, now, run_id))
+                    recovered.failed.append(run_id)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return queued
+        return recovered
 
     async def purge(self, before: float) -> int:
-        """Delete runs finished before ``before`` (unix seconds)."""
         return await self._do(self._purge, before)
 
     def _purge(self, before: float) -> int:
@@ -257,14 +264,14 @@ class RunStore:
         return await self._do(self._pending_webhooks)
 
     def _pending_webhooks(self) -> list[Run]:
+        if self._conn is None:
+            return []
         placeholders = ", ".join("?" * len(TERMINAL))
         ids = self._conn.execute(f"SELECT id FROM runs WHERE webhook_pending = 1 AND state IN ({placeholders}) "
                                  "ORDER BY rowid", tuple(TERMINAL)).fetchall()
         return [run for (run_id,) in ids if (run := self._get(run_id)) is not None]
 
     async def counts(self, app: str, surface: str, since: float) -> dict[str, int]:
-        """Runs of ``app`` from ``surface`` per state (finished ones since ``since``), plus
-        ``"retried"``: those run more than once."""
         return await self._do(self._counts, app, surface, since)
 
     def _counts(self, app: str, surface: str, since: float) -> dict[str, int]:

@@ -1,0 +1,39 @@
+"""Async runs: durable background calls of app functions, owned by the ``Server``.
+
+    store.py     what a run is, its states and claims, and ``RunStore``: the interface
+                 every store implements (local, or shared by several servers)
+    sqlite.py    ``SQLiteRunStore``: the default store, one file per host
+                 (``[server] runs_path``)
+    runner.py    ``Runner``: queues, claims and executes runs, recovers dead runners'
+                 claims, purges; ``RunView``: how a surface's runs are called and shown
+    webhooks.py  a finished run POSTed to its caller's URL, signed, with retries
+
+The surfaces that take runs (``runnel.surfaces.cortex``: ``/v4 ...?async=true``;
+``runnel.surfaces.runpod``: the job API) reach the runner as ``server.runs`` and
+register a ``RunView`` on it; they never make or start one.
+"""
+
+from __future__ import annotations
+
+from .runner import Runner, RunView, ValueStream, store_for
+from .sqlite import SQLiteRunStore
+from .store import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    TIMED_OUT,
+    Recovered,
+    Run,
+    RunStore,
+    StoreUnavailable,
+)
+from .webhooks import Webhooks, check_target
+
+__all__ = [
+    "CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "TERMINAL", "TIMED_OUT",
+    "Recovered", "Run", "RunStore", "RunView", "Runner", "SQLiteRunStore", "StoreUnavailable", "ValueStream",
+    "Webhooks", "check_target", "store_for",
+]

@@ -1,0 +1,151 @@
+"""What a run is, and the store interface every run store implements.
+
+A run is one call of an app's function, recorded before its caller is answered
+and executed in the background by a ``runnel.runs.Runner``. The store is the
+truth about runs; a runner keeps only what cannot be shared (the task running a
+run, a generator's values so far). Stores: ``runnel.runs.sqlite`` (one host, the
+default); a store shared by several servers (Redis) implements the same methods.
+
+States, and who may move a run out of each::
+
+    queued  --claim(owner)-->            running      (any runner: claim is atomic, one wins)
+    queued  --finish(owner=None)-->      cancelled | failed    (any runner: cancel, app gone)
+    running --finish(owner)-->           succeeded | failed | cancelled | timed_out
+                                                      (only the claim's owner, still holding it)
+    running --recover(), claim expired--> queued (idempotent apps) | failed "interrupted"
+
+``succeeded``, ``failed``, ``cancelled`` and ``timed_out`` are final: nothing moves
+a run out of them; ``purge`` deletes them once they are older than the retention.
+
+A claim is ``(owner, lease_until)``: the owner (a runner's id, unique per process
+start) holds the run until ``lease_until`` (unix seconds) and extends it with
+``renew`` while the run executes. A claim whose lease has passed belongs to a dead
+(or hopelessly stuck) runner: ``recover`` takes it back, and from then on a finish
+by the old owner is refused, so a run has at most one recorded outcome. A store
+that can prove an owner dead sooner may expire its claims sooner (the SQLite store
+does at open: its file lock means no other process can be using the file).
+
+Every method is a coroutine that does its I/O off the event loop, and every state
+change applies only if the run is still in the state (and claim) the caller
+expects, so several runners, in one process or many, may share one store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..errors import HTTPError
+
+__all__ = [
+    "CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "TERMINAL", "TIMED_OUT",
+    "Recovered", "Run", "RunStore", "StoreUnavailable", "error_record",
+]
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, TIMED_OUT = (
+    "queued", "running", "succeeded", "failed", "cancelled", "timed_out")
+TERMINAL = frozenset((SUCCEEDED, FAILED, CANCELLED, TIMED_OUT))
+
+
+@dataclass(slots=True)
+class Run:
+    id: str
+    surface: str  # the surface that submitted it, whose view calls and renders it: "cortex", "runpod"
+    app: str
+    function: str
+    input: Any  # JSON: keyword arguments (cortex) or the job's input (runpod)
+    state: str = QUEUED
+    webhook: str | None = None
+    timeout_ms: int | None = None  # execution time allowed, None: no limit
+    output: Any = None  # JSON result; a generator's values as a list
+    error: dict | None = None  # {"status", "message", "type", "param", "code"}
+    streamed: bool = False  # output is the list of a generator's values
+    attempts: int = 0  # times it was claimed (> 1: run again after its runner died)
+    webhook_pending: bool = False
+    created_at: float = 0.0  # unix seconds
+    started_at: float | None = None
+    finished_at: float | None = None
+    run_time_ms: int | None = None
+    owner: str | None = None  # the runner holding the claim while running
+    lease_until: float | None = None  # unix seconds; past it the claim may be recovered
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+
+@dataclass(slots=True)
+class Recovered:
+    """What ``recover`` did: runs queued again, and runs it failed (ids, oldest first)."""
+
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def error_record(error: HTTPError) -> dict:
+    """An HTTPError as a run keeps it (``Run.error``)."""
+    return {"status": error.status, **error.to_dict()["error"]}
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot be used by this server: another one holds it, or it is not there.
+
+    ``key`` names the setting that chose the store, so a server failing to start on
+    it can say which (``ConfigError``)."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class RunStore(Protocol):
+    """The operations a runner needs from a store, local or shared by several processes."""
+
+    name: str  # where the runs are, for logs
+
+    @property
+    def is_open(self) -> bool: ...
+
+    async def open(self, *, create: bool) -> bool:
+        """Open (and create, when ``create``); False when there is nothing to open yet.
+        Raises StoreUnavailable when this server may not use it."""
+
+    async def close(self) -> None: ...
+
+    async def insert(self, run: Run) -> None:
+        """Record a new queued run, durably, before the caller is answered."""
+
+    async def get(self, run_id: str) -> Run | None: ...
+
+    async def queued(self) -> list[str]:
+        """The ids of every queued run, oldest first."""
+
+    async def claim(self, run_id: str, owner: str, lease: float) -> Run | None:
+        """queued -> running, held by ``owner`` for ``lease`` seconds; None when the run is
+        not queued (another runner claimed it, or it was cancelled). Atomic: of several
+        claimants, one wins."""
+
+    async def renew(self, owner: str, lease: float) -> int:
+        """Extend every claim ``owner`` still holds to ``lease`` seconds from now; how many."""
+
+    async def finish(self, run_id: str, state: str, *, owner: str | None = None, output: bytes | None = None,
+                     error: HTTPError | None = None, streamed: bool = False,
+                     run_time_ms: int | None = None) -> bool:
+        """Record the final ``state``: of a running run only by the ``owner`` of its claim, of a
+        queued run only with ``owner`` None. False (nothing written) otherwise."""
+
+    async def recover(self, idempotent_apps, interrupted: HTTPError) -> Recovered:
+        """Take back every expired claim: the run is queued again when its app is in
+        ``idempotent_apps``, else failed with ``interrupted``."""
+
+    async def purge(self, before: float) -> int:
+        """Delete runs finished before ``before`` (unix seconds); how many."""
+
+    async def pending_webhooks(self) -> list[Run]:
+        """Finished runs whose webhook is not yet delivered (or given up), oldest first."""
+
+    async def webhook_done(self, run_id: str) -> None: ...
+
+    async def counts(self, app: str, surface: str, since: float) -> dict[str, int]:
+        """Runs of ``app`` from ``surface`` per state (finished ones since ``since``), plus
+        ``"retried"``: those claimed more than once."""

@@ -1,0 +1,23 @@
+"""Built-in plugin: RunPod's paths, ``/v2/{endpoint_id}/...``.
+
+A client written for RunPod works by changing only its base URL. Each app is an
+endpoint, configured by ``[apps.NAME.runpod]``:
+
+    config.py   the one reader of ``[apps.NAME.runpod]``: one ``RunPodEndpoint`` per app
+    openai.py   ``/v2/{id}/openai/v1/...``: the OpenAI API of model apps, as a vLLM worker has it
+    jobs.py     ``/v2/{id}/run``, ``/runsync``, ``/status``, ``/stream``, ``/cancel``, ``/health``:
+                the job API of python function apps, jobs being runs (``runnel.runs``)
+"""
+
+from __future__ import annotations
+
+from ...hookspecs import hookimpl
+from . import jobs, openai
+from .config import read_endpoints
+
+
+@hookimpl
+def runnel_register_routes(register, server):
+    endpoints = read_endpoints(server.config)
+    openai.register_routes(register, server, endpoints)
+    jobs.register_routes(register, server, endpoints)

@@ -1,0 +1,187 @@
+"""The run store's claims (runnel.runs.store), on the SQLite store with real files.
+
+What a store shared by several runners must guarantee: of two claimants one wins;
+a claim is the owner's alone until it expires; an expired claim is taken back
+(queued again, or failed as interrupted) and can then be taken over, after which
+the old owner's result is refused; renewing keeps a claim alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+
+import pytest
+
+from runnel.cli import run as run_on_uvloop
+from runnel.errors import HTTPError
+from runnel.runs import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Run,
+    RunStore,
+    SQLiteRunStore,
+    StoreUnavailable,
+)
+
+INTERRUPTED = HTTPError(500, "The run was interrupted", code="interrupted")
+LONG, EXPIRED = 60.0, 0.0  # leases, in seconds
+
+
+def new_run(run_id: str, app: str = "lab") -> Run:
+    return Run(id=run_id, surface="cortex", app=app, function="f", input={"x": 1}, created_at=time.time())
+
+
+def with_store(path, body, *, create: bool = True):
+    """Run ``body(store)`` on a fresh event loop with the store open; closes it after."""
+    async def main():
+        store = SQLiteRunStore(str(path))
+        try:
+            assert await store.open(create=create)
+            return await body(store)
+        finally:
+            await store.close()
+
+    return run_on_uvloop(main())
+
+
+def test_the_sqlite_store_implements_the_interface():
+    interface = {name for name in vars(RunStore) if not name.startswith("_")}
+    assert interface <= set(dir(SQLiteRunStore)), interface - set(dir(SQLiteRunStore))
+
+
+def test_of_two_claimants_one_wins(tmp_path):
+    async def body(store):
+        await store.insert(new_run("r1"))
+        claims = await asyncio.gather(*(store.claim("r1", owner, LONG) for owner in ("a", "b", "c")))
+        winners = [claim for claim in claims if claim is not None]
+        assert len(winners) == 1
+        won = winners[0]
+        assert (won.state, won.attempts) == (RUNNING, 1) and won.owner in ("a", "b", "c")
+        assert won.lease_until > time.time() + LONG - 5
+        assert await store.claim("r1", "d", LONG) is None  # not queued any more
+        return won.owner
+
+    with_store(tmp_path / "runs.sqlite3", body)
+
+
+def test_only_the_owner_finishes_a_running_run(tmp_path):
+    async def body(store):
+        await store.insert(new_run("r1"))
+        await store.claim("r1", "a", LONG)
+        assert not await store.finish("r1", SUCCEEDED, owner="b", output=b'"theirs"')
+        assert not await store.finish("r1", CANCELLED)  # owner None: queued runs only
+        assert (await store.get("r1")).state == RUNNING
+        assert await store.finish("r1", SUCCEEDED, owner="a", output=b'"ours"')
+        run = await store.get("r1")
+        assert (run.state, run.output, run.lease_until) == (SUCCEEDED, "ours", None)
+        assert not await store.finish("r1", FAILED, owner="a")  # final states are final
+
+    with_store(tmp_path / "runs.sqlite3", body)
+
+
+def test_a_queued_run_is_finished_without_an_owner(tmp_path):
+    async def body(store):
+        await store.insert(new_run("r1"))
+        assert not await store.finish("r1", CANCELLED, owner="a")  # nobody owns a queued run
+        assert await store.finish("r1", CANCELLED)
+        assert await store.claim("r1", "a", LONG) is None
+
+    with_store(tmp_path / "runs.sqlite3", body)
+
+
+@pytest.mark.parametrize("idempotent", [False, True])
+def test_an_expired_claim_is_taken_back_and_the_old_owner_refused(tmp_path, idempotent):
+    async def body(store):
+        for run_id in ("dead", "alive", "waiting"):
+            await store.insert(new_run(run_id))
+        await store.claim("dead", "a", EXPIRED)
+        await store.claim("alive", "b", LONG)
+        recovered = await store.recover({"lab"} if idempotent else set(), INTERRUPTED)
+        if idempotent:
+            assert (recovered.requeued, recovered.failed) == (["dead"], [])
+            assert (await store.get("dead")).state == QUEUED
+            assert await store.queued() == ["dead", "waiting"]
+            taken = await store.claim("dead", "b", LONG)  # taken over
+            assert (taken.owner, taken.attempts) == ("b", 2)
+            assert not await store.finish("dead", SUCCEEDED, owner="a", output=b'"late"')
+            assert await store.finish("dead", SUCCEEDED, owner="b", output=b'"again"')
+            assert (await store.get("dead")).output == "again"
+        else:
+            assert (recovered.requeued, recovered.failed) == ([], ["dead"])
+            run = await store.get("dead")
+            assert (run.state, run.error["code"], run.error["status"]) == (FAILED, "interrupted", 500)
+            assert not await store.finish("dead", SUCCEEDED, owner="a", output=b'"late"')
+            assert (await store.get("dead")).state == FAILED
+        alive = await store.get("alive")  # a live claim is left alone
+        assert (alive.state, alive.owner) == (RUNNING, "b")
+
+    with_store(tmp_path / "runs.sqlite3", body)
+
+
+def test_renewing_keeps_a_claim_alive(tmp_path):
+    async def body(store):
+        await store.insert(new_run("r1"))
+        await store.insert(new_run("r2"))
+        await store.claim("r1", "a", 0.2)
+        await store.claim("r2", "b", 0.2)
+        assert await store.renew("a", LONG) == 1  # only a's claim
+        await asyncio.sleep(0.3)  # b's lease runs out
+        recovered = await store.recover(set(), INTERRUPTED)
+        assert recovered.failed == ["r2"]
+        assert (await store.get("r1")).state == RUNNING
+
+    with_store(tmp_path / "runs.sqlite3", body)
+
+
+def test_opening_a_file_expires_the_claims_of_the_process_that_left_it(tmp_path):
+    path = tmp_path / "runs.sqlite3"
+
+    async def left(store):
+        await store.insert(new_run("r1"))
+        await store.claim("r1", "gone", LONG)  # a long lease: only the file lock says it is dead
+
+    async def reopened(store):
+        assert (await store.recover(set(), INTERRUPTED)).failed == ["r1"]
+
+    with_store(path, left)
+    with_store(path, reopened, create=False)
+
+
+def test_a_second_store_on_the_same_file_is_refused(tmp_path):
+    path = tmp_path / "runs.sqlite3"
+
+    async def body(store):
+        other = SQLiteRunStore(str(path))
+        with pytest.raises(StoreUnavailable) as caught:
+            await other.open(create=True)
+        await other.close()
+        assert caught.value.key == "server.runs_path" and "in use" in str(caught.value)
+
+    with_store(path, body)
+
+
+def test_a_file_from_before_claims_is_upgraded(tmp_path):
+    path = tmp_path / "runs.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # the first release's table
+        conn.execute("""CREATE TABLE runs (
+            id TEXT PRIMARY KEY, surface TEXT NOT NULL, app TEXT NOT NULL, function TEXT NOT NULL,
+            input BLOB NOT NULL, state TEXT NOT NULL, webhook TEXT, timeout_ms INTEGER,
+            output BLOB, error BLOB, streamed INTEGER NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0, webhook_pending INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL, started_at REAL, finished_at REAL, run_time_ms INTEGER)""")
+        conn.execute("INSERT INTO runs (id, surface, app, function, input, state, created_at, attempts) "
+                     "VALUES ('old', 'cortex', 'lab', 'f', '{}', 'running', 0, 1)")
+        conn.commit()
+
+    async def body(store):
+        assert (await store.recover(set(), INTERRUPTED)).failed == ["old"]
+        await store.insert(new_run("new"))
+        assert (await store.claim("new", "a", LONG)).owner == "a"
+
+    with_store(path, body, create=False)
