@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Iterator, Sequence
 
@@ -60,17 +61,22 @@ _YIELD_EVERY = 32
 class WordPieces:
     """The default tokenizer: words with their leading whitespace, ids in order of first sight."""
 
-    __slots__ = ("ids", "pieces")
+    __slots__ = ("ids", "pieces", "_adding")
 
     def __init__(self) -> None:
         self.ids: dict[str, int] = {}
-        self.pieces: list[str] = []
+        self.pieces: list[str] = []  # only ever appended to
+        # Generators on pool threads may tokenize too: adding a piece is one step under a lock.
+        self._adding = threading.Lock()
 
     def id(self, piece: str) -> int:
         token_id = self.ids.get(piece)
         if token_id is None:
-            token_id = self.ids[piece] = len(self.pieces)
-            self.pieces.append(piece)
+            with self._adding:
+                token_id = self.ids.get(piece)
+                if token_id is None:
+                    self.pieces.append(piece)
+                    token_id = self.ids[piece] = len(self.pieces) - 1
         return token_id
 
     def tokenize(self, text: str) -> list[int]:
@@ -169,19 +175,20 @@ class SimpleModel:
 class _PieceChoice(Choice):
     """A choice fed with what a generator yields: text pieces, token ids or END."""
 
-    __slots__ = ("vocabulary",)
+    __slots__ = ("vocabulary", "pieces")
 
     def __init__(self, sink: TokenSink, index: int, params: SamplingParams, vocabulary: WordPieces) -> None:
         super().__init__(sink, index, params)
         self.vocabulary = vocabulary
+        self.pieces = vocabulary.pieces  # only ever appended to: safe to hold
 
     def take(self, item) -> None:
-        if type(item) is str:
-            self.consume(self.vocabulary.id(item), item)
-        elif item is END:
+        if item is END:
             self.end()
+        elif type(item) is int:
+            self.consume(item, self.pieces[item])
         else:
-            self.consume(item, self.vocabulary.pieces[item])
+            self.consume(self.vocabulary.id(item), item)
 
 
 class SimpleGeneration:
@@ -213,6 +220,8 @@ class SimpleGeneration:
             if not choice.done:
                 choice.finish("stop")  # the generator returned: the model ended
         except Exception as error:  # reported in the surface's own shape; an HTTPError as it is
+            if choice.done:
+                return  # it had ended (or was cancelled) before the generator failed: nothing is lost
             choice.stop()
             if not self.failed:
                 self.failed = True

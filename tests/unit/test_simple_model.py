@@ -306,3 +306,20 @@ def test_nothing_reaches_the_sink_inside_generate():
         assert sink.finish() == ("stop", 1)
 
     asyncio.run(main())
+
+
+def test_an_error_after_the_choice_ended_is_not_reported():
+    def stops_then_breaks(prompt, params):
+        yield "done!"
+        time.sleep(0.2)  # the loop ends the choice on the stop string meanwhile
+        raise RuntimeError("too late to matter")
+
+    async def main():
+        model = Model(stops_then_breaks)
+        sink = await generate(model, "", SamplingParams(max_tokens=10, stop=("!",)))
+        await asyncio.sleep(0.4)
+        assert [call[0] for call in sink.calls] == ["tokens", "finish"]
+        assert (sink.text(), sink.finish()) == ("done", ("stop", 1))
+        await model.close()
+
+    asyncio.run(main())
