@@ -90,7 +90,7 @@ def start_server(model: str, port: int, config_dir: str) -> subprocess.Popen:
     config = os.path.join(config_dir, "bench.toml")
     with open(config, "w") as f:
         f.write(f'[server]\nport = {port}\nlog_level = "warning"\n\n[apps.bench]\nbackend = "ctranslate2"\n'
-                f'model = "{model}"\ndevice = "cpu"\ninter_threads = 2\nintra_threads = 1\n'
+                f'model = "{model}"\nserved_model_name = "bench"\ndevice = "cpu"\ninter_threads = 2\nintra_threads = 1\n'
                 f"max_batch_size = 16\nbatch_window_ms = 2\n")
     command = [sys.executable, "-m", "runnel", "serve", "--config", config]
     if shutil.which("taskset"):

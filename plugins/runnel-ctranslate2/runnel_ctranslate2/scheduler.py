@@ -1,6 +1,7 @@
 """Cross-request batching for a CTranslate2 generator.
 
-Requests wait a short window (or until a batch is full), then every waiting row
+Each ``generate`` call (a ``BatchedGeneration``) adds one ``Row`` per choice to
+the waiting rows. Rows wait a short window (or until a batch is full), then every waiting row
 that shares the batch-level sampling settings runs in one ``generate_batch``.
 CTranslate2's batches are static: a row that starts alone keeps its slot to the
 end, so the window is what lets a burst share one. A window of 0 starts work at
@@ -8,10 +9,12 @@ the loop's next turn, for deployments that put first-token latency first.
 Up to ``slots`` batches run at once (CTranslate2's ``inter_threads``).
 
 The per-step callback runs on a CTranslate2 thread holding the GIL, so it only
-queues the step and, once per burst, schedules ``drain`` on the event loop; its
-return value stops a row that was cancelled, reached its own ``max_tokens``, or
-hit a stop token or stop string. ``drain`` detokenizes and pushes one
-``on_tokens`` per row for everything that arrived together.
+queues the step and, once per burst, schedules ``Batch.deliver`` on the event
+loop; its return value stops a row that was cancelled, reached its own
+``max_tokens``, or hit a stop token or stop string. ``deliver`` runs each step
+through its row's rules (``runnel.choices.Choice``: detokenizing, min_tokens,
+stop ids and strings, finish reasons) and pushes one ``on_tokens`` per row for
+everything that arrived together.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from runnel import HTTPError
-from runnel.generation import SamplingParams, StopStrings, TokenLogprob
+from runnel.choices import Choice
+from runnel.generation import SamplingParams
 
 from .tokenizer import IncrementalDetokenizer
 
@@ -47,47 +51,38 @@ def batch_key(params: SamplingParams) -> tuple:
     )
 
 
-class Request:
-    """One ``generate`` call: its rows (one per choice), its sink, and its cancellation."""
+class BatchedGeneration:
+    """One ``generate`` call as the scheduler runs it: its rows (one per choice), its
+    sink, and its cancellation (``runnel.generation.Generation``)."""
 
-    __slots__ = ("rows", "sink", "cancelled", "failed")
+    __slots__ = ("rows", "sink", "failed")
 
     def __init__(self, sink) -> None:
         self.rows: list[Row] = []
         self.sink = sink
-        self.cancelled = False
         self.failed = False
 
     def cancel(self) -> None:
-        self.cancelled = True
         for row in self.rows:
             row.stop()
 
 
-class Row:
-    """One sequence being generated: what it has produced and when it must end."""
+class Row(Choice):
+    """One choice as a row of a batch: the core's per-choice rules (``runnel.choices``)
+    plus where the row sits in its batch and what it starts from."""
 
-    __slots__ = ("request", "index", "start_tokens", "params", "key", "stop_ids", "eos_id", "count", "detok",
-                 "stops", "done", "batch", "batch_id", "tokenizer", "pending_text", "pending_ids", "pending_logprobs")
+    __slots__ = ("generation", "start_tokens", "key", "tokenizer", "batch", "batch_id")
 
-    def __init__(self, request: Request, index: int, start_tokens, prompt_ids, params, tokenizer) -> None:
-        self.request = request
-        self.index = index
+    def __init__(self, generation: BatchedGeneration, index: int, start_tokens, prompt_ids, params,
+                 tokenizer) -> None:
+        super().__init__(generation.sink, index, params, eos_id=tokenizer.eos_id,
+                         detokenizer=IncrementalDetokenizer(tokenizer, context_ids=prompt_ids))
+        self.generation = generation
         self.start_tokens = start_tokens
-        self.params = params
         self.key = batch_key(params)
-        self.stop_ids = frozenset(params.stop_token_ids)
-        self.eos_id = None if params.ignore_eos else tokenizer.eos_id
         self.tokenizer = tokenizer
-        self.count = 0
-        self.detok = IncrementalDetokenizer(tokenizer, context_ids=prompt_ids)
-        self.stops = StopStrings(params.stop)
-        self.done = False
         self.batch: Batch | None = None
         self.batch_id = -1
-        self.pending_text: list[str] = []
-        self.pending_ids: list[int] = []
-        self.pending_logprobs: list[TokenLogprob] | None = [] if params.logprobs else None
 
     def stop(self) -> None:
         """No more output for this row; the batch stops generating it at its next step."""
@@ -95,46 +90,9 @@ class Row:
         if self.batch is not None:
             self.batch.stop_flags[self.batch_id] = True
 
-    def consume(self, token_id: int, token: str, log_prob, is_last: bool) -> None:
-        """One generated token, on the loop thread."""
-        params = self.params
-        past_min = self.count >= params.min_tokens
-        self.count += 1
-        if past_min and (token_id == self.eos_id or token_id in self.stop_ids):
-            self.finish("stop")
-            return
-        text = self.stops.push(self.detok.push(token_id))
-        if text:
-            self.pending_text.append(text)
-        self.pending_ids.append(token_id)
-        if self.pending_logprobs is not None:
-            piece = self.tokenizer.decode([token_id]) if token_id not in self.tokenizer.special_ids else token
-            self.pending_logprobs.append(TokenLogprob(piece, float(log_prob or 0.0), [(piece, float(log_prob or 0.0))][: params.top_logprobs]))
-        if self.stops.stopped:
-            self.finish("stop")
-        elif self.count >= params.max_tokens or is_last:
-            self.finish("length")
-
-    def emit(self) -> None:
-        """Push what arrived since the last emit as one on_tokens call."""
-        if self.pending_ids or self.pending_text:
-            self.request.sink.on_tokens(self.index, "".join(self.pending_text), self.pending_ids,
-                                        self.pending_logprobs or None)
-            self.pending_text = []
-            self.pending_ids = []
-            if self.pending_logprobs is not None:
-                self.pending_logprobs = []
-
-    def finish(self, reason: str) -> None:
-        if reason != "stop" or not self.stops.stopped:
-            # What was held back (a partial character, a possible stop string) is final now.
-            rest = self.stops.push(self.detok.flush())
-            rest += self.stops.flush()
-            if rest:
-                self.pending_text.append(rest)
-        self.emit()
-        self.stop()
-        self.request.sink.on_finish(self.index, reason, self.count)
+    def logprob_token(self, token_id: int, piece: str) -> str:
+        # ``piece`` is CTranslate2's vocabulary token ("\u2581cat"); show a regular token as its text.
+        return piece if token_id in self.tokenizer.special_ids else self.tokenizer.decode([token_id])
 
 
 class Batch:
@@ -147,6 +105,7 @@ class Batch:
         # Read by the callback thread without locks: plain lists, written only by the loop.
         self.max_tokens = [row.params.max_tokens for row in rows]
         self.stop_ids = [row.stop_ids for row in rows]
+        self.min_tokens = rows[0].params.min_tokens  # part of the batch key: the same for every row
         self.counts = [0] * len(rows)
         self.steps: collections.deque = collections.deque()
         self.scheduled = False
@@ -162,22 +121,24 @@ class Batch:
         if not self.scheduled:
             self.scheduled = True
             try:
-                self.loop.call_soon_threadsafe(self.drain)
+                self.loop.call_soon_threadsafe(self.deliver)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 return True
             if not self.started:
                 # First tokens: hand the GIL to the loop thread we just woke. Otherwise
                 # this thread takes it back at every step's callback and the loop waits
                 # for CPython's 5 ms switch interval (measured: 3.4 ms from first token
-                # to first write). Doing it at every drain cost ~30% of throughput,
+                # to first write). Doing it at every delivery cost ~30% of throughput,
                 # which coalescing later tokens into fewer writes wins back.
                 self.started = True
                 time.sleep(0)
         count = self.counts[batch_id] = self.counts[batch_id] + 1
-        return self.stop_flags[batch_id] or count >= self.max_tokens[batch_id] or step.token_id in self.stop_ids[batch_id]
+        # A stop id ends the row only past min_tokens, as Choice.consume decides on the loop.
+        return (self.stop_flags[batch_id] or count >= self.max_tokens[batch_id]
+                or (step.token_id in self.stop_ids[batch_id] and count > self.min_tokens))
 
-    def drain(self) -> None:
-        """Loop thread: turn the queued steps into text, one push per row."""
+    def deliver(self) -> None:
+        """Loop thread: run the queued steps through their rows' rules, one push per row."""
         self.scheduled = False
         steps = self.steps
         touched = set()
@@ -223,22 +184,23 @@ class BatchScheduler:
         self._threads = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="runnel-ct2-batch")
         self.stats = SchedulerStats(recent_batch_sizes=collections.deque(maxlen=32))
 
-    # -- requests -------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, n: int, sink) -> Request:
+    # -- generations -------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, n: int, sink) -> BatchedGeneration:
         # The queue slot is taken (or refused) before any generation work starts.
         queued = sum(not row.done for row in self.waiting)
         if queued + n > self.max_queue:
             raise HTTPError(429, f"The server is busy: {queued} requests are waiting. Retry shortly.",
                             type="rate_limit_error", code="queue_full", headers=((b"retry-after", b"1"),))
-        request = Request(sink)
+        generation = BatchedGeneration(sink)
         start_tokens = [self.tokenizer.id_to_token(token_id) for token_id in prompt_ids]
-        request.rows = [Row(request, index, start_tokens, prompt_ids, params, self.tokenizer) for index in range(n)]
-        self.waiting.extend(request.rows)
+        generation.rows = [Row(generation, index, start_tokens, prompt_ids, params, self.tokenizer)
+                           for index in range(n)]
+        self.waiting.extend(generation.rows)
         if len(self.waiting) >= self.max_batch_size and self.running < self.slots:
             self._flush()
         elif self._timer is None:
             self._timer = self.loop.call_later(self.window, self._flush)
-        return request
+        return generation
 
     def _flush(self) -> None:
         if self._timer is not None:
@@ -287,15 +249,15 @@ class BatchScheduler:
         running.add_done_callback(lambda future: self._batch_done(batch, future.exception()))
 
     def _batch_done(self, batch: Batch, error: BaseException | None) -> None:
-        batch.drain()  # steps that arrived after the last scheduled drain
+        batch.deliver()  # steps that arrived after the last scheduled delivery
         for row in batch.rows:
             if row.done:
                 continue
             if error is not None:
-                if not row.request.failed:
-                    row.request.failed = True
+                if not row.generation.failed:
+                    row.generation.failed = True
                     logger.error("generation failed: %s", error)
-                    row.request.sink.on_error(error)
+                    row.generation.sink.on_error(error)
                 row.stop()
             else:
                 row.finish("length")

@@ -269,3 +269,23 @@ def test_a_stop_string_in_a_non_streamed_completion(start_server, tiny_dir, refe
         reply = client.completions.create(model="tiny", prompt=PROMPTS[4], max_tokens=200, temperature=0, stop=stop)
     assert reply.choices[0].finish_reason == "stop"
     assert reply.choices[0].text == before
+
+
+def test_a_stop_id_inside_min_tokens_does_not_end_the_row(start_server, tiny_dir, reference, monkeypatch):
+    # The step callback (CTranslate2's thread) and the row's rules (the loop) must agree: a
+    # stop id within the first min_tokens tokens is an ordinary token, so decoding goes on.
+    probe = StepProbe().install(monkeypatch)
+    server = start_server(tiny_config(tiny_dir))
+    prompt = PROMPTS[4]
+    prompt_ids = reference.prompt_ids(prompt)
+    greedy = reference.greedy_ids(prompt_ids, 40)
+    stop_id = greedy[0]
+    later = [position for position, token_id in enumerate(greedy) if token_id == stop_id and position >= 3]
+    end = later[0] if later else 40  # the first stop id past min_tokens=3 ends it, counted, not sent
+    with sync_client(server) as client:
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0,
+                                          extra_body={"min_tokens": 3, "stop_token_ids": [stop_id]})
+    assert reply.choices[0].text == reference.continuation(prompt_ids, greedy[:end])
+    assert reply.choices[0].finish_reason == ("stop" if later else "length")
+    assert reply.usage.completion_tokens == (end + 1 if later else 40)
+    assert probe.steps(start_tokens(reference, prompt)) == [reply.usage.completion_tokens]
