@@ -15,10 +15,10 @@ from pathlib import Path
 import openai
 import orjson
 import pytest
-from conftest import H11Client, connect, request, wait_until
 
 import runnel
 from runnel.config import ConfigError
+from runnel.testing import H11Client, connect, recv_until, request, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "examples" / "hello" / "main.py"
@@ -344,11 +344,7 @@ def open_stream(port: int, function: str, body: bytes = b"{}") -> tuple[socket.s
     sock = connect(port)
     sock.sendall(b"POST /v4/p/lab/%b HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n"
                  b"content-length: %d\r\n\r\n%b" % (function.encode(), len(body), body))
-    data = b""
-    while b"data: " not in data:
-        more = sock.recv(65536)
-        assert more, data
-        data += more
+    data = recv_until(sock, b"data: ")
     assert data.startswith(b"HTTP/1.1 200 ")
     return sock, data
 

@@ -11,7 +11,8 @@ import textwrap
 
 import orjson
 import pytest
-from conftest import request, wait_until
+
+from runnel.testing import request, wait_until
 
 JOBS = '''
 import asyncio, os, time

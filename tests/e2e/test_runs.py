@@ -16,9 +16,9 @@ from urllib.parse import quote
 
 import orjson
 import pytest
-from conftest import request, wait_until
 
 from runnel.config import ConfigError
+from runnel.testing import request, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "examples" / "hello" / "main.py"

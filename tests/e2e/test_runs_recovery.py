@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import request, wait_until
+
+from runnel.testing import free_port, request, wait_until
 
 LAB = '''
 import os, time
@@ -35,12 +35,6 @@ def hold(gate: str, tag: str):
 def quick(tag: str):
     return tag
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Serve:
