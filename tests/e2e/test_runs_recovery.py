@@ -23,20 +23,6 @@ import pytest
 
 from runnel.testing import free_port, request, wait_until
 
-LAB = '''
-import os, time
-
-def hold(gate: str, tag: str):
-    deadline = time.monotonic() + 30
-    while not os.path.exists(gate) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return tag
-
-def quick(tag: str):
-    return tag
-'''
-
-
 class Serve:
     """``python -m runnel serve --config ... --port ...``, output in a file."""
 
@@ -69,8 +55,7 @@ def states(path: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("idempotent", [False, True])
 def test_sigkill_loses_no_accepted_run(tmp_path, idempotent):
-    module = tmp_path / "lab.py"
-    module.write_text(textwrap.dedent(LAB))
+    module = Path(__file__).resolve().parents[1] / "apps" / "gated.py"
     store = tmp_path / "runs.sqlite3"
     gate = tmp_path / "gate"
     config = tmp_path / "runnel.toml"
