@@ -7,12 +7,13 @@ trio servers in the same process that misbehave on purpose.
 from __future__ import annotations
 
 import math
-import socket
 from functools import partial
 
 import orjson
 import pytest
 import trio
+
+from runnel.testing import free_port
 
 from .client import LoadSpec, Workload, load, parse_url, run_load
 from .report import format_table
@@ -256,9 +257,7 @@ def test_timeout():
 
 
 def test_connect_refused():
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     r = run_load(Workload(f"http://127.0.0.1:{port}/"), LoadSpec(concurrency=1, duration=0.1, warmup=0))
     assert r["requests"] == 0 and r["errors"]["connect"] >= 1
 

@@ -6,17 +6,13 @@ import hashlib
 
 import orjson
 import pytest
-from conftest import H11Client, raw_exchange, request
 
 import runnel
 from runnel import HTTPError, Principal, hookimpl, json_response
 from runnel.config import apply_environment
+from runnel.testing import H11Client, error_body, raw_exchange, request
 
 CHALLENGE = b'Bearer realm="runnel"'
-
-
-def error_body(message, type_, code=None, param=None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 MISSING = error_body("Missing API key: send 'Authorization: Bearer <key>'", "authentication_error", "invalid_api_key")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import h11
 import pytest
-from conftest import H11Client, request, wait_until
+
+from runnel.testing import H11Client, free_port, request, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,12 +28,6 @@ def runnel(*args, env=None, cwd=REPO) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "runnel", *map(str, args)],
         capture_output=True, text=True, env=env or clean_env(), cwd=cwd, timeout=60,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def refused(port: int) -> bool:

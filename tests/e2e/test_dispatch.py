@@ -7,29 +7,20 @@ import logging
 
 import orjson
 import pytest
-from conftest import H11Client, raw_exchange, request
 
 import runnel
 from runnel import HTTPError, Response, hookimpl, json_response
-
-
-def error_body(message, type_, code=None, param=None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+from runnel.testing import H11Client, error_body, parse_all, raw_exchange, request
 
 
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-def split_response(data: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
-    head, sep, body = data.partition(b"\r\n\r\n")
-    assert sep, data
-    status_line, *lines = head.split(b"\r\n")
-    headers = {}
-    for line in lines:
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower()] = value.strip()
-    return status_line, headers, body
+def split_response(data: bytes, *, head: bool = False) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """(status line, headers, body as sent) of the one response in ``data``."""
+    [response] = parse_all(data, heads=(0,) if head else ())
+    return response.status_line, response.headers, response.wire_body
 
 
 def render_plain(request, error: HTTPError) -> Response:
@@ -135,7 +126,7 @@ def test_wrong_method_is_405_with_allow(server):
 
 def test_head_is_served_by_the_get_handler_without_a_body(server):
     data = raw_exchange(server.port, b"HEAD /getonly HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-    status_line, headers, body = split_response(data)
+    status_line, headers, body = split_response(data, head=True)
     assert status_line == b"HTTP/1.1 200 OK"
     assert headers[b"content-length"] == str(len(b'{"method":"HEAD"}')).encode()
     assert body == b""

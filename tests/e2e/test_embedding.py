@@ -9,6 +9,7 @@ import orjson
 import runnel
 from runnel import hookimpl, json_response
 from runnel.cli import run
+from runnel.testing import parse_all
 
 
 class Tag:
@@ -38,22 +39,8 @@ async def exchange(port: int, method: str, target: str, *, headers: dict | None 
     finally:
         writer.close()
         await writer.wait_closed()
-    head, _, payload = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.split(b"\r\n")
-    parsed = {}
-    for line in header_lines:
-        name, _, value = line.partition(b":")
-        parsed[name.strip().lower()] = value.strip()
-    if parsed.get(b"transfer-encoding") == b"chunked":
-        out, rest = b"", payload
-        while True:
-            size, _, rest = rest.partition(b"\r\n")
-            size = int(size, 16)
-            if size == 0:
-                break
-            out, rest = out + rest[:size], rest[size + 2:]
-        payload = out
-    return status_line, parsed, payload
+    [response] = parse_all(data)
+    return response.status_line, response.headers, response.body
 
 
 async def refused(port: int) -> bool:

@@ -1,6 +1,6 @@
 """Function apps (backend "python") behind the Cortex-style /v4 routes, end to end.
 
-A real server serves examples/hello/main.py, modules written into tmp_path for the
+A real server serves examples/hello/main.py, modules under tests/apps/ for the
 cases the example should not carry (slow setup, endless generators), and an echo
 model app; clients are raw h11, raw sockets and the openai SDK.
 """
@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import re
 import socket
-import textwrap
 from pathlib import Path
 
 import openai
 import orjson
 import pytest
-from conftest import H11Client, connect, request, wait_until
 
 import runnel
 from runnel.config import ConfigError
+from runnel.testing import H11Client, connect, recv_until, request, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "examples" / "hello" / "main.py"
+APPS = REPO / "tests" / "apps"
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 SSE = [("accept", "text/event-stream")]
 KEY = "k" * 16
@@ -203,22 +203,10 @@ def test_stats_lists_functions(hello):
 # -- loading -------------------------------------------------------------------------------
 
 
-def test_health_is_503_while_a_slow_setup_runs(start_server, tmp_path):
+def test_health_is_503_while_a_slow_setup_runs(start_server, tmp_path, monkeypatch):
     gate = tmp_path / "go"
-    module = tmp_path / "slow.py"
-    module.write_text(textwrap.dedent(f"""
-        import asyncio, os
-
-        CALLS = []
-
-        async def setup():
-            CALLS.append("setup")
-            while not os.path.exists({str(gate)!r}):  # slow until the test opens the gate
-                await asyncio.sleep(0.01)
-
-        def ping():
-            return CALLS
-    """))
+    monkeypatch.setenv("SLOW_SETUP_GATE", str(gate))
+    module = APPS / "slow_setup.py"
     server = start_server({"apps": {"slow": python_app(module, workers=2)}}, ready=False)
     health = request(server.port, "GET", "/health")
     assert health.status == 503
@@ -232,9 +220,8 @@ def test_health_is_503_while_a_slow_setup_runs(start_server, tmp_path):
     assert ok(call(server.port, "slow", "ping")) == ["setup"]
 
 
-def test_a_module_that_fails_to_import_fails_its_app(start_server, tmp_path):
-    module = tmp_path / "broken.py"
-    module.write_text("raise RuntimeError('no model here')\n")
+def test_a_module_that_fails_to_import_fails_its_app(start_server):
+    module = APPS / "import_fails.py"
     server = start_server({"apps": {"broken": python_app(module)}})
     assert request(server.port, "GET", "/health").json() == {"status": "failed", "apps": {"broken": "failed"}}
     failed(call(server.port, "broken", "anything"), 503, "app_not_ready")
@@ -275,68 +262,9 @@ def test_example_config_checks():
 
 # -- streams: errors, disconnects, backpressure -----------------------------------------------
 
-LAB = '''
-import asyncio, time
-
-STATE = {"async_closed": False, "sync_closed": False, "sync_pulled": 0, "flood": 0, "flood_closed": False}
-
-async def forever():
-    try:
-        yield "first"
-        while True:
-            await asyncio.sleep(3600)
-    finally:
-        STATE["async_closed"] = True
-
-def sync_forever():
-    try:
-        while True:
-            STATE["sync_pulled"] += 1
-            yield STATE["sync_pulled"]
-            time.sleep(0.005)
-    finally:
-        STATE["sync_closed"] = True
-
-async def flood(size: int = 65536):
-    try:
-        while True:
-            STATE["flood"] += 1
-            yield "x" * size
-    finally:
-        STATE["flood_closed"] = True
-
-def broken():
-    yield 1
-    raise RuntimeError("broke mid-stream")
-
-async def unsendable():
-    yield {1, 2}
-
-def things():
-    return {"a", "b"}
-
-def bad_status():
-    return {"status_code": 42}
-
-async def chunky(messages, **kwargs):
-    for delta in ({"role": "assistant", "content": ""}, {"content": "a"}, {"content": "b"}, {}):
-        yield {"id": "c-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
-               "choices": [{"index": 0, "delta": delta, "finish_reason": None if delta else "length"}]}
-
-def embed(input, model=None, **kwargs):
-    texts = [input] if isinstance(input, str) else input
-    return {"object": "list", "model": model or "lab",
-            "data": [{"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0]}
-                     for i, t in enumerate(texts)],
-            "usage": {"prompt_tokens": len(texts), "total_tokens": len(texts)}}
-'''
-
-
 @pytest.fixture
-def lab(start_server, tmp_path):
-    module = tmp_path / "lab.py"
-    module.write_text(LAB)
-    return start_server({"apps": {"lab": python_app(module)}})
+def lab(start_server):
+    return start_server({"apps": {"lab": python_app(APPS / "lab.py")}})
 
 
 def open_stream(port: int, function: str, body: bytes = b"{}") -> tuple[socket.socket, bytes]:
@@ -344,11 +272,7 @@ def open_stream(port: int, function: str, body: bytes = b"{}") -> tuple[socket.s
     sock = connect(port)
     sock.sendall(b"POST /v4/p/lab/%b HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n"
                  b"content-length: %d\r\n\r\n%b" % (function.encode(), len(body), body))
-    data = b""
-    while b"data: " not in data:
-        more = sock.recv(65536)
-        assert more, data
-        data += more
+    data = recv_until(sock, b"data: ")
     assert data.startswith(b"HTTP/1.1 200 ")
     return sock, data
 

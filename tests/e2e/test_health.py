@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from conftest import H11Client, raw_exchange, request, wait_until
-
 from runnel import hookimpl
+from runnel.testing import H11Client, raw_exchange, request, wait_until
 
 
 def test_health_ok_when_ready(echo_server):

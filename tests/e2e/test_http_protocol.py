@@ -1,6 +1,6 @@
 """End-to-end tests of runnel's HTTP/1.1 layer, over raw sockets against a real server.
 
-Every test starts its own server on 127.0.0.1:0 (see ``start_server`` in conftest)
+Every test starts its own server on 127.0.0.1:0 (see ``start_server`` in runnel.testing)
 and asserts what goes over the wire: status lines, headers, framing and bodies.
 """
 
@@ -13,14 +13,25 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
 import orjson
 import pytest
-from conftest import H11Client, connect, raw_exchange, read_until_closed, request, wait_until
 
 from runnel import hookimpl, json_response
+from runnel.testing import (
+    H11Client,
+    RawResponse,
+    connect,
+    exchange,
+    parse_all,
+    parse_response,
+    raw_exchange,
+    read_until_closed,
+    recv_until,
+    request,
+    wait_until,
+)
 
 # -- harness helpers ---------------------------------------------------------------
 
@@ -47,106 +58,8 @@ def connections(server) -> int:
     return server.call_soon(lambda: len(server.server._site.connections))
 
 
-@dataclass
-class RawResponse:
-    version: bytes
-    status: int
-    reason: bytes
-    headers: list[tuple[bytes, bytes]]  # names in lower case, in wire order
-    body: bytes  # with the transfer coding removed
-    wire_body: bytes = b""  # the body bytes exactly as sent
-    chunks: list[bytes] = field(default_factory=list)  # chunk payloads, when chunked
-
-    def values(self, name: bytes) -> list[bytes]:
-        return [value for key, value in self.headers if key == name]
-
-    def header(self, name: bytes) -> bytes | None:
-        values = self.values(name)
-        assert len(values) <= 1, f"{name!r} sent {len(values)} times: {values}"
-        return values[0] if values else None
-
-    def json(self):
-        return orjson.loads(self.body)
-
-    @property
-    def closes(self) -> bool:
-        value = self.header(b"connection")
-        return value is not None and b"close" in value.lower()
-
-
-def parse_response(data: bytes, pos: int = 0, *, head: bool = False) -> tuple[RawResponse, int]:
-    """Parse one response starting at ``data[pos]``; returns it and where the next begins.
-
-    A body framed by neither Content-Length nor chunked runs to the end of ``data``
-    (the server closed the connection to end it).
-    """
-    end = data.find(b"\r\n\r\n", pos)
-    assert end != -1, f"incomplete response head: {data[pos:pos + 300]!r}"
-    lines = data[pos:end].split(b"\r\n")
-    version, status, reason = lines[0].split(b" ", 2) if lines[0].count(b" ") >= 2 else (*lines[0].split(b" "), b"")
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        assert sep and name == name.strip(), f"malformed header line {line!r}"
-        headers.append((name.lower(), value.strip(b" \t")))
-    response = RawResponse(version, int(status), reason, headers, b"")
-    pos = end + 4
-    if head or 100 <= response.status < 200 or response.status in (204, 304):
-        return response, pos
-    te = response.header(b"transfer-encoding")
-    if te is not None:
-        assert te.lower() == b"chunked", te
-        start = pos
-        while True:
-            line_end = data.find(b"\r\n", pos)
-            assert line_end != -1, f"incomplete chunk size line at {pos}"
-            size = int(data[pos:line_end].split(b";", 1)[0], 16)
-            pos = line_end + 2
-            if size == 0:
-                assert data[pos : pos + 2] == b"\r\n", "trailers or garbage after the last chunk"
-                pos += 2
-                break
-            response.chunks.append(data[pos : pos + size])
-            assert len(response.chunks[-1]) == size, "truncated chunk"
-            assert data[pos + size : pos + size + 2] == b"\r\n", "chunk not followed by CRLF"
-            pos += size + 2
-        response.body = b"".join(response.chunks)
-        response.wire_body = data[start:pos]
-        return response, pos
-    length = response.header(b"content-length")
-    if length is not None:
-        response.body = response.wire_body = data[pos : pos + int(length)]
-        assert len(response.body) == int(length), "truncated body"
-        return response, pos + int(length)
-    response.body = response.wire_body = data[pos:]
-    return response, len(data)
-
-
-def parse_all(data: bytes, heads: tuple[int, ...] = ()) -> list[RawResponse]:
-    """Every response in ``data``; ``heads`` lists the indexes that answer a HEAD request."""
-    responses, pos = [], 0
-    while pos < len(data):
-        response, pos = parse_response(data, pos, head=len(responses) in heads)
-        responses.append(response)
-    return responses
-
-
-def exchange(port: int, data: bytes, heads: tuple[int, ...] = ()) -> list[RawResponse]:
-    """Send ``data`` in one write, read until the server closes, parse every response."""
-    return parse_all(raw_exchange(port, data), heads)
-
-
 def readable(sock: socket.socket, timeout: float) -> bool:
     return bool(select.select([sock], [], [], timeout)[0])
-
-
-def recv_until(sock: socket.socket, marker: bytes, buffer: bytes = b"") -> bytes:
-    while marker not in buffer:
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError(f"closed before {marker!r}; got {buffer!r}")
-        buffer += data
-    return buffer
 
 
 def small_buffer_socket(port: int, rcvbuf: int = 65536) -> socket.socket:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import jwt
 import pytest
-from conftest import H11Client, request, wait_until
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 import runnel
 from runnel import hookimpl, json_response
+from runnel.testing import H11Client, error_body, request, wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "conf" / "examples"
 SECRET = "test-secret-0123456789-abcdefghijklmnop"  # 39 bytes: HS256 wants at least 32
@@ -28,10 +28,6 @@ ISSUER = "https://issuer.test/"
 CHALLENGE = b'Bearer realm="runnel"'
 INVALID = b'Bearer realm="runnel", error="invalid_token"'
 FORBIDDEN = b'Bearer realm="runnel", error="insufficient_scope"'
-
-
-def error_body(message, type_, code=None, param=None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def unauthorized(message: str) -> dict:

@@ -11,76 +11,22 @@ import time
 
 import orjson
 import pytest
-from conftest import H11Client, connect, request, wait_until
 
 from runnel import HTTPError, hookimpl
+from runnel.testing import (
+    H11Client,
+    RawResponse,
+    assert_error,
+    connect,
+    read_head,
+    read_until_closed,
+    request,
+    sse_events,
+    wait_until,
+)
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
-
-
-# -- a raw HTTP/1.1 reader that keeps the chunk framing --------------------------------------
-
-
-class RawResponse:
-    """One response read straight off a socket, chunk by chunk."""
-
-    def __init__(self, sock) -> None:
-        self.sock = sock
-        self.buffer = b""
-        head = self._read_until(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        version, status, _ = (lines[0].split(b" ", 2) + [b""])[:3]
-        assert version == b"HTTP/1.1", lines[0]
-        self.status = int(status)
-        self.header_list = [tuple(part.strip() for part in line.split(b":", 1)) for line in lines[1:]]
-        self.headers = {name.lower(): value for name, value in self.header_list}
-        self.chunks: list[bytes] = []
-        self.ended = False  # the 0-length chunk arrived
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise ConnectionError(f"server closed the connection; have {self.buffer!r}")
-        self.buffer += data
-
-    def _read_until(self, marker: bytes) -> bytes:
-        while marker not in self.buffer:
-            self._fill()
-        found, self.buffer = self.buffer.split(marker, 1)
-        return found
-
-    def _read_exact(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            self._fill()
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
-        return data
-
-    def next_chunk(self) -> bytes | None:
-        """The next chunk's payload; None at the terminating 0-length chunk."""
-        assert self.headers.get(b"transfer-encoding") == b"chunked"
-        size_line = self._read_until(b"\r\n")
-        size = int(size_line, 16)  # no chunk extensions expected
-        if size == 0:
-            assert self._read_exact(2) == b"\r\n"  # no trailers
-            self.ended = True
-            return None
-        data = self._read_exact(size)
-        assert self._read_exact(2) == b"\r\n"
-        self.chunks.append(data)
-        return data
-
-    def read_all_chunks(self) -> list[bytes]:
-        while self.next_chunk() is not None:
-            pass
-        return self.chunks
-
-    def read_fixed_body(self) -> bytes:
-        return self._read_exact(int(self.headers[b"content-length"]))
-
-    @property
-    def body(self) -> bytes:
-        return b"".join(self.chunks)
 
 
 def send_post(sock, path: str, body, *, headers: dict | None = None) -> None:
@@ -95,26 +41,15 @@ def stream_post(port: int, path: str, body) -> RawResponse:
     """POST and read a whole chunked response, keeping each chunk."""
     with connect(port) as sock:
         send_post(sock, path, body)
-        response = RawResponse(sock)
-        assert response.status == 200, response.buffer
-        response.read_all_chunks()
+        response = read_head(sock)
+        assert (response.version, response.status) == (b"HTTP/1.1", 200), response.reader.pending
+        response.read_chunks()
         return response
 
 
 def post(port: int, path: str, body):
     data = body if isinstance(body, bytes) else orjson.dumps(body)
     return request(port, "POST", path, headers=[("content-type", "application/json")], body=data)
-
-
-def split_events(body: bytes) -> list[bytes]:
-    """SSE events, each exactly ``data: <payload>\\n\\n``; returns the payloads."""
-    assert body.endswith(b"\n\n"), body[-50:]
-    payloads = []
-    for event in body[:-2].split(b"\n\n"):
-        assert event.startswith(b"data: "), event
-        assert b"\n" not in event and b"\r" not in event, event
-        payloads.append(event[len(b"data: "):])
-    return payloads
 
 
 def assert_sse_response(response: RawResponse) -> list[bytes]:
@@ -125,22 +60,7 @@ def assert_sse_response(response: RawResponse) -> list[bytes]:
     assert response.ended
     # Every chunk is written as whole events, so a client sees each as soon as it is sent.
     assert all(chunk.endswith(b"\n\n") for chunk in response.chunks)
-    return split_events(response.body)
-
-
-def assert_error(reply, status: int, param, code=None, type_: str = "invalid_request_error") -> dict:
-    assert reply.status == status, reply.body
-    assert reply.header(b"content-type") == b"application/json"
-    body = reply.json()
-    assert list(body) == ["error"]
-    error = body["error"]
-    assert sorted(error) == ["code", "message", "param", "type"]
-    assert type(error["message"]) is str and error["message"]
-    assert error["type"] == type_
-    assert error["param"] == param
-    if code is not None:
-        assert error["code"] == code
-    return error
+    return sse_events(response.body)
 
 
 # -- a scripted backend: fails mid-stream, or hangs until cancelled -----------------------------
@@ -532,10 +452,10 @@ def test_disconnect_mid_stream_cancels_generation(scripted):
     app = backends.apps["hanging"]
     sock = connect(thread.port)
     send_post(sock, CHAT, {"model": "hanging", "messages": USER, "stream": True})
-    response = RawResponse(sock)
-    assert response.status == 200
-    assert orjson.loads(split_events(response.next_chunk())[0])["choices"][0]["delta"]["role"] == "assistant"
-    tick = orjson.loads(split_events(response.next_chunk())[0])
+    response = read_head(sock)
+    assert (response.version, response.status) == (b"HTTP/1.1", 200)
+    assert orjson.loads(sse_events(response.next_chunk())[0])["choices"][0]["delta"]["role"] == "assistant"
+    tick = orjson.loads(sse_events(response.next_chunk())[0])
     assert tick["choices"][0]["delta"] == {"content": "tick"}
     handle = app.handles[-1]
     assert not handle.cancelled.is_set()
@@ -570,8 +490,8 @@ def test_disconnect_from_paced_echo_stream(start_server):
     sock = connect(thread.port)
     send_post(sock, COMPLETIONS, {"model": "echo", "prompt": "a b c", "stream": True, "ignore_eos": True,
                                   "max_tokens": 4000})
-    response = RawResponse(sock)
-    assert response.status == 200
+    response = read_head(sock)
+    assert (response.version, response.status) == (b"HTTP/1.1", 200)
     for _ in range(3):
         assert response.next_chunk() is not None
     sock.close()
@@ -617,24 +537,11 @@ def test_a_client_that_stops_reading_a_model_stream_costs_at_most_the_bound(scri
         # Far less than the flood would have queued in the 120 s of the write timeout:
         # the bound, plus at most the one event that crossed it.
         assert STREAM_BUFFER < peak[0] <= STREAM_BUFFER + 4096, peak[0]
-        received = read_all(sock)
+        received = read_until_closed(sock)
     # The client got the head and the events the kernel held, then the connection closed.
     assert received.startswith(b"HTTP/1.1 200 OK\r\n")
     assert len(received) < 16 * 1024 * 1024
     assert post(thread.port, CHAT, {"model": "echo", "messages": USER}).status == 200
-
-
-def read_all(sock) -> bytes:
-    chunks = []
-    while True:
-        try:
-            data = sock.recv(1 << 20)
-        except (ConnectionResetError, TimeoutError):
-            break
-        if not data:
-            break
-        chunks.append(data)
-    return b"".join(chunks)
 
 
 # -- stop strings over HTTP ------------------------------------------------------------------------
@@ -701,7 +608,7 @@ def test_curl_streaming_chat(echo_server):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith(b"data: [DONE]\n\n")
-    payloads = split_events(result.stdout)
+    payloads = sse_events(result.stdout)
     events = [orjson.loads(payload) for payload in payloads[:-1]]
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert "".join(event["choices"][0]["delta"].get("content", "") for event in events) == "curl says hi"

@@ -20,8 +20,8 @@ import sys
 import openai
 import pytest
 
-from conftest import wait_until
 from runnel.cli import run
+from runnel.testing import wait_until
 
 PIECES = re.compile(r"\s*\S+|\s+")
 

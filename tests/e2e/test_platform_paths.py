@@ -8,9 +8,9 @@ import uuid
 import openai
 import orjson
 import pytest
-from conftest import connect, request
 
 from runnel.config import ConfigError
+from runnel.testing import assert_error, connect, read_response, request, sse_events
 
 JSON_HEADERS = [("content-type", "application/json")]
 USER = [{"role": "user", "content": "hello there"}]
@@ -27,59 +27,9 @@ def read_chunked(port: int, path: str, body) -> tuple[int, dict[bytes, bytes], b
     with connect(port) as sock:
         sock.sendall(b"POST %b HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                      b"content-length: %d\r\n\r\n%b" % (path.encode(), len(data), data))
-        buffer = b""
-
-        def fill():
-            nonlocal buffer
-            more = sock.recv(65536)
-            if not more:
-                raise ConnectionError(f"closed early; have {buffer!r}")
-            buffer += more
-
-        while b"\r\n\r\n" not in buffer:
-            fill()
-        head, buffer = buffer.split(b"\r\n\r\n", 1)
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split(b" ")[1])
-        headers = {}
-        for line in lines[1:]:
-            name, value = line.split(b":", 1)
-            headers[name.strip().lower()] = value.strip()
-        assert headers.get(b"transfer-encoding") == b"chunked", (status, headers, buffer)
-        body_parts = []
-        while True:
-            while b"\r\n" not in buffer:
-                fill()
-            size_line, buffer = buffer.split(b"\r\n", 1)
-            size = int(size_line, 16)
-            while len(buffer) < size + 2:
-                fill()
-            chunk, tail, buffer = buffer[:size], buffer[size:size + 2], buffer[size + 2:]
-            assert tail == b"\r\n"
-            if size == 0:
-                break
-            body_parts.append(chunk)
-        return status, headers, b"".join(body_parts)
-
-
-def sse_events(body: bytes) -> list[bytes]:
-    assert body.endswith(b"\n\n")
-    events = body[:-2].split(b"\n\n")
-    assert all(event.startswith(b"data: ") and b"\n" not in event for event in events), body
-    return [event[len(b"data: "):] for event in events]
-
-
-def assert_error(reply, status: int, param, code=None) -> dict:
-    assert reply.status == status, reply.body
-    assert reply.header(b"content-type") == b"application/json"
-    body = reply.json()
-    assert list(body) == ["error"]
-    assert sorted(body["error"]) == ["code", "message", "param", "type"]
-    assert body["error"]["message"]
-    assert body["error"]["param"] == param
-    if code is not None:
-        assert body["error"]["code"] == code
-    return body["error"]
+        response = read_response(sock)
+        assert response.header(b"transfer-encoding") == b"chunked", response
+        return response.status, response.headers, response.body
 
 
 def chat_path(endpoint: str) -> str:
@@ -134,9 +84,10 @@ def test_runpod_unknown_endpoint_and_wrong_model(runpod):
     for reply in (post(port, chat_path("nope"), {"messages": USER}),
                   post(port, completions_path("nope"), {"prompt": "x"}),
                   request(port, "GET", models_path("nope"))):
-        assert_error(reply, 404, None, "endpoint_not_found")
+        assert_error(reply, 404, None, "endpoint_not_found", type_="not_found_error")
     # "custom" is an app name, not an endpoint id: its endpoint is abc123.
-    assert_error(post(port, chat_path("custom"), {"messages": USER}), 404, None, "endpoint_not_found")
+    assert_error(post(port, chat_path("custom"), {"messages": USER}), 404, None, "endpoint_not_found",
+                 type_="not_found_error")
     # A model the endpoint does not serve, even one served by another endpoint.
     assert_error(post(port, chat_path("echo"), {"model": "my-model", "messages": USER}), 404, "model",
                  "model_not_found")

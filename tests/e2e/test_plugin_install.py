@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +12,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from conftest import H11Client, request, wait_until
+from runnel.testing import H11Client, free_port, request, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = REPO / "plugins" / "runnel-echo"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def health(port: int):

@@ -12,19 +12,15 @@ from pathlib import Path
 import orjson
 import pluggy
 import pytest
-from conftest import H11Client, raw_exchange, request, wait_until
 
 import runnel
 from runnel import HTTPError, Principal, Response, hookimpl, hookspecs, json_response
 from runnel.config import Table
 from runnel.plugins import DEFAULT_PLUGINS, describe_plugins, make_plugin_manager
 from runnel.routing import Route
+from runnel.testing import H11Client, error_body, raw_exchange, request, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def error_body(message, type_, code=None, param=None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 # -- runnel_register_backends -------------------------------------------------------------

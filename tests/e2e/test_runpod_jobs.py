@@ -1,6 +1,6 @@
 """RunPod's job API, /v2/{endpoint_id}/run ... /health, over python function apps.
 
-One module (written into tmp_path) is served as several apps, one endpoint each,
+One module (tests/apps/jobs.py) is served as several apps, one endpoint each,
 whose ``[apps.NAME.runpod] handler`` picks the function jobs call. Runs that must be
 held are held by a gate file the test creates.
 """
@@ -9,77 +9,23 @@ from __future__ import annotations
 
 import textwrap
 import time
+from pathlib import Path
 
 import orjson
 import pytest
-from conftest import request, wait_until
 
-JOBS = '''
-import asyncio, os, time
-
-CALLS = []       # job ids the handler ran
-CANCELLED = []   # job ids whose async handler saw its cancellation
-
-
-def _wait(gate):
-    deadline = time.monotonic() + 30
-    while not os.path.exists(gate) and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-def handler(job):
-    """RunPod style: the job dict. {"fail": msg} raises, {"gate": path} waits for the file."""
-    CALLS.append(job["id"])
-    data = job["input"]
-    if isinstance(data, dict):
-        if data.get("fail"):
-            raise ValueError(data["fail"])
-        if data.get("gate"):
-            _wait(data["gate"])
-    return {"id": job["id"], "input": data}
-
-
-def greet(name: str, punctuation: str = "!"):
-    """Keyword style: the input's keys are the arguments."""
-    return f"Hello, {name}{punctuation}"
-
-
-async def nap(event):
-    CALLS.append(event["id"])
-    try:
-        await asyncio.sleep(event["input"].get("seconds", 30))
-    except asyncio.CancelledError:
-        CANCELLED.append(event["id"])
-        raise
-    return "rested"
-
-
-async def ticks(job):
-    """Yields 0 .. n-2, waits for the gate, then yields n-1."""
-    n, gate = job["input"]["n"], job["input"]["gate"]
-    for i in range(n - 1):
-        yield i
-    while not os.path.exists(gate):
-        await asyncio.sleep(0.01)
-    yield n - 1
-
-
-def soft(job):
-    return {"error": "bad input: " + str(job["input"])}
-'''
+from runnel.testing import request, wait_until
 
 KEY = "k" * 16
 
 
 @pytest.fixture
-def module(tmp_path):
-    path = tmp_path / "jobs.py"
-    path.write_text(textwrap.dedent(JOBS))
-    return path
+def module():
+    return Path(__file__).resolve().parents[1] / "apps" / "jobs.py"
 
 
 def apps(module, **handlers) -> dict:
-    """One python app per endpoint id, each running ``handler`` (a function of JOBS)."""
+    """One python app per endpoint id, each running ``handler`` (a function of tests/apps/jobs.py)."""
     return {name: {"backend": "python", "module": str(module), "runpod": {"handler": handler}}
             for name, handler in handlers.items()}
 

@@ -1,6 +1,6 @@
 """Async runs on the /v4 routes: ``?async=true`` -> 202, then ``GET .../runs/{run_id}``.
 
-A real server serves examples/hello/main.py (and a small gated module from tmp_path
+A real server serves examples/hello/main.py (and tests/apps/gated.py
 where a run must be held); the run store is a SQLite file in tmp_path, read by the
 tests too, or in memory.
 """
@@ -10,32 +10,20 @@ from __future__ import annotations
 import contextlib
 import re
 import sqlite3
-import textwrap
 from pathlib import Path
 from urllib.parse import quote
 
 import orjson
 import pytest
-from conftest import request, wait_until
 
 from runnel.config import ConfigError
+from runnel.testing import request, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "examples" / "hello" / "main.py"
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 DONE = ("succeeded", "failed", "cancelled")
 KEY = "k" * 16
-
-GATED = '''
-import os, time
-
-def hold(gate: str, tag: str = ""):
-    deadline = time.monotonic() + 30
-    while not os.path.exists(gate) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return tag
-'''
-
 
 def hello_app(**functions) -> dict:
     return {"backend": "python", "module": str(HELLO), "functions": {"public": True, **functions}}
@@ -203,8 +191,7 @@ def test_finished_runs_expire_after_the_retention_and_are_purged(start_server, t
 
 
 def test_runs_workers_bounds_the_runs_running_at_once(start_server, tmp_path):
-    module = tmp_path / "gated.py"
-    module.write_text(textwrap.dedent(GATED))
+    module = REPO / "tests" / "apps" / "gated.py"
     gate = tmp_path / "gate"
     server = start_server({"server": {"runs_path": "", "runs_workers": 1},
                            "apps": {"g": {"backend": "python", "module": str(module), "functions": {"public": True}}}})

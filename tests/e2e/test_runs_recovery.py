@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,27 +21,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import request, wait_until
 
-LAB = '''
-import os, time
-
-def hold(gate: str, tag: str):
-    deadline = time.monotonic() + 30
-    while not os.path.exists(gate) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return tag
-
-def quick(tag: str):
-    return tag
-'''
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
+from runnel.testing import free_port, request, wait_until
 
 class Serve:
     """``python -m runnel serve --config ... --port ...``, output in a file."""
@@ -69,6 +49,9 @@ class Serve:
         self.proc.wait(timeout=30)
 
 
+GATED = Path(__file__).resolve().parents[1] / "apps" / "gated.py"
+
+
 def states(path: Path) -> dict[str, str]:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         return dict(conn.execute("SELECT id, state FROM runs"))
@@ -76,8 +59,7 @@ def states(path: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("idempotent", [False, True])
 def test_sigkill_loses_no_accepted_run(tmp_path, idempotent):
-    module = tmp_path / "lab.py"
-    module.write_text(textwrap.dedent(LAB))
+    module = GATED
     store = tmp_path / "runs.sqlite3"
     gate = tmp_path / "gate"
     config = tmp_path / "runnel.toml"
@@ -150,8 +132,7 @@ def insert_claimed(path: Path, run_id: str, owner: str, lease_until: float, tag:
 
 
 def lab_server(start_server, tmp_path: Path, *, idempotent: bool = False):
-    module = tmp_path / "lab.py"
-    module.write_text(textwrap.dedent(LAB))
+    module = GATED
     store = tmp_path / "runs.sqlite3"
     server = start_server({"server": {"runs_path": str(store)}, "apps": {"lab": {
         "backend": "python", "module": str(module), "functions": {"public": True, "idempotent": idempotent}}}})

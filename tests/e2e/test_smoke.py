@@ -1,4 +1,4 @@
-from conftest import H11Client, request
+from runnel.testing import H11Client, request
 
 
 def test_health_and_echo(echo_server):

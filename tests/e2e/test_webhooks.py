@@ -14,7 +14,6 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -24,9 +23,9 @@ from urllib.parse import quote
 
 import orjson
 import pytest
-from conftest import request, wait_until
 
 from runnel.runs.webhooks import check_target, sign
+from runnel.testing import free_port, request, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "examples" / "hello" / "main.py"
@@ -118,12 +117,6 @@ def submit(server, url: str, name: str = "Ada") -> str:
 
 def status(server, run_id: str) -> dict:
     return request(server.port, "GET", f"/v4/p/hello/runs/{run_id}").json()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- delivery ------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from runnel.http.protocol import BODY_HIGH_WATER, HttpProtocol
 from runnel.http.response import Response
 from runnel.http.site import Site
 from runnel.serializers import NDJSON, Negotiator, ServerSentEvents
+from runnel.testing import error_body as error_envelope
 
 T0 = 1000.0  # the fake clock's start
 
@@ -222,7 +223,8 @@ def head(status: int, *fields: bytes, rid: bytes = b"rid", close: bool = False) 
 
 
 def error_body(message: str, type: str = "invalid_request_error") -> bytes:
-    return b'{"error":{"message":"%b","type":"%b","param":null,"code":null}}' % (message.encode(), type.encode())
+    """The envelope's bytes as the server writes them (orjson keeps the envelope's key order)."""
+    return orjson.dumps(error_envelope(message, type))
 
 
 def error(status: int, message: str, *, type: str = "invalid_request_error", rid: bytes = b"rid", close: bool = True) -> bytes:

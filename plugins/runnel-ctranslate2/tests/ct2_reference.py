@@ -1,15 +1,13 @@
 """Helpers for the CTranslate2 server tests: CTranslate2's own greedy output as the reference,
 and a probe on the scheduler's per-step callback.
 
-Not a conftest.py (see ct2_fixtures.py); test modules import what they use.
+Not in conftest.py: the test modules that use these import them.
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from pathlib import Path
 
 import ctranslate2
 import openai
@@ -17,14 +15,6 @@ import pytest
 
 from runnel_ctranslate2 import scheduler as ct2_scheduler
 from runnel_ctranslate2.tokenizer import load_tokenizer
-
-# The core's test harness (tests/conftest.py). A run of the whole suite has already loaded it
-# as the module "conftest"; a run of this directory alone finds it through the path.
-_CORE_TESTS = str(Path(__file__).resolve().parents[3] / "tests")
-if "conftest" not in sys.modules and _CORE_TESTS not in sys.path:
-    sys.path.append(_CORE_TESTS)
-
-from conftest import connect, request, start_server, wait_until  # noqa: E402,F401 (start_server: fixture)
 
 
 class Reference:

@@ -6,7 +6,6 @@ import sys
 import ctranslate2
 import pytest
 
-from ct2_fixtures import sp_tokenizer, tiny_dir  # noqa: F401 (fixtures)
 from runnel_ctranslate2 import builtin
 from runnel_ctranslate2.builtin import build_random_model, ensure_builtin
 from runnel_ctranslate2.tokenizer import load_tokenizer

@@ -3,7 +3,6 @@ import json
 import jinja2
 import pytest
 
-from ct2_fixtures import tiny_dir  # noqa: F401 (fixtures)
 from runnel_ctranslate2.chat_template import (
     BUILTIN_TEMPLATES,
     ChatTemplate,

@@ -21,7 +21,6 @@ import pytest
 from ctranslate2.specs import common_spec, transformer_spec
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from ct2_reference import start_server  # noqa: F401 (fixture)
 
 WORDS = ("the a cat dog sat on mat small red blue house river boat sings loudly at night quantum physics "
          "explains particles energy waves market prices rose sharply today").split()

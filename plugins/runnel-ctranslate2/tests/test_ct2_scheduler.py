@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 
-from ct2_fixtures import tiny_dir  # noqa: F401 (fixture)
-from ct2_reference import (  # noqa: F401 (reference, start_server: fixtures)
-    StepProbe, connect, reference, start_server, stream_completion, sync_client, tiny_config, wait_until)
+from ct2_reference import (  # noqa: F401 (reference: fixture)
+    StepProbe, reference, stream_completion, sync_client, tiny_config)
+from runnel.testing import connect, wait_until
 
 PROMPTS = [
     "The cat sees",

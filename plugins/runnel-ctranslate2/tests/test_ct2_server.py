@@ -15,9 +15,9 @@ import pytest
 
 import runnel
 import runnel_ctranslate2.apps as ct2_apps
-from ct2_fixtures import tiny_dir  # noqa: F401 (fixture)
-from ct2_reference import (  # noqa: F401 (reference, start_server: fixtures)
-    StepProbe, reference, request, start_server, stream_completion, sync_client, tiny_config, wait_until)
+from ct2_reference import (  # noqa: F401 (reference: fixture)
+    StepProbe, reference, stream_completion, sync_client, tiny_config)
+from runnel.testing import request, wait_until
 
 PROMPT = "The cat sees"
 QUESTION = "Where is the station?"

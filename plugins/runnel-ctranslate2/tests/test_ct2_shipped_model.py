@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import openai
 
-from ct2_reference import start_server  # noqa: F401 (fixture)
 
 CONFIG = {"apps": {"tiny": {"backend": "ctranslate2", "model": "builtin:tiny", "device": "cpu",
                             "intra_threads": 1, "default_max_tokens": 64}}}

@@ -5,7 +5,6 @@ import pytest
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from ct2_fixtures import sp_tokenizer, tiny_dir  # noqa: F401 (fixtures)
 from runnel_ctranslate2.tokenizer import (
     HuggingFaceTokenizer,
     IncrementalDetokenizer,

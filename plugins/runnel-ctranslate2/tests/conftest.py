@@ -1,7 +1,7 @@
-"""Shared fixtures, imported by the test modules that use them.
+"""Fixtures shared by the CTranslate2 tests: a random model of builtin:tiny's shape.
 
-Not a conftest.py: the core's tests do `from conftest import ...`, and a second conftest
-module on the same run would shadow theirs. The model takes ~0.1 s to build.
+The model takes ~0.1 s to build. The server fixtures (``start_server``) come from
+runnel's test harness, loaded by the repository's root conftest.py.
 """
 
 import pytest

@@ -1,0 +1,46 @@
+"""runnel's pytest fixtures: real servers on 127.0.0.1:0, stopped when the test ends.
+
+Load it from a conftest.py at the root of a test suite (runnel's own does this):
+
+    pytest_plugins = ["runnel.testing.pytest_plugin"]
+
+The helpers the fixtures' servers are talked to with are in ``runnel.testing``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import pytest
+
+import runnel
+
+from .server import ServerThread, server_config
+
+ECHO_CONFIG = {"apps": {"echo": {"backend": "echo"}}}
+
+StartServer = Callable[..., ServerThread]
+
+
+@pytest.fixture
+def start_server() -> Iterator[StartServer]:
+    """``start_server(config_dict_or_Config, plugins=())`` -> a running ServerThread (port 0 by default)."""
+    started: list[ServerThread] = []
+
+    def start(config: runnel.Config | dict | None = None, plugins: Iterable[object] = (),
+              load_entrypoints: bool = True, ready: bool = True) -> ServerThread:
+        thread = ServerThread(server_config(config), plugins, load_entrypoints).start()
+        started.append(thread)
+        if ready:
+            thread.wait_ready()
+        return thread
+
+    yield start
+    for thread in reversed(started):
+        thread.stop()
+
+
+@pytest.fixture
+def echo_server(start_server: StartServer) -> ServerThread:
+    """A server with the echo backend at /echo/echo, found through its entry point."""
+    return start_server(ECHO_CONFIG)
