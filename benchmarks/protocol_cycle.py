@@ -72,7 +72,7 @@ async def runnel_cycle(n: int) -> float:
     try:
         from runnel.http import HttpProtocol
 
-        protocol = HttpProtocol(server._site)
+        protocol = HttpProtocol(server._server_state)
         transport = NullTransport()
         protocol.connection_made(transport)
         # Warm up, then time whole cycles: each request's task must finish before the next.

@@ -10,15 +10,16 @@ from . import hookspecs
 
 # Built-ins are ordinary plugins, registered the same way an installed one is.
 DEFAULT_PLUGINS = (
-    "runnel.serializers_plugin",
-    "runnel.health",
-    "runnel.auth.builtin",
-    "runnel.auth.jwt_auth",
+    "runnel.serializers",
+    "runnel.auth.none",
+    "runnel.auth.api_key",
+    "runnel.auth.jwt",
     "runnel.backends.python",
+    "runnel.surfaces.health",
     "runnel.surfaces.openai",
     "runnel.surfaces.runpod",
     "runnel.surfaces.baseten",
-    "runnel.surfaces.cortex",
+    "runnel.surfaces.functions",
 )
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from .hookspecs import hookimpl
+
 
 class ServerSentEvents:
     """``text/event-stream``: each event is ``data: <payload>\\n\\n``.
@@ -122,3 +124,10 @@ class Negotiator:
             return False
         name = media_type.decode()
         return any(media == name and quality > 0 for quality, media in parse_accept(accept))
+
+
+@hookimpl
+def runnel_register_serializers(register):
+    """The built-in framings: SSE (the default) and NDJSON."""
+    register(ServerSentEvents())
+    register(NDJSON())

@@ -18,7 +18,7 @@ from .access_log import AccessLog
 from .apps import AppRegistry
 from .config import Config, ConfigError
 from .dispatch import Dispatcher
-from .http import HttpProtocol, Site
+from .http import HttpProtocol, ServerState
 from .plugins import make_plugin_manager
 from .routing import Router
 from .runs import Runner
@@ -54,7 +54,7 @@ class Server:
         self._load_entrypoints = load_entrypoints
         self._listener = None
         self._address: tuple[str, int] | None = None
-        self._site: Site | None = None
+        self._server_state: ServerState | None = None
         self._loading = None
         self._stopped: asyncio.Event | None = None
         self._force = False
@@ -114,7 +114,7 @@ class Server:
         if finished_hook.get_hookimpls():
             def finished(request, status, elapsed):
                 finished_hook(request=request, status=status, elapsed=elapsed)
-        self._site = Site(
+        self._server_state = ServerState(
             dispatch=Dispatcher(self.router, self.pm.hook.runnel_authenticate),
             negotiate=self.negotiator,
             max_header_bytes=settings.max_header_bytes,
@@ -133,9 +133,9 @@ class Server:
             raise error.with_source(self.config.source) if self.config.source else error
         try:
             await _call_lifecycle(self.pm.hook.runnel_startup(server=self))
-            site = self._site
+            server_state = self._server_state
             self._listener = await loop.create_server(
-                lambda: HttpProtocol(site, loop), settings.host, settings.port, backlog=settings.backlog
+                lambda: HttpProtocol(server_state, loop), settings.host, settings.port, backlog=settings.backlog
             )
         except BaseException:
             await self.runs.close()  # let go of the store (and its file lock)
@@ -158,6 +158,12 @@ class Server:
         host = self.host
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
+    @property
+    def connections(self) -> frozenset:
+        """The open connections (HttpProtocol objects), as of now; empty before start()."""
+        state = self._server_state
+        return frozenset(state.connections) if state is not None else frozenset()
+
     async def wait_ready(self) -> bool:
         """Wait until every app has loaded or failed; True when all are ready."""
         await asyncio.shield(self._loading)
@@ -176,7 +182,7 @@ class Server:
             return
         grace = self.config.server.shutdown_grace if grace is None else grace
         self._listener.close()
-        connections = self._site.connections
+        connections = self._server_state.connections
         for connection in list(connections):
             connection.shutdown()
         loop = asyncio.get_running_loop()

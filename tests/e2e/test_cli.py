@@ -154,9 +154,9 @@ def test_plugins_lists_builtins_then_installed():
     assert (result.returncode, result.stderr) == (0, "")
     lines = result.stdout.splitlines()
     assert lines[:3] == [
-        "runnel.serializers_plugin\trunnel (built in)\trunnel_register_serializers",
-        "runnel.health\trunnel (built in)\trunnel_register_routes",
-        "runnel.auth.builtin\trunnel (built in)\trunnel_register_auth_kinds",
+        "runnel.serializers\trunnel (built in)\trunnel_register_serializers",
+        "runnel.auth.none\trunnel (built in)\trunnel_register_auth_kinds",
+        "runnel.auth.api_key\trunnel (built in)\trunnel_register_auth_kinds",
     ]
     assert "echo\trunnel-echo 0.1.0\trunnel_register_backends, runnel_register_routes" in lines[3:]
 

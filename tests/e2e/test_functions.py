@@ -323,9 +323,8 @@ def test_disconnect_stops_pulling_a_sync_generator(lab):
 
 def test_a_slow_reader_holds_the_generator_back(lab):
     state = module_of(lab, "lab").STATE
-    connections = lab.server._site.connections
     sock, _ = open_stream(lab.port, "flood")  # then read nothing
-    wait_until(lambda: any(connection.flow.writing_paused for connection in list(connections)))
+    wait_until(lambda: any(connection.flow.writing_paused for connection in lab.server.connections))
     # The handler waits for the client instead of buffering without end: the loop stays
     # free (this call gets through) and only what fills the buffers was made.
     pulled = lab.call_soon(lambda: state["flood"])

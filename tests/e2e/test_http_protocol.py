@@ -55,7 +55,7 @@ def serve(start_server, routes: dict | None = None, **settings):
 
 
 def connections(server) -> int:
-    return server.call_soon(lambda: len(server.server._site.connections))
+    return server.call_soon(lambda: len(server.server.connections))
 
 
 def readable(sock: socket.socket, timeout: float) -> bool:
@@ -540,7 +540,7 @@ def test_slow_reader_pauses_the_producer_and_bounds_the_buffer(start_server):
         assert state["in_drain"] and state["sent"] == stalled_at, "the producer kept going without a reader"
         assert stalled_at < total // 2
         buffered = server.call_soon(
-            lambda: [c.transport.get_write_buffer_size() for c in server.server._site.connections]
+            lambda: [c.transport.get_write_buffer_size() for c in server.server.connections]
         )
         assert len(buffered) == 1 and buffered[0] <= 512 * 1024, buffered
         raw = read_until_closed(sock)

@@ -519,7 +519,7 @@ def test_a_client_that_stops_reading_a_model_stream_costs_at_most_the_bound(scri
     sampling = [True]
 
     def sample(loop) -> None:  # on the server's loop, between the model's pushes
-        for connection in list(thread.server._site.connections):
+        for connection in list(thread.server.connections):
             peak[0] = max(peak[0], connection.flow.pending_bytes())
         if sampling[0]:
             loop.call_later(0.0005, sample, loop)
@@ -532,7 +532,7 @@ def test_a_client_that_stops_reading_a_model_stream_costs_at_most_the_bound(scri
     with sock:
         send_post(sock, CHAT, {"model": "flood", "messages": USER, "stream": True})
         wait_until(lambda: app.handles and app.handles[-1].cancelled.is_set(), timeout=10)  # never reading
-        wait_until(lambda: thread.call_soon(lambda: len(thread.server._site.connections)) == 0)
+        wait_until(lambda: thread.call_soon(lambda: len(thread.server.connections)) == 0)
         sampling[0] = False
         # Far less than the flood would have queued in the 120 s of the write timeout:
         # the bound, plus at most the one event that crossed it.

@@ -544,10 +544,10 @@ def test_extra_plugins_are_registered_after_entry_points():
 def test_describe_plugins_lists_echo_distribution():
     rows = describe_plugins(make_plugin_manager())
     assert rows[:3] == [
-        {"name": "runnel.serializers_plugin", "distribution": "runnel (built in)",
+        {"name": "runnel.serializers", "distribution": "runnel (built in)",
          "hooks": ["runnel_register_serializers"]},
-        {"name": "runnel.health", "distribution": "runnel (built in)", "hooks": ["runnel_register_routes"]},
-        {"name": "runnel.auth.builtin", "distribution": "runnel (built in)", "hooks": ["runnel_register_auth_kinds"]},
+        {"name": "runnel.auth.none", "distribution": "runnel (built in)", "hooks": ["runnel_register_auth_kinds"]},
+        {"name": "runnel.auth.api_key", "distribution": "runnel (built in)", "hooks": ["runnel_register_auth_kinds"]},
     ]
     echo = [row for row in rows if row["name"] == "echo"]
     assert echo == [

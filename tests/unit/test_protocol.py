@@ -22,7 +22,7 @@ from runnel.errors import HTTPError
 from runnel.http.dates import DateHeader
 from runnel.http.protocol import BODY_HIGH_WATER, HttpProtocol
 from runnel.http.response import Response
-from runnel.http.site import Site
+from runnel.http.server_state import ServerState
 from runnel.serializers import NDJSON, Negotiator, ServerSentEvents
 from runnel.testing import error_body as error_envelope
 
@@ -170,7 +170,7 @@ class Conn:
         self.env = env
         self.handler = handler
         self.requests: list = []
-        self.site = Site(
+        self.site = ServerState(
             dispatch=self.dispatch,
             negotiate=NEGOTIATE,
             dates=DateHeader(clock=lambda: 0.0),
@@ -576,7 +576,7 @@ def test_a_negative_chunk_size_does_not_hang_the_server():
     code = r"""
 import asyncio
 from runnel.http.protocol import HttpProtocol
-from runnel.http.site import Site
+from runnel.http.server_state import ServerState
 from runnel.serializers import Negotiator, ServerSentEvents
 
 class Transport:
@@ -592,7 +592,7 @@ async def dispatch(request):
     return None
 
 loop = asyncio.new_event_loop()
-site = Site(dispatch=dispatch, negotiate=Negotiator({b"text/event-stream": ServerSentEvents()}))
+site = ServerState(dispatch=dispatch, negotiate=Negotiator({b"text/event-stream": ServerSentEvents()}))
 protocol = HttpProtocol(site, loop)
 protocol.connection_made(Transport())
 protocol.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n-6\r\nZ")

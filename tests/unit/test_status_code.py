@@ -3,7 +3,7 @@
 import pytest
 
 from runnel.errors import HTTPError
-from runnel.surfaces.cortex import split_status
+from runnel.surfaces.functions import split_status
 
 
 def test_a_dict_with_an_int_status_code_picks_the_status():

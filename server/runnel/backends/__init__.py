@@ -2,5 +2,5 @@
 
 ``python``: apps whose functions are a Python module's public functions
 (``runnel.backends.python``); the ``/v4`` function endpoints that call them are a
-surface, ``runnel.surfaces.cortex``.
+surface, ``runnel.surfaces.functions``.
 """

@@ -17,7 +17,7 @@ The module is imported (in a worker thread) and its setup function run in
 ``start()``, so ``/health`` answers 503 while either is slow.
 
 ``FunctionApp.invoke`` is the one way in, for every caller (the ``/v4`` routes in
-``runnel.surfaces.cortex``, the RunPod job API, async runs in ``runnel.runs``):
+``runnel.surfaces.functions``, the RunPod job API, async runs in ``runnel.runs``):
 
     result = await app.invoke("greet", {"name": "Ada"}, run_id)
     if isinstance(result, FunctionStream):   # a generator: values as they are yielded

@@ -3,6 +3,6 @@
 from .protocol import HttpProtocol
 from .request import Request
 from .response import Response, ResponseStream, json_response
-from .site import Site
+from .server_state import ServerState
 
-__all__ = ["HttpProtocol", "Request", "Response", "ResponseStream", "Site", "json_response"]
+__all__ = ["HttpProtocol", "Request", "Response", "ResponseStream", "ServerState", "json_response"]

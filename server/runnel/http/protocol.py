@@ -46,7 +46,7 @@ from .flow_control import FlowControl
 from .head import encode_fields, status_line
 from .request import Request
 from .response import JSON, ResponseStream, error_response
-from .site import Site
+from .server_state import ServerState
 from .strict import ChunkedBodyChecker, check_head
 
 # Past this much unread request body we stop reading the socket until the handler catches up.
@@ -64,7 +64,7 @@ _IDLE, _HEAD, _BODY = 1, 2, 3
 
 class HttpProtocol(asyncio.Protocol):
     __slots__ = (
-        "site",
+        "server_state",
         "loop",
         "transport",
         "conn",
@@ -83,8 +83,8 @@ class HttpProtocol(asyncio.Protocol):
         "_server_field",
     )
 
-    def __init__(self, site: Site, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.site = site
+    def __init__(self, server_state: ServerState, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.server_state = server_state
         self.loop = loop or asyncio.get_running_loop()
         self.transport = None
         self.conn = self._new_h11()
@@ -100,20 +100,20 @@ class HttpProtocol(asyncio.Protocol):
         self._deadline_kind = 0
         self._timer = None
         self._keep_alive = True
-        self._server_field = b"server: %b\r\n" % site.server_header if site.server_header else b""
+        self._server_field = b"server: %b\r\n" % server_state.server_header if server_state.server_header else b""
 
     def _new_h11(self) -> h11.Connection:
         # h11 bounds only a head that has not fully arrived; check_head bounds complete
         # ones. The slack lets check_head answer first, with our own message.
-        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.site.max_header_bytes + 1024)
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.server_state.max_header_bytes + 1024)
 
     # -- asyncio callbacks ----------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.flow = FlowControl(transport, self.loop)
         self.peer = transport.get_extra_info("peername")
-        self.site.connections.add(self)
-        self._set_deadline(self.site.keepalive_timeout, _IDLE)
+        self.server_state.connections.add(self)
+        self._set_deadline(self.server_state.keepalive_timeout, _IDLE)
 
     def data_received(self, data: bytes) -> None:
         if self._request is None:
@@ -121,9 +121,9 @@ class HttpProtocol(asyncio.Protocol):
                 # The head deadline runs from the first byte and is never extended,
                 # so trickling bytes (slowloris) cannot keep a connection forever.
                 self._head_started = True
-                self._set_deadline(self.site.header_timeout, _HEAD)
+                self._set_deadline(self.server_state.header_timeout, _HEAD)
         elif self._deadline_kind == _BODY:
-            self._deadline = self.loop.time() + self.site.body_timeout
+            self._deadline = self.loop.time() + self.server_state.body_timeout
         self.conn.receive_data(data)
         checker = self._chunk_checker
         if checker is not None:
@@ -147,7 +147,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.flow.connection_lost()
-        self.site.connections.discard(self)
+        self.server_state.connections.discard(self)
         self._deadline_kind = 0
         if self._timer is not None:
             self._timer.cancel()
@@ -164,7 +164,7 @@ class HttpProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.flow.pause_writing()
         if self._stall_timer is None:
-            self._stall_timer = self.loop.call_later(self.site.write_timeout, self._on_write_stall)
+            self._stall_timer = self.loop.call_later(self.server_state.write_timeout, self._on_write_stall)
 
     def resume_writing(self) -> None:
         if self._stall_timer is not None:
@@ -179,7 +179,7 @@ class HttpProtocol(asyncio.Protocol):
             if self._request is None and conn.their_state is h11.IDLE:
                 buffered = conn.trailing_data[0]
                 if buffered:
-                    problem = check_head(buffered, self.site.max_header_bytes)
+                    problem = check_head(buffered, self.server_state.max_header_bytes)
                     if problem is not None:
                         self._refuse(*problem)
                         return
@@ -231,7 +231,7 @@ class HttpProtocol(asyncio.Protocol):
         if request_id is not None and _REQUEST_ID.fullmatch(request_id):
             request.request_id = request_id.decode("ascii")
         else:
-            request.request_id = self.site.new_request_id()
+            request.request_id = self.server_state.new_request_id()
         request.started_at = self.loop.time()
         self._request = request
         self._keep_alive = keep_alive
@@ -240,8 +240,8 @@ class HttpProtocol(asyncio.Protocol):
             # requests get smuggled past proxies that pick the other framing.
             self._refuse(400, "Request has both Content-Length and Transfer-Encoding")
             return False
-        if content_length is not None and content_length > self.site.max_body_bytes:
-            self._refuse(413, f"Request body is larger than the limit of {self.site.max_body_bytes} bytes")
+        if content_length is not None and content_length > self.server_state.max_body_bytes:
+            self._refuse(413, f"Request body is larger than the limit of {self.server_state.max_body_bytes} bytes")
             return False
         if chunked:
             checker = ChunkedBodyChecker()
@@ -254,8 +254,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def _on_body(self, data: bytes) -> None:
         body = self._request.incoming
-        if body.received + len(data) > self.site.max_body_bytes:
-            self._body_failed(413, f"Request body is larger than the limit of {self.site.max_body_bytes} bytes")
+        if body.received + len(data) > self.server_state.max_body_bytes:
+            self._body_failed(413, f"Request body is larger than the limit of {self.server_state.max_body_bytes} bytes")
             return
         body.feed(data)
         if body.buffered > BODY_HIGH_WATER:
@@ -281,7 +281,7 @@ class HttpProtocol(asyncio.Protocol):
             request.status = 100  # once only
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if not request.incoming.done:
-            self._set_deadline(self.site.body_timeout, _BODY)
+            self._set_deadline(self.server_state.body_timeout, _BODY)
 
     def _body_consumed(self) -> None:
         if self.flow.reading_paused and self.conn.their_state is h11.SEND_BODY:
@@ -290,9 +290,9 @@ class HttpProtocol(asyncio.Protocol):
     # -- answering ---------------------------------------------------------------
     async def _run(self, request: Request) -> None:
         try:
-            response = await self.site.dispatch(request)
+            response = await self.server_state.dispatch(request)
         except Exception:
-            self.site.logger.exception("dispatch failed for request %s", request.request_id)
+            self.server_state.logger.exception("dispatch failed for request %s", request.request_id)
             response = error_response(HTTPError(500, f"Internal server error (request id {request.request_id})"))
         if self.lost:
             return
@@ -308,10 +308,10 @@ class HttpProtocol(asyncio.Protocol):
         """Status line and headers; decides here whether the connection closes after."""
         if not self._closing and not (self._keep_alive and self.conn.their_state is h11.DONE):
             self._closing = True
-        request_id = request.request_id if request is not None else self.site.new_request_id()
+        request_id = request.request_id if request is not None else self.server_state.new_request_id()
         return b"%bdate: %b\r\n%bx-request-id: %b\r\n%b%b\r\n" % (
             status_line(status),
-            self.site.dates.value(),
+            self.server_state.dates.value(),
             self._server_field,
             request_id.encode("latin-1"),
             fields,
@@ -331,7 +331,7 @@ class HttpProtocol(asyncio.Protocol):
                 fields += encode_fields(response.headers)
             head = self._head(request, status, fields)
         except ValueError:
-            self.site.logger.exception("invalid response to request %s", request.request_id)
+            self.server_state.logger.exception("invalid response to request %s", request.request_id)
             status, response = 500, error_response(HTTPError(500, "Handler produced an invalid response"))
             body = response.body
             head = self._head(request, 500, b"content-type: %b\r\ncontent-length: %d\r\n" % (JSON, len(body)))
@@ -354,7 +354,7 @@ class HttpProtocol(asyncio.Protocol):
         request.status = status
         return ResponseStream(
             self.transport, self.flow, serializer=serializer, chunked=chunked, discard=request.method == "HEAD",
-            max_pending=self.site.max_stream_buffer_bytes, on_end=self._stream_ended, on_overflow=self._stream_overflowed,
+            max_pending=self.server_state.max_stream_buffer_bytes, on_end=self._stream_ended, on_overflow=self._stream_overflowed,
         )
 
     def _stream_ended(self) -> None:
@@ -363,17 +363,17 @@ class HttpProtocol(asyncio.Protocol):
             self._cycle_done(request)
 
     def _stream_overflowed(self, pending: int) -> None:
-        self.site.logger.info("dropping a client that fell %d bytes behind its stream (limit %d)", pending,
-                              self.site.max_stream_buffer_bytes)
+        self.server_state.logger.info("dropping a client that fell %d bytes behind its stream (limit %d)", pending,
+                              self.server_state.max_stream_buffer_bytes)
         self.abort()
 
     def _report_finished(self, request: Request) -> None:
-        finished = self.site.finished
+        finished = self.server_state.finished
         if finished is not None:
             try:
                 finished(request, request.status, self.loop.time() - request.started_at)
             except Exception:
-                self.site.logger.exception("request-finished observer failed")
+                self.server_state.logger.exception("request-finished observer failed")
 
     def _cycle_done(self, request: Request) -> None:
         self._report_finished(request)
@@ -394,11 +394,11 @@ class HttpProtocol(asyncio.Protocol):
         self.flow.resume_reading()
         if leftover or closed:  # a pipelined request is already here
             self._head_started = True
-            self._set_deadline(self.site.header_timeout, _HEAD)
+            self._set_deadline(self.server_state.header_timeout, _HEAD)
             self._process()
         else:
             self._head_started = False
-            self._set_deadline(self.site.keepalive_timeout, _IDLE)
+            self._set_deadline(self.server_state.keepalive_timeout, _IDLE)
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer a request we will not process (bad head, too large) and close."""
@@ -464,5 +464,5 @@ class HttpProtocol(asyncio.Protocol):
 
     def _on_write_stall(self) -> None:
         self._stall_timer = None
-        self.site.logger.info("dropping a client that stopped reading for %ss", self.site.write_timeout)
+        self.server_state.logger.info("dropping a client that stopped reading for %ss", self.server_state.write_timeout)
         self.abort()

@@ -139,7 +139,7 @@ class Request:
             raise RuntimeError("the response has started already")
         protocol = self._protocol
         if serializer is None:
-            serializer = protocol.site.negotiate(self)
+            serializer = protocol.server_state.negotiate(self)
         self._response_stream = protocol.start_stream(self, status, headers, media_type or serializer.media_type,
                                                       serializer)
         return self._response_stream

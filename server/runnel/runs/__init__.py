@@ -8,7 +8,7 @@
                  claims, purges; ``RunView``: how a surface's runs are called and shown
     webhooks.py  a finished run POSTed to its caller's URL, signed, with retries
 
-The surfaces that take runs (``runnel.surfaces.cortex``: ``/v4 ...?async=true``;
+The surfaces that take runs (``runnel.surfaces.functions``: ``/v4 ...?async=true``;
 ``runnel.surfaces.runpod``: the job API) reach the runner as ``server.runs`` and
 register a ``RunView`` on it; they never make or start one.
 """

@@ -2,7 +2,7 @@
 
 One ``Runner`` per ``Server``, made next to its apps in ``Server.build()``, started
 in ``Server.start()`` and closed in ``Server.stop()``. Surfaces submit runs to it
-(``/v4 ...?async=true`` in ``runnel.surfaces.cortex``, the RunPod job API in
+(``/v4 ...?async=true`` in ``runnel.surfaces.functions``, the RunPod job API in
 ``runnel.surfaces.runpod``) and register a ``RunView`` saying how their runs are
 called, checked and rendered. A run is recorded before its caller is answered, then
 queued here; a worker waits for the run's app to be ready, claims the run in the

@@ -19,7 +19,7 @@ from ..config import ConfigError
 from ..errors import HTTPError
 from ..hookspecs import hookimpl
 from .openai import OpenAIAPI, ReplyOptions
-from .openai_params import invalid
+from .openai import invalid
 
 BASETEN_REPLY = ReplyOptions(uuid_ids=True)
 

@@ -14,15 +14,14 @@ from dataclasses import dataclass
 
 import orjson
 
-from ..errors import HTTPError
-from ..generation import unsupported
-from ..hookspecs import hookimpl
-from ..http import Response, json_response
-from ..http.response import JSON
-from ..serializers import NDJSON as NDJSONFraming
-from ..serializers import ServerSentEvents
-from .openai_params import CompletionRequest, invalid, parse_chat, parse_completion
-from .openai_sinks import ChatStream, Collector, CompletionStream, IndexShift, Usage, chat_logprobs, completion_logprobs
+from ...errors import HTTPError
+from ...generation import unsupported
+from ...http import Response, json_response
+from ...http.response import JSON
+from ...serializers import NDJSON as NDJSONFraming
+from ...serializers import ServerSentEvents
+from .params import CompletionRequest, invalid, parse_chat, parse_completion
+from .sinks import ChatStream, Collector, CompletionStream, IndexShift, Usage, chat_logprobs, completion_logprobs
 
 class OpenAIEvents(ServerSentEvents):
     """SSE as OpenAI frames it: a stream ends with ``data: [DONE]``, and its error
@@ -249,13 +248,3 @@ class OpenAIAPI:
             data.append({"object": "embedding", "index": index, "embedding": value})
         return json_response({"object": "list", "data": data, "model": app.model_id,
                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
-
-
-@hookimpl
-def runnel_register_routes(register, server):
-    api = OpenAIAPI.of(server)
-    register("GET", "/v1/models", api.models)
-    register("GET", "/v1/models/{model:path}", api.model)
-    register("POST", "/v1/chat/completions", api.chat)
-    register("POST", "/v1/completions", api.completions)
-    register("POST", "/v1/embeddings", api.embeddings)

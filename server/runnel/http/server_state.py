@@ -15,8 +15,8 @@ def new_request_id() -> str:
 
 
 @dataclass(slots=True, eq=False)
-class Site:
-    """Per-server state handed to each HttpProtocol; nothing here is global."""
+class ServerState:
+    """Per-server state every HttpProtocol shares (uvicorn's name for it); nothing here is global."""
 
     dispatch: Callable[[Any], Awaitable[Any]]
     negotiate: Callable[[Any], Any]

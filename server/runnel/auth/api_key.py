@@ -1,4 +1,4 @@
-"""Built-in plugin: the ``none`` and ``api_key`` authentication kinds."""
+"""Built-in plugin: the ``api_key`` authentication kind."""
 
 from __future__ import annotations
 
@@ -7,26 +7,7 @@ import hmac
 
 from ..errors import HTTPError
 from ..hookspecs import hookimpl
-from . import ANONYMOUS, Principal
-
-
-class NoAuth:
-    """``kind = "none"``: every caller is anonymous."""
-
-    @hookimpl(trylast=True)
-    def runnel_authenticate(self, request, route):
-        return ANONYMOUS
-
-
-def bearer_token(request) -> bytes | None:
-    """The token of an ``Authorization: Bearer <token>`` header, else None."""
-    value = request.header(b"authorization")
-    if value is None:
-        return None
-    scheme, _, token = value.partition(b" ")
-    if scheme.lower() != b"bearer":
-        return None
-    return token.strip() or None
+from . import Principal, bearer_token
 
 
 class ApiKeyAuth:
@@ -80,12 +61,6 @@ def make_api_key_auth(table, config) -> ApiKeyAuth:
     return ApiKeyAuth(keys, realm)
 
 
-def make_no_auth(table, config) -> NoAuth:
-    table.finish()
-    return NoAuth()
-
-
 @hookimpl
 def runnel_register_auth_kinds(register):
-    register("none", make_no_auth)
     register("api_key", make_api_key_auth)

@@ -39,8 +39,7 @@ import time
 
 from ..errors import HTTPError
 from ..hookspecs import hookimpl
-from . import Principal
-from .builtin import bearer_token
+from . import Principal, bearer_token
 
 logger = logging.getLogger("runnel.auth.jwt")
 

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import orjson
 
-from ..errors import HTTPError
-from ..generation import TokenLogprob
+from ...errors import HTTPError
+from ...generation import TokenLogprob
 
 def generation_error(error: BaseException) -> HTTPError:
     """What a backend's failure is to the client: its own HTTPError, else a 500."""

@@ -1,7 +1,7 @@
 """Built-in plugin: ``GET /health`` (public) and ``GET /stats`` (authenticated)."""
 
-from .hookspecs import hookimpl
-from .http import json_response
+from ..hookspecs import hookimpl
+from ..http import json_response
 
 
 @hookimpl

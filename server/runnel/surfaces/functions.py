@@ -74,22 +74,22 @@ from ..runs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, Run
 from .openai import NO_CACHE, OpenAIAPI, can_embed, is_model_app
 from .openai import SSE as OPENAI_SSE
 
-logger = logging.getLogger("runnel.cortex")
+logger = logging.getLogger("runnel.cortex")  # the name operators filter on: kept as it was
 
 MODEL_FUNCTION = "run"  # a model app's function: chat completions
-SURFACE = "cortex"  # the runs this surface submits
+SURFACE = "cortex"  # the runs this surface submits (the name stored with them: kept as it was)
 RUN_STATUS = {QUEUED: "queued", RUNNING: "running", SUCCEEDED: "succeeded", FAILED: "failed",
               CANCELLED: "cancelled", TIMED_OUT: "failed"}
 _TRUE, _FALSE = ("true", "1", "yes", ""), ("false", "0", "no")  # a bare ?async is true
 
 
-class CortexAPI:
+class FunctionEndpoints:
     def __init__(self, server) -> None:
         self.server = server
         self.openai = OpenAIAPI.of(server)
         self.public: set[str] = set()
         self.runs = server.runs
-        self.runs.add_view(CortexRuns())
+        self.runs.add_view(FunctionRuns())
         config = server.config
         for name, app_config in config.apps.items():
             table = config.table(f"apps.{name}.functions", app_config.surfaces.get("functions", {}))
@@ -129,7 +129,7 @@ class CortexAPI:
         if run is None or run.surface != SURFACE or run.app != name:
             raise HTTPError(404, f"No run '{run_id}' in app '{name}' (unknown, or finished and expired)",
                             param="run_id", code="run_not_found")
-        return json_response(CortexRuns.render(run))
+        return json_response(FunctionRuns.render(run))
 
     # -- the routes' policy ------------------------------------------------------------
     def is_public(self, request) -> bool:
@@ -307,7 +307,7 @@ def split_status(result, function: str) -> tuple[int, object]:
     return 200, result
 
 
-class CortexRuns(RunView):
+class FunctionRuns(RunView):
     """Async runs of the /v4 routes: called with the body's keys as arguments."""
 
     name = SURFACE
@@ -386,11 +386,11 @@ def merge_chat_chunks(chunks: list):
 
 @hookimpl
 def runnel_register_routes(register, server):
-    cortex = CortexAPI(server)
-    call = dict(public=cortex.is_public, errors=cortex.error_body, prepare=cortex.new_run)
-    register("POST", "/v4/{project_id}/{app}/{function}", cortex.call, **call)
-    register("POST", "/v4/{project_id}/{app}/{function}/chat/completions", cortex.chat, **call)
-    register("POST", "/v4/{project_id}/{app}/{function}/embedding", cortex.embedding, **call)
-    register("POST", "/v4/{project_id}/{app}/{function}/embeddings", cortex.embedding, **call)
-    register("GET", "/v4/{project_id}/{app}/runs/{run_id}", cortex.run_status, public=cortex.is_public,
-             errors=cortex.error_body)
+    endpoints = FunctionEndpoints(server)
+    call = dict(public=endpoints.is_public, errors=endpoints.error_body, prepare=endpoints.new_run)
+    register("POST", "/v4/{project_id}/{app}/{function}", endpoints.call, **call)
+    register("POST", "/v4/{project_id}/{app}/{function}/chat/completions", endpoints.chat, **call)
+    register("POST", "/v4/{project_id}/{app}/{function}/embedding", endpoints.embedding, **call)
+    register("POST", "/v4/{project_id}/{app}/{function}/embeddings", endpoints.embedding, **call)
+    register("GET", "/v4/{project_id}/{app}/runs/{run_id}", endpoints.run_status, public=endpoints.is_public,
+             errors=endpoints.error_body)

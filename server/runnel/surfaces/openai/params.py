@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import HTTPError
-from ..generation import SamplingParams
+from ...errors import HTTPError
+from ...generation import SamplingParams
 
 MAX_N = 128
 MAX_STOP = 16
