@@ -96,7 +96,23 @@ class Row(Choice):
 
 
 class Batch:
-    """The rows of one generate_batch call and the hand-off from CTranslate2's thread."""
+    """The rows of one generate_batch call and the hand-off from CTranslate2's thread.
+
+    Two threads touch a batch, and this is why it is safe without a lock (the GIL
+    makes each single read, write, append and popleft atomic):
+
+    - ``max_tokens``, ``stop_ids``, ``min_tokens``: written before the batch starts,
+      only read after.
+    - ``counts``, ``started``: the callback thread's alone.
+    - ``stop_flags``: written by the loop (a cancelled or finished row), read by the
+      callback; a stale read costs one more step of that row, which ``deliver`` drops
+      (the row is done).
+    - ``steps``: appended by the callback, popped by ``deliver`` on the loop.
+    - ``scheduled``: set by the callback when it schedules a ``deliver``, cleared by
+      ``deliver`` *before* it drains, so a step appended after the drain always finds
+      it clear and schedules the next delivery (at worst one finds nothing to do).
+    - The rows themselves (``Row``/``Choice`` state, the sink) are the loop's alone.
+    """
 
     def __init__(self, rows: list[Row], loop: asyncio.AbstractEventLoop) -> None:
         self.rows = rows

@@ -148,5 +148,6 @@ def runnel_register_routes(register, server):
             if stream.paused:
                 await stream.drain()
         stream.send({"done": True, "tokens": max_tokens})
+        stream.end()
 
     register("POST", "/echo/{app}", echo)
