@@ -27,6 +27,9 @@ class ServerSentEvents:
 
     media_type = b"text/event-stream"
     end = b""
+    # An encoded payload (bytes, no line breaks: JSON) is framed as prefix + payload + suffix;
+    # the stream writes it in one step with the chunk framing (the per-token path).
+    payload_frame = (b"data: ", b"\n\n")
 
     def encode(self, event: Any) -> bytes:
         if type(event) is bytes:
@@ -47,6 +50,7 @@ class NDJSON:
 
     media_type = b"application/x-ndjson"
     end = b""
+    payload_frame = (b"", b"\n")
 
     def encode(self, event: Any) -> bytes:
         if type(event) is bytes:

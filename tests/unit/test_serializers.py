@@ -217,3 +217,15 @@ def test_wants_is_explicit_only(negotiate):
     assert not negotiate.wants(accept(b"*/*"), b"text/event-stream")
     assert not negotiate.wants(accept(b"text/event-stream;q=0"), b"text/event-stream")
     assert not negotiate.wants(FakeRequest(), b"text/event-stream")
+
+
+# --- the stream's fast path for encoded payloads ----------------------------------------
+
+
+@pytest.mark.parametrize("serializer", [SSE, ND], ids=["sse", "ndjson"])
+def test_payload_frame_is_what_encode_does_with_bytes(serializer):
+    # ResponseStream.send frames bytes with payload_frame in one step instead of encode():
+    # both must give the same bytes, or the per-token path would frame differently.
+    prefix, suffix = serializer.payload_frame
+    for payload in (b'{"a":1}', b"", b'"text"'):
+        assert prefix + payload + suffix == serializer.encode(payload)
