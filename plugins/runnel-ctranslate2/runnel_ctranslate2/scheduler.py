@@ -98,6 +98,9 @@ class Row(Choice):
 class Batch:
     """The rows of one generate_batch call and the hand-off from CTranslate2's thread."""
 
+    __slots__ = ("rows", "loop", "stop_flags", "max_tokens", "stop_ids", "min_tokens", "counts", "steps",
+                 "scheduled", "started")
+
     def __init__(self, rows: list[Row], loop: asyncio.AbstractEventLoop) -> None:
         self.rows = rows
         self.loop = loop

@@ -148,6 +148,8 @@ class FunctionStream:
     function when the caller stops early (client gone, error while sending).
     """
 
+    __slots__ = ()  # so that the subclasses' slots take effect
+
     def __aiter__(self) -> FunctionStream:
         return self
 
