@@ -19,7 +19,10 @@ install: $(STAMP)
 serve: install
 	$(BIN)/runnel serve --config conf/runnel.toml
 
+# Lint and type-check server/ first (config in pyproject.toml), then the tests.
 test: install
+	$(BIN)/ruff check server
+	$(BIN)/mypy
 	$(BIN)/pytest
 
 clean:

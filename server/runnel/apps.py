@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import ItemsView
 from typing import Protocol
 
 logger = logging.getLogger("runnel.apps")
@@ -69,7 +70,7 @@ class AppRegistry:
     def states(self) -> dict[str, str]:
         return dict(self._states)
 
-    def items(self):
+    def items(self) -> ItemsView[str, App]:
         return self._apps.items()
 
     def __len__(self) -> int:

@@ -39,7 +39,7 @@ async def _serve(server: Server) -> None:
     await server.start()
     logger.info("runnel listening on %s", server.url)
     loop = asyncio.get_running_loop()
-    stopping = []
+    stopping: list[asyncio.Task[None]] = []
 
     def on_signal(signum: int) -> None:
         if stopping:

@@ -8,8 +8,9 @@ the handler had already started a stream, as that stream's last event.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
-from .auth import ANONYMOUS
+from .auth import ANONYMOUS, Principal
 from .errors import HTTPError
 from .http import Request, Response, json_response
 from .routing import Route, Router
@@ -20,12 +21,12 @@ logger = logging.getLogger("runnel.dispatch")
 class Dispatcher:
     """Called by the HTTP layer for each request; never raises except on cancellation."""
 
-    def __init__(self, router: Router, authenticate) -> None:
+    def __init__(self, router: Router, authenticate: Callable[..., Principal | None]) -> None:
         self._router = router
         self._authenticate = authenticate  # the pluggy hook caller (firstresult)
 
     async def __call__(self, request: Request) -> Response | None:
-        route = None
+        route: Route | None = None
         try:
             route, request.path_params = self._router.match(request.method, request.path)
             request.route = route
@@ -42,9 +43,10 @@ class Dispatcher:
         except HTTPError as error:
             return self._fail(request, route, error)
         except Exception:
-            logger.exception("unhandled error in %s %s (request id %s)", request.method, request.path, request.request_id)
-            error = HTTPError(500, f"Internal server error (request id {request.request_id})", code="internal_error")
-            return self._fail(request, route, error)
+            logger.exception("unhandled error in %s %s (request id %s)", request.method, request.path,
+                             request.request_id)
+            internal = HTTPError(500, f"Internal server error (request id {request.request_id})", code="internal_error")
+            return self._fail(request, route, internal)
 
     @staticmethod
     def _fail(request: Request, route: Route | None, error: HTTPError) -> Response | None:

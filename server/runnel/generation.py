@@ -10,8 +10,9 @@ when the client goes away.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Protocol, Sequence
+from typing import Protocol
 
 
 @dataclass(slots=True, kw_only=True)
@@ -61,7 +62,8 @@ class TokenLogprob:
 class TokenSink(Protocol):
     """Where a backend pushes a generation. Called on the event loop thread only."""
 
-    def on_tokens(self, index: int, text: str, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob] | None) -> None:
+    def on_tokens(self, index: int, text: str, token_ids: Sequence[int],
+                  logprobs: Sequence[TokenLogprob] | None) -> None:
         """New tokens for choice ``index``; ``text`` is what they add (stop strings removed)."""
 
     def on_finish(self, index: int, reason: str, completion_tokens: int) -> None:
@@ -87,7 +89,7 @@ class ModelApp(Protocol):
 
     def tokenize(self, text: str) -> list[int]: ...
 
-    def chat_prompt(self, messages: list[dict]) -> str:
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """Render chat messages ({"role", "content": str}) through the model's chat template."""
 
     def generate(self, prompt_tokens: list[int], params: SamplingParams, n: int, sink: TokenSink) -> Generation: ...

@@ -7,14 +7,31 @@ No hook is ever called per token. Call hooks with keyword arguments only.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
 import pluggy
+
+if TYPE_CHECKING:  # annotations only: importing this module stays cheap for plugins
+    from .apps import App
+    from .auth import Principal
+    from .config import AppConfig, Config, Table
+    from .http import Request
+    from .routing import RegisterRoute, Route
+    from .serializers import Serializer
+    from .server import Server
 
 hookspec = pluggy.HookspecMarker("runnel")
 hookimpl = pluggy.HookimplMarker("runnel")
 
+# What the registration hooks' ``register`` callbacks take.
+BackendFactory = Callable[["AppConfig", "Table", "Server"], "App"]
+# Returns a plugin object implementing ``runnel_authenticate``.
+AuthFactory = Callable[["Table", "Config"], Any]
+
 
 @hookspec
-def runnel_register_backends(register):
+def runnel_register_backends(register: Callable[[str, BackendFactory], None]) -> None:
     """Add backends that build apps from ``[apps.NAME]`` tables.
 
     :param register: ``register(name, factory)``; ``factory(app_config, table, server)``
@@ -25,7 +42,7 @@ def runnel_register_backends(register):
 
 
 @hookspec
-def runnel_register_routes(register, server):
+def runnel_register_routes(register: RegisterRoute, server: Server) -> None:
     """Add HTTP routes.
 
     :param register: ``register(method, template, handler, *, public=False, errors=None,
@@ -44,7 +61,7 @@ def runnel_register_routes(register, server):
 
 
 @hookspec
-def runnel_register_serializers(register):
+def runnel_register_serializers(register: Callable[[Serializer], None]) -> None:
     """Add stream framings chosen by the request's ``Accept`` header.
 
     :param register: ``register(serializer)``; a serializer has ``media_type``
@@ -56,7 +73,7 @@ def runnel_register_serializers(register):
 
 
 @hookspec
-def runnel_register_auth_kinds(register):
+def runnel_register_auth_kinds(register: Callable[[str, AuthFactory], None]) -> None:
     """Add kinds of authentication selectable with ``[auth] kind = "..."``.
 
     :param register: ``register(kind, factory)``; ``factory(table, config)`` returns an
@@ -66,7 +83,7 @@ def runnel_register_auth_kinds(register):
 
 
 @hookspec(firstresult=True)
-def runnel_authenticate(request, route):
+def runnel_authenticate(request: Request, route: Route) -> Principal | None:
     """Who is making this request. First non-None result wins.
 
     Called for every request to a non-public route. Return a
@@ -77,7 +94,7 @@ def runnel_authenticate(request, route):
 
 
 @hookspec
-def runnel_request_finished(request, status, elapsed):
+def runnel_request_finished(request: Request, status: int, elapsed: float) -> None:
     """Observe a request whose response is complete (metrics, access logs).
 
     :param status: the status code sent.
@@ -87,10 +104,10 @@ def runnel_request_finished(request, status, elapsed):
 
 
 @hookspec
-def runnel_startup(server):
+def runnel_startup(server: Server) -> Awaitable[None] | None:
     """The server is about to accept connections. May return an awaitable."""
 
 
 @hookspec
-def runnel_shutdown(server):
+def runnel_shutdown(server: Server) -> Awaitable[None] | None:
     """The server has stopped serving requests. May return an awaitable."""

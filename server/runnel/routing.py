@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Union
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote
 
 from .errors import HTTPError
@@ -17,12 +18,14 @@ _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}")
 Handler = Callable[["Request"], Awaitable["Response | None"]]
 # Whether a request may skip authentication: a constant, or decided per request
 # (a /v4 app made public by its config) once the path parameters are known.
-Public = Union[bool, Callable[["Request"], bool]]
+Public = bool | Callable[["Request"], bool]
 # An HTTPError as the body the surface's clients expect ({"error": "..."} for RunPod,
 # OpenAI's envelope plus the run id for /v4), sent as JSON; the same body ends a
 # stream early. A renderer may return a whole Response instead (errors that are not
 # JSON): that is the response, and a stream that has started ends with the default body.
 ErrorRenderer = Callable[["Request", HTTPError], Any]
+# Runs before authentication; e.g. sets the request id the surface's errors carry.
+Prepare = Callable[["Request"], None]
 
 
 class Route:
@@ -37,7 +40,7 @@ class Route:
     __slots__ = ("method", "template", "handler", "public", "errors", "prepare")
 
     def __init__(self, method: str, template: str, handler: Handler, *, public: Public = False,
-                 errors: ErrorRenderer | None = None, prepare: Callable[[Request], None] | None = None) -> None:
+                 errors: ErrorRenderer | None = None, prepare: Prepare | None = None) -> None:
         self.method = method
         self.template = template
         self.handler = handler
@@ -56,7 +59,14 @@ class Route:
         return f"Route({self.method} {self.template} -> {getattr(self.handler, '__qualname__', self.handler)})"
 
 
-def _compile(template: str) -> re.Pattern | None:
+class RegisterRoute(Protocol):
+    """The ``register`` that ``runnel_register_routes`` gets (``Router.add``)."""
+
+    def __call__(self, method: str, template: str, handler: Handler, *, public: Public = False,
+                 errors: ErrorRenderer | None = None, prepare: Prepare | None = None) -> Route: ...
+
+
+def _compile(template: str) -> re.Pattern[str] | None:
     if "{" not in template:
         return None
     pattern, pos = [], 0
@@ -71,18 +81,19 @@ def _compile(template: str) -> re.Pattern | None:
 class Router:
     def __init__(self) -> None:
         self._exact: dict[str, dict[str, Route]] = {}
-        self._templates: list[tuple[re.Pattern, str, dict[str, Route]]] = []
+        self._templates: list[tuple[re.Pattern[str], str, dict[str, Route]]] = []
 
-    def add(self, method: str, template: str, handler: Callable[..., Any], **options) -> Route:
+    def add(self, method: str, template: str, handler: Handler, *, public: Public = False,
+            errors: ErrorRenderer | None = None, prepare: Prepare | None = None) -> Route:
         if not template.startswith("/"):
             raise ValueError(f"route template must start with '/': {template!r}")
         method = method.upper()
-        route = Route(method, template, handler, **options)
+        route = Route(method, template, handler, public=public, errors=errors, prepare=prepare)
         regex = _compile(template)
         if regex is None:
             methods = self._exact.setdefault(template, {})
         else:
-            for known_regex, known_template, methods in self._templates:
+            for _, known_template, methods in self._templates:  # noqa: B007 (methods is used after break)
                 if known_template == template:
                     break
             else:
@@ -126,7 +137,7 @@ class Router:
             headers=((b"allow", allow.encode("ascii")),),
         )
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Route]:
         for methods in self._exact.values():
             yield from methods.values()
         for _, _, methods in self._templates:

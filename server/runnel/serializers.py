@@ -11,11 +11,26 @@ and ``end`` a stream and never write framing bytes themselves.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from .hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from .http import Request
+
+
+class Serializer(Protocol):
+    """A stream framing, as ``runnel_register_serializers`` adds it. It may also have
+    ``end`` (bytes a stream that finishes normally writes last); none when absent."""
+
+    media_type: bytes
+
+    def encode(self, event: Any) -> bytes: ...
+
+    def encode_error(self, error: dict[str, Any]) -> bytes: ...
 
 
 class ServerSentEvents:
@@ -41,7 +56,7 @@ class ServerSentEvents:
             return b"data: %b\n\n" % event.encode()
         return b"data: %b\n\n" % orjson.dumps(event)
 
-    def encode_error(self, error: dict) -> bytes:
+    def encode_error(self, error: dict[str, Any]) -> bytes:
         return b"event: error\ndata: %b\n\n" % orjson.dumps(error)
 
 
@@ -57,13 +72,13 @@ class NDJSON:
             return event + b"\n"
         return orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE)
 
-    def encode_error(self, error: dict) -> bytes:
+    def encode_error(self, error: dict[str, Any]) -> bytes:
         return orjson.dumps(error, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def parse_accept(value: bytes) -> list[tuple[float, str]]:
     """Media ranges of an Accept header with their q-values, best first."""
-    ranges = []
+    ranges: list[tuple[float, int, str]] = []
     for index, part in enumerate(value.decode("latin-1").split(",")):
         media, *params = part.split(";")
         media = media.strip().lower()
@@ -85,12 +100,12 @@ def parse_accept(value: bytes) -> list[tuple[float, str]]:
 class Negotiator:
     """Picks a stream serializer for a request; the default when Accept names none we have."""
 
-    def __init__(self, serializers: dict[bytes, Any], default: bytes = b"text/event-stream") -> None:
+    def __init__(self, serializers: dict[bytes, Serializer], default: bytes = b"text/event-stream") -> None:
         self.serializers = serializers
         self.default = serializers[default]
         self._by_name = {media.decode(): serializer for media, serializer in serializers.items()}
 
-    def __call__(self, request) -> Any:
+    def __call__(self, request: Request) -> Serializer:
         accept = request.header(b"accept")
         if not accept:
             return self.default
@@ -109,7 +124,7 @@ class Negotiator:
                         return candidate
         return self.default
 
-    def named(self, request) -> Any | None:
+    def named(self, request: Request) -> Serializer | None:
         """The serializer the client's Accept names explicitly (best first), else None:
         for routes that stream only when asked to (a generator's values otherwise come
         back collected)."""
@@ -121,7 +136,7 @@ class Negotiator:
                 return self._by_name[media]
         return None
 
-    def wants(self, request, media_type: bytes) -> bool:
+    def wants(self, request: Request, media_type: bytes) -> bool:
         """Whether the client explicitly asked for this media type (e.g. SSE)."""
         accept = request.header(b"accept")
         if not accept:
@@ -131,7 +146,7 @@ class Negotiator:
 
 
 @hookimpl
-def runnel_register_serializers(register):
+def runnel_register_serializers(register: Callable[[Serializer], None]) -> None:
     """The built-in framings: SSE (the default) and NDJSON."""
     register(ServerSentEvents())
     register(NDJSON())

@@ -13,6 +13,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
 
 from .access_log import AccessLog
 from .apps import AppRegistry
@@ -24,11 +28,16 @@ from .routing import Router
 from .runs import Runner
 from .serializers import Negotiator
 
+if TYPE_CHECKING:
+    from .hookspecs import AuthFactory, BackendFactory
+    from .http import Request
+    from .serializers import Serializer
+
 logger = logging.getLogger("runnel.server")
 
 
-def _registry(kind: str, into: dict):
-    def register(name, value):
+def _registry(kind: str, into: dict[Any, Any]) -> Callable[[Any, Any], None]:
+    def register(name: Any, value: Any) -> None:
         if name in into:
             raise ValueError(f"{kind} {name!r} is registered twice")
         into[name] = value
@@ -37,25 +46,27 @@ def _registry(kind: str, into: dict):
 
 
 class Server:
-    def __init__(self, config: Config | None = None, *, plugins=(), load_entrypoints: bool = True) -> None:
+    def __init__(self, config: Config | None = None, *, plugins: Iterable[object] = (),
+                 load_entrypoints: bool = True) -> None:
         self.config = config if config is not None else Config()
         self.apps = AppRegistry()
         self.router = Router()
-        self.backends: dict = {}
-        self.auth_kinds: dict = {}
-        self.serializers: dict = {}
+        self.backends: dict[str, BackendFactory] = {}
+        self.auth_kinds: dict[str, AuthFactory] = {}
+        self.serializers: dict[bytes, Serializer] = {}
         self.negotiator: Negotiator | None = None
         self.runs: Runner | None = None  # made in build(), next to the apps
-        self.pm = None
+        self.pm: pluggy.PluginManager | None = None  # made in build(); the server is built once it is set
         # Per-server objects that plugins share: kept on the server, not in module
         # globals, so servers in one process stay apart.
         self.state: dict[str, object] = {}
         self._extra_plugins = tuple(plugins)
         self._load_entrypoints = load_entrypoints
-        self._listener = None
+        # Set together by start(), the listener last of those stop() needs.
+        self._listener: asyncio.Server | None = None
         self._address: tuple[str, int] | None = None
         self._server_state: ServerState | None = None
-        self._loading = None
+        self._loading: asyncio.Task[None] | None = None
         self._stopped: asyncio.Event | None = None
         self._force = False
 
@@ -87,15 +98,17 @@ class Server:
             for name, app_config in config.apps.items():
                 backend = self.backends.get(app_config.backend)
                 if backend is None:
+                    installed = ", ".join(sorted(self.backends)) or "none"
                     raise ConfigError(
-                        f"unknown backend {app_config.backend!r}; installed: {', '.join(sorted(self.backends)) or 'none'}",
+                        f"unknown backend {app_config.backend!r}; installed: {installed}",
                         key=f"apps.{name}.backend",
                     )
                 self.apps.add(name, backend(app_config, config.table(f"apps.{name}", app_config.options), self))
             # Before the routes: surfaces register their run views on it.
             self.runs = Runner(config, self.apps)
         except ConfigError as error:
-            raise error.with_source(config.source) if config.source else error
+            # The same error, or its copy naming the file: chained, the plugin's traceback stays.
+            raise error.with_source(config.source) if config.source else error  # noqa: B904
         if config.server.access_log:
             pm.register(AccessLog(), name="access_log")
 
@@ -106,17 +119,19 @@ class Server:
     # -- running ----------------------------------------------------------------
     async def start(self) -> Server:
         self.build()
+        pm, runs, negotiator = self.pm, self.runs, self.negotiator
+        assert pm is not None and runs is not None and negotiator is not None  # build() made them
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         settings = self.config.server
-        finished_hook = self.pm.hook.runnel_request_finished
-        finished = None
+        finished_hook = pm.hook.runnel_request_finished
+        finished: Callable[[Request, int, float], None] | None = None
         if finished_hook.get_hookimpls():
-            def finished(request, status, elapsed):
+            def finished(request: Request, status: int, elapsed: float) -> None:
                 finished_hook(request=request, status=status, elapsed=elapsed)
         self._server_state = ServerState(
-            dispatch=Dispatcher(self.router, self.pm.hook.runnel_authenticate),
-            negotiate=self.negotiator,
+            dispatch=Dispatcher(self.router, pm.hook.runnel_authenticate),
+            negotiate=negotiator,
             max_header_bytes=settings.max_header_bytes,
             max_body_bytes=settings.max_body_bytes,
             max_stream_buffer_bytes=settings.max_stream_buffer_bytes,
@@ -128,30 +143,35 @@ class Server:
             finished=finished,
         )
         try:
-            await self.runs.start()
+            await runs.start()
         except ConfigError as error:  # its store cannot be used
-            raise error.with_source(self.config.source) if self.config.source else error
+            raise error.with_source(self.config.source) if self.config.source else error  # noqa: B904
         try:
-            await _call_lifecycle(self.pm.hook.runnel_startup(server=self))
+            await _call_lifecycle(pm.hook.runnel_startup(server=self))
             server_state = self._server_state
-            self._listener = await loop.create_server(
+            listener = self._listener = await loop.create_server(
                 lambda: HttpProtocol(server_state, loop), settings.host, settings.port, backlog=settings.backlog
             )
         except BaseException:
-            await self.runs.close()  # let go of the store (and its file lock)
+            await runs.close()  # let go of the store (and its file lock)
             raise
         # Kept, not looked up, so the address stays known after stop().
-        self._address = self._listener.sockets[0].getsockname()[:2]
+        self._address = listener.sockets[0].getsockname()[:2]
         self._loading = loop.create_task(self.apps.start_all())
         return self
 
     @property
     def port(self) -> int:
-        return self._address[1]
+        return self._bound()[1]
 
     @property
     def host(self) -> str:
-        return self._address[0]
+        return self._bound()[0]
+
+    def _bound(self) -> tuple[str, int]:
+        if self._address is None:
+            raise RuntimeError("the server has not been started")
+        return self._address
 
     @property
     def url(self) -> str:
@@ -159,17 +179,21 @@ class Server:
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     @property
-    def connections(self) -> frozenset:
+    def connections(self) -> frozenset[HttpProtocol]:
         """The open connections (HttpProtocol objects), as of now; empty before start()."""
         state = self._server_state
         return frozenset(state.connections) if state is not None else frozenset()
 
     async def wait_ready(self) -> bool:
         """Wait until every app has loaded or failed; True when all are ready."""
+        if self._loading is None:
+            raise RuntimeError("the server has not been started")
         await asyncio.shield(self._loading)
         return all(state == "ready" for state in self.apps.states().values())
 
     async def serve_forever(self) -> None:
+        if self._stopped is None:
+            raise RuntimeError("the server has not been started")
         await self._stopped.wait()
 
     def force_stop(self) -> None:
@@ -178,10 +202,12 @@ class Server:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish for ``grace`` seconds, cancel the rest."""
-        if self._listener is None or self._stopped.is_set():
+        listener, stopped, loading = self._listener, self._stopped, self._loading
+        if listener is None or stopped is None or stopped.is_set():
             return
+        assert self._server_state is not None and loading is not None and self.pm is not None and self.runs is not None
         grace = self.config.server.shutdown_grace if grace is None else grace
-        self._listener.close()
+        listener.close()
         connections = self._server_state.connections
         for connection in list(connections):
             connection.shutdown()
@@ -191,22 +217,22 @@ class Server:
             await asyncio.sleep(0.02)
         for connection in list(connections):
             connection.abort()
-        if not self._loading.done():
-            self._loading.cancel()
-        await asyncio.gather(self._loading, return_exceptions=True)
+        if not loading.done():
+            loading.cancel()
+        await asyncio.gather(loading, return_exceptions=True)
         await _call_lifecycle(self.pm.hook.runnel_shutdown(server=self))
         await self.runs.close()  # before the apps: no run calls a closed app
         await self.apps.close_all()
-        self._stopped.set()
+        stopped.set()
 
     async def __aenter__(self) -> Server:
         return await self.start()
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
 
-async def _call_lifecycle(results) -> None:
+async def _call_lifecycle(results: Iterable[object]) -> None:
     for result in results:
         if inspect.isawaitable(result):
             await result

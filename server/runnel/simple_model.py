@@ -34,12 +34,16 @@ import asyncio
 import collections
 import re
 import threading
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from .choices import Choice
 from .generation import SamplingParams, TokenSink
 
+if TYPE_CHECKING:
+    from .config import AppConfig, Table
+    from .server import Server
 
 
 class _End:
@@ -114,7 +118,7 @@ class SimpleModel:
 
     # -- building from [apps.NAME] ---------------------------------------------------
     @staticmethod
-    def settings(app_config, table) -> dict:
+    def settings(app_config: AppConfig, table: Table) -> dict[str, Any]:
         """The keys every simple model takes: served_model_name, context_length, default_max_tokens."""
         settings = {
             "served_model_name": table.get("served_model_name", str, default=app_config.name),
@@ -128,7 +132,7 @@ class SimpleModel:
         return settings
 
     @classmethod
-    def from_config(cls, app_config, table, server) -> SimpleModel:
+    def from_config(cls, app_config: AppConfig, table: Table, server: Server) -> SimpleModel:
         """A backend factory (``runnel_register_backends``) for a model with no settings of its own."""
         model = cls(app_config.name, **cls.settings(app_config, table))
         table.finish()
@@ -156,7 +160,7 @@ class SimpleModel:
         pieces = self.vocabulary.pieces
         return "".join(pieces[token_id] for token_id in token_ids)
 
-    def chat_prompt(self, messages: list[dict]) -> str:
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The default chat template: the last user message is the whole prompt."""
         for message in reversed(messages):
             if message["role"] == "user":
@@ -182,7 +186,7 @@ class _PieceChoice(Choice):
         self.vocabulary = vocabulary
         self.pieces = vocabulary.pieces  # only ever appended to: safe to hold
 
-    def take(self, item) -> None:
+    def take(self, item: Any) -> None:  # a text piece, a token id or END
         if item is END:
             self.end()
         elif type(item) is int:
@@ -214,9 +218,9 @@ class SimpleGeneration:
         try:
             pieces = model.stream(prompt, params)
             if hasattr(pieces, "__aiter__"):
-                await _iterate(choice, pieces)
+                await _iterate(choice, cast("AsyncIterator[Any]", pieces))
             else:
-                await _ThreadFeed(choice).run(model._threads(), pieces)
+                await _ThreadFeed(choice).run(model._threads(), cast("Iterator[Any]", pieces))
             if not choice.done:
                 choice.finish("stop")  # the generator returned: the model ended
         except Exception as error:  # reported in the surface's own shape; an HTTPError as it is
@@ -230,7 +234,7 @@ class SimpleGeneration:
                 self.sink.on_error(error)
 
 
-async def _iterate(choice: _PieceChoice, pieces: AsyncIterator) -> None:
+async def _iterate(choice: _PieceChoice, pieces: AsyncIterator[Any]) -> None:
     """Run an async generator on the loop, pushing each piece as it comes."""
     iterator = pieces.__aiter__()
     made = 0
@@ -262,16 +266,16 @@ class _ThreadFeed:
     def __init__(self, choice: _PieceChoice) -> None:
         self.choice = choice
         self.loop = asyncio.get_running_loop()
-        self.queue: collections.deque = collections.deque()
+        self.queue: collections.deque[Any] = collections.deque()
         self.scheduled = False
 
-    async def run(self, pool: ThreadPoolExecutor, pieces) -> None:
+    async def run(self, pool: ThreadPoolExecutor, pieces: Iterable[Any]) -> None:
         try:
             await self.loop.run_in_executor(pool, self._drive, pieces)
         finally:
             self.deliver()  # pieces that came after the last scheduled delivery
 
-    def _drive(self, pieces) -> None:
+    def _drive(self, pieces: Iterable[Any]) -> None:
         """Pool thread: run the generator until it ends, has made max_tokens pieces, or the choice is done."""
         choice = self.choice
         budget = choice.params.max_tokens

@@ -114,6 +114,9 @@ class Batch:
     - The rows themselves (``Row``/``Choice`` state, the sink) are the loop's alone.
     """
 
+    __slots__ = ("rows", "loop", "stop_flags", "max_tokens", "stop_ids", "min_tokens", "counts", "steps",
+                 "scheduled", "started")
+
     def __init__(self, rows: list[Row], loop: asyncio.AbstractEventLoop) -> None:
         self.rows = rows
         self.loop = loop

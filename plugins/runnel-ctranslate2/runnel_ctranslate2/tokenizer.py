@@ -196,6 +196,8 @@ class IncrementalDetokenizer:
     ``decode(context)``, provided the context ends on a whole character.
     """
 
+    __slots__ = ("_tokenizer", "_anchor_ids", "_anchor_text", "_ids", "_prefix_offset", "_read_offset", "_mid_text")
+
     _CONTEXT_WINDOW = 6
 
     def __init__(self, tokenizer: Tokenizer, *, context_ids: Sequence[int] = ()):

@@ -65,7 +65,8 @@ def _explain(exc: Exception) -> str:
     if name == "ImmatureSignatureError":  # pyjwt says which: "... not yet valid (iat)" or "(nbf)"
         return "Token was issued in the future (iat)" if "(iat)" in str(exc) else "Token is not yet valid (nbf)"
     if name == "MissingRequiredClaimError":
-        return f"Token lacks the required {exc.claim!r} claim"
+        # pyjwt's MissingRequiredClaimError, matched by name so that jwt is imported lazily.
+        return f"Token lacks the required {exc.claim!r} claim"  # type: ignore[attr-defined]
     for cls in type(exc).__mro__:
         if cls.__name__ in _REASONS:
             return _REASONS[cls.__name__]

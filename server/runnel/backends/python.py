@@ -45,6 +45,7 @@ How a function runs:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import functools
 import importlib
@@ -74,7 +75,7 @@ def _marked(obj, test) -> bool:
     """``test`` on a function, or on a callable instance's ``__call__``."""
     if test(obj):
         return True
-    call = getattr(type(obj), "__call__", None)
+    call = getattr(type(obj), "__call__", None)  # noqa: B004 (the method itself, to test its marker)
     return not inspect.isfunction(obj) and call is not None and test(call)
 
 
@@ -147,6 +148,8 @@ class FunctionStream:
     function when the caller stops early (client gone, error while sending).
     """
 
+    __slots__ = ()  # so that the subclasses' slots take effect
+
     def __aiter__(self) -> FunctionStream:
         return self
 
@@ -180,14 +183,15 @@ class _ThreadStream(FunctionStream):
     def __init__(self, generator, pool: ThreadPoolExecutor) -> None:
         self._generator = generator
         self._pool = pool
-        self._pending = None  # the concurrent future of a next() in flight
+        self._pending: concurrent.futures.Future[Any] | None = None  # the future of a next() in flight
         self._closed = False
 
     async def __anext__(self) -> Any:
         if self._closed:
             raise StopAsyncIteration
         context = contextvars.copy_context()
-        self._pending = future = self._pool.submit(context.run, next, self._generator, _DONE)
+        # (mypy cannot choose among next()'s overloads through Context.run)
+        self._pending = future = self._pool.submit(context.run, next, self._generator, _DONE)  # type: ignore[arg-type]
         value = await asyncio.wrap_future(future)
         self._pending = None
         if value is _DONE:
@@ -326,24 +330,24 @@ class FunctionApp:
         kwargs = function.arguments(kwargs, run_id)
         self.calls += 1
         kind = function.kind
+        pool = self._pool
+        assert pool is not None  # made by start(); only a started app is called
         if kind == "async_generator":
             return _AsyncStream(function.fn(**kwargs))
         if kind == "generator":
-            return _ThreadStream(function.fn(**kwargs), self._pool)
+            return _ThreadStream(function.fn(**kwargs), pool)
         if kind == "async":
             result = await function.fn(**kwargs)
         else:
             call = functools.partial(function.fn, **kwargs)
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._pool, contextvars.copy_context().run, call
-            )
+            result = await asyncio.get_running_loop().run_in_executor(pool, contextvars.copy_context().run, call)
             if inspect.isawaitable(result):
                 result = await result
-        return self._wrap(result)
+        return self._wrap(result, pool)
 
-    def _wrap(self, result: Any) -> Any:
+    def _wrap(self, result: Any, pool: ThreadPoolExecutor) -> Any:
         if inspect.isgenerator(result):
-            return _ThreadStream(result, self._pool)
+            return _ThreadStream(result, pool)
         if isinstance(result, AsyncIterator) and not isinstance(result, FunctionStream):
             return _AsyncStream(result)
         return result

@@ -13,7 +13,7 @@ client went away, sent bad framing, too much, or too slowly). Both are final.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 
 class RequestBody:
@@ -30,7 +30,7 @@ class RequestBody:
         self.received = 0  # bytes fed in all
         self.complete = False
         self.error: BaseException | None = None
-        self._waiter: asyncio.Future | None = None
+        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def done(self) -> bool:

@@ -25,7 +25,7 @@ class FlowControl:
         self.reading_paused = False
         self.writing_paused = False
         self.lost = False
-        self._drain_waiter: asyncio.Future | None = None  # made only when someone waits
+        self._drain_waiter: asyncio.Future[None] | None = None  # made only when someone waits
 
     # -- reading ---------------------------------------------------------------------
     def pause_reading(self) -> None:

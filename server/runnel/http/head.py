@@ -9,9 +9,12 @@ be valid; headers a handler adds are checked like h11 would.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from http import HTTPStatus
 
-STATUS_LINES = {status.value: b"HTTP/1.1 %d %b\r\n" % (status.value, status.phrase.encode("ascii")) for status in HTTPStatus}
+STATUS_LINES = {
+    status.value: b"HTTP/1.1 %d %b\r\n" % (status.value, status.phrase.encode("ascii")) for status in HTTPStatus
+}
 
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(rb"[^\x00\r\n]*")
@@ -26,13 +29,13 @@ def status_line(status: int) -> bytes:
     return line
 
 
-def encode_fields(headers) -> bytes:
+def encode_fields(headers: Iterable[tuple[bytes | str, bytes | str]]) -> bytes:
     """``name: value\\r\\n`` lines for handler-supplied headers, validated."""
     out = []
     for name, value in headers:
-        if type(name) is str:
+        if isinstance(name, str):
             name = name.encode("ascii")
-        if type(value) is str:
+        if isinstance(value, str):
             value = value.encode("latin-1")
         if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
             raise ValueError(f"invalid response header {name!r}: {value!r}")

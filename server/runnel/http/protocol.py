@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import TYPE_CHECKING, cast
 
 import h11
 import orjson
@@ -45,9 +46,12 @@ from .body import RequestBody
 from .flow_control import FlowControl
 from .head import encode_fields, status_line
 from .request import Request
-from .response import JSON, ResponseStream, error_response
+from .response import JSON, Headers, Response, ResponseStream, error_response
 from .server_state import ServerState
 from .strict import ChunkedBodyChecker, check_head
+
+if TYPE_CHECKING:
+    from ..serializers import Serializer
 
 # Past this much unread request body we stop reading the socket until the handler catches up.
 BODY_HIGH_WATER = 256 * 1024
@@ -86,19 +90,21 @@ class HttpProtocol(asyncio.Protocol):
     def __init__(self, server_state: ServerState, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.server_state = server_state
         self.loop = loop or asyncio.get_running_loop()
-        self.transport = None
+        # Both set by connection_made, which asyncio calls before any other callback:
+        # typed as always there, since every use but shutdown/abort/lost comes after it.
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.flow: FlowControl = None  # type: ignore[assignment]
         self.conn = self._new_h11()
-        self.peer = None
-        self.flow: FlowControl | None = None  # made with the transport
-        self._stall_timer = None
+        self.peer: tuple[str, int] | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
         self._request: Request | None = None
-        self._task = None
+        self._task: asyncio.Task[None] | None = None
         self._chunk_checker: ChunkedBodyChecker | None = None
         self._closing = False
         self._head_started = False
         self._deadline = 0.0
         self._deadline_kind = 0
-        self._timer = None
+        self._timer: asyncio.TimerHandle | None = None
         self._keep_alive = True
         self._server_field = b"server: %b\r\n" % server_state.server_header if server_state.server_header else b""
 
@@ -108,8 +114,8 @@ class HttpProtocol(asyncio.Protocol):
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self.server_state.max_header_bytes + 1024)
 
     # -- asyncio callbacks ----------------------------------------------------
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = self.transport = cast(asyncio.Transport, transport)  # a stream server's transport
         self.flow = FlowControl(transport, self.loop)
         self.peer = transport.get_extra_info("peername")
         self.server_state.connections.add(self)
@@ -145,7 +151,7 @@ class HttpProtocol(asyncio.Protocol):
         """The connection is gone: nothing more is read or written."""
         return self.flow is not None and self.flow.lost
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.flow.connection_lost()
         self.server_state.connections.discard(self)
         self._deadline_kind = 0
@@ -198,14 +204,16 @@ class HttpProtocol(asyncio.Protocol):
                 return
             kind = type(event)
             if kind is h11.Data:
-                self._on_body(event.data)
+                self._on_body(cast(h11.Data, event).data)
             elif kind is h11.Request:
-                if not self._on_request(event):
+                if not self._on_request(cast(h11.Request, event)):
                     return
             elif kind is h11.EndOfMessage:
                 if self._deadline_kind == _BODY:
                     self._deadline_kind = 0
-                self._request.incoming.finish()
+                request = self._request
+                assert request is not None  # h11 ends only a message whose Request it gave us
+                request.incoming.finish()
             elif kind is h11.ConnectionClosed:
                 if self._request is None:
                     self.transport.close()
@@ -253,7 +261,9 @@ class HttpProtocol(asyncio.Protocol):
         return True
 
     def _on_body(self, data: bytes) -> None:
-        body = self._request.incoming
+        request = self._request
+        assert request is not None  # h11 gives Data only after its Request
+        body = request.incoming
         if body.received + len(data) > self.server_state.max_body_bytes:
             self._body_failed(413, f"Request body is larger than the limit of {self.server_state.max_body_bytes} bytes")
             return
@@ -318,7 +328,7 @@ class HttpProtocol(asyncio.Protocol):
             b"connection: close\r\n" if self._closing else b"",
         )
 
-    def send_response(self, request: Request, response) -> None:
+    def send_response(self, request: Request, response: Response) -> None:
         status = response.status
         body = response.body
         fields = b""
@@ -342,7 +352,8 @@ class HttpProtocol(asyncio.Protocol):
         request.status = status
         self._cycle_done(request)
 
-    def start_stream(self, request: Request, status: int, headers, media_type: bytes, serializer) -> ResponseStream:
+    def start_stream(self, request: Request, status: int, headers: Headers, media_type: bytes,
+                     serializer: Serializer) -> ResponseStream:
         # HTTP/1.0 has no chunked framing: the body runs until we close.
         chunked = request.http_version != b"1.0"
         fields = b"content-type: %b\r\n" % media_type
@@ -354,7 +365,8 @@ class HttpProtocol(asyncio.Protocol):
         request.status = status
         return ResponseStream(
             self.transport, self.flow, serializer=serializer, chunked=chunked, discard=request.method == "HEAD",
-            max_pending=self.server_state.max_stream_buffer_bytes, on_end=self._stream_ended, on_overflow=self._stream_overflowed,
+            max_pending=self.server_state.max_stream_buffer_bytes, on_end=self._stream_ended,
+            on_overflow=self._stream_overflowed,
         )
 
     def _stream_ended(self) -> None:

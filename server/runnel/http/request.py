@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import orjson
@@ -10,9 +11,12 @@ import orjson
 from ..errors import HTTPError
 
 if TYPE_CHECKING:
+    from ..auth import Principal
+    from ..routing import Route
+    from ..serializers import Serializer
     from .body import RequestBody
     from .protocol import HttpProtocol
-    from .response import ResponseStream
+    from .response import Headers, ResponseStream
 
 
 _UNREAD = object()
@@ -51,8 +55,8 @@ class Request:
         "_json",
     )
 
-    def __init__(self, protocol: HttpProtocol, method: str, target: bytes, headers, http_version: bytes,
-                 incoming: RequestBody) -> None:
+    def __init__(self, protocol: HttpProtocol, method: str, target: bytes, headers: Sequence[tuple[bytes, bytes]],
+                 http_version: bytes, incoming: RequestBody) -> None:
         self._protocol = protocol
         self.method = method
         self.target = target
@@ -64,13 +68,13 @@ class Request:
         self.headers = headers
         self.http_version = http_version
         self.request_id = ""
-        self.route = None
+        self.route: Route | None = None  # set by the dispatcher once matched
         self.path_params: dict[str, str] = {}
-        self.principal = None
+        self.principal: Principal | None = None  # set by the dispatcher before the handler runs
         self.started_at = 0.0
         self.status = 0
         self.incoming = incoming  # the body as the protocol feeds it
-        self._query_params = None
+        self._query_params: dict[str, list[str]] | None = None
         self._response_stream: ResponseStream | None = None
         self._body: bytes | None = None
         self._json: Any = _UNREAD
@@ -85,9 +89,10 @@ class Request:
 
     @property
     def query_params(self) -> dict[str, list[str]]:
-        if self._query_params is None:
-            self._query_params = parse_qs(self.query, keep_blank_values=True)
-        return self._query_params
+        params = self._query_params
+        if params is None:
+            params = self._query_params = parse_qs(self.query, keep_blank_values=True)
+        return params
 
     def query_param(self, name: str, default: str | None = None) -> str | None:
         values = self.query_params.get(name)
@@ -124,8 +129,8 @@ class Request:
         self,
         status: int = 200,
         *,
-        headers: tuple[tuple[bytes, bytes], ...] | list = (),
-        serializer=None,
+        headers: Headers = (),
+        serializer: Serializer | None = None,
         media_type: bytes | None = None,
     ) -> ResponseStream:
         """Send the response head now and return the ResponseStream for the body.

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .flow_control import FlowControl
 
+if TYPE_CHECKING:
+    from ..errors import HTTPError
+    from ..serializers import Serializer
+
 JSON = b"application/json"
+
+# Response headers as a handler gives them: (name, value) pairs; str is encoded (latin-1).
+Headers = Sequence[tuple[bytes, bytes]]
 
 
 class Response:
@@ -22,7 +31,7 @@ class Response:
         body: bytes = b"",
         *,
         media_type: bytes | None = None,
-        headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = (),
+        headers: Headers = (),
     ) -> None:
         self.status = status
         self.body = body
@@ -30,11 +39,11 @@ class Response:
         self.headers = headers
 
 
-def json_response(content: Any, status: int = 200, headers=()) -> Response:
+def json_response(content: Any, status: int = 200, headers: Headers = ()) -> Response:
     return Response(status, orjson.dumps(content), media_type=JSON, headers=headers)
 
 
-def error_response(error) -> Response:
+def error_response(error: HTTPError) -> Response:
     """An HTTPError as a JSON response in the default (OpenAI-style) envelope."""
     return Response(error.status, orjson.dumps(error.to_dict()), media_type=JSON, headers=error.headers)
 
@@ -60,7 +69,8 @@ class ResponseStream:
     __slots__ = ("_transport", "_flow", "_chunked", "_discard", "_encode", "_prefix", "_suffix", "_framing",
                  "_max_pending", "_on_end", "_on_overflow", "serializer", "ended")
 
-    def __init__(self, transport, flow: FlowControl, *, serializer, chunked: bool, discard: bool,
+    def __init__(self, transport: asyncio.WriteTransport, flow: FlowControl, *, serializer: Serializer, chunked: bool,
+                 discard: bool,
                  max_pending: int, on_end: Callable[[], None], on_overflow: Callable[[int], None]) -> None:
         self._transport = transport
         self._flow = flow
@@ -122,7 +132,7 @@ class ResponseStream:
             self.ended = True
             self._on_overflow(pending)
 
-    def fail(self, error: dict) -> None:
+    def fail(self, error: dict[str, Any]) -> None:
         """End early with the serializer's error event carrying ``error`` (an error body)."""
         if not self.ended:
             self.write(self.serializer.encode_error(error))

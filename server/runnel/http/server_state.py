@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from .dates import DateHeader
+
+if TYPE_CHECKING:
+    from ..serializers import Serializer
+    from .protocol import HttpProtocol
+    from .request import Request
+    from .response import Response
 
 
 def new_request_id() -> str:
@@ -18,8 +25,8 @@ def new_request_id() -> str:
 class ServerState:
     """Per-server state every HttpProtocol shares (uvicorn's name for it); nothing here is global."""
 
-    dispatch: Callable[[Any], Awaitable[Any]]
-    negotiate: Callable[[Any], Any]
+    dispatch: Callable[[Request], Awaitable[Response | None]]
+    negotiate: Callable[[Request], Serializer]
     max_header_bytes: int = 16384
     max_body_bytes: int = 8 * 1024 * 1024
     # Bytes a stream may have waiting in the transport before its client is dropped.
@@ -30,8 +37,8 @@ class ServerState:
     write_timeout: float = 30.0
     server_header: bytes = b"runnel"
     # Called once per finished request with (request, status, seconds); None when nobody listens.
-    finished: Callable[[Any, int, float], None] | None = None
+    finished: Callable[[Request, int, float], None] | None = None
     dates: DateHeader = field(default_factory=DateHeader)
     new_request_id: Callable[[], str] = new_request_id
-    connections: set = field(default_factory=set)
+    connections: set[HttpProtocol] = field(default_factory=set)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("runnel.http"))

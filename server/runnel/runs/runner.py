@@ -395,13 +395,15 @@ class Runner:
         task.add_done_callback(self._deliveries.discard)
 
     async def _deliver(self, run: Run, body: bytes) -> None:
+        url = run.webhook
+        assert url is not None  # only runs with a webhook are sent one
         try:
-            check_target(run.webhook, self.allowed_hosts)  # again: the config may have changed since
+            check_target(url, self.allowed_hosts)  # again: the config may have changed since
         except ValueError as exc:
             logger.warning("webhook for run %s not sent: %s", run.id, exc)
         else:
             try:
-                await self.webhooks.deliver(run.webhook, run.id, body)
+                await self.webhooks.deliver(url, run.id, body)
             except Exception:
                 logger.exception("webhook for run %s failed", run.id)
         await self.store.webhook_done(run.id)  # delivered or given up; a stop before this resends

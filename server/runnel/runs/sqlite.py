@@ -19,6 +19,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 
@@ -70,6 +71,13 @@ class SQLiteRunStore:
     @property
     def is_open(self) -> bool:
         return self._conn is not None
+
+    def _open_connection(self) -> sqlite3.Connection:
+        """The connection, for statements that write: writing to a store not open is a bug."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError(f"run store {self.name} is not open")
+        return conn
 
     async def _do(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -154,8 +162,8 @@ class SQLiteRunStore:
             index = COLUMNS.index(name)
             if values[index] is not None or name == "input":  # a job's input may be null
                 values[index] = orjson.dumps(values[index])
-        self._conn.execute(f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-                           values)
+        self._open_connection().execute(
+            f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", values)
 
     async def get(self, run_id: str) -> Run | None:
         return await self._do(self._get, run_id)
@@ -166,7 +174,7 @@ class SQLiteRunStore:
         row = self._conn.execute(f"SELECT {', '.join(COLUMNS)} FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
             return None
-        values = dict(zip(COLUMNS, row))
+        values = dict(zip(COLUMNS, row, strict=True))
         for name in _JSON_COLUMNS:
             if values[name] is not None:
                 values[name] = orjson.loads(values[name])
@@ -187,7 +195,7 @@ class SQLiteRunStore:
 
     def _claim(self, run_id: str, owner: str, lease: float) -> Run | None:
         now = time.time()
-        cursor = self._conn.execute(
+        cursor = self._open_connection().execute(
             "UPDATE runs SET state = ?, owner = ?, lease_until = ?, started_at = ?, attempts = attempts + 1 "
             "WHERE id = ? AND state = ?", (RUNNING, owner, now + lease, now, run_id, QUEUED))
         return self._get(run_id) if cursor.rowcount == 1 else None
@@ -208,20 +216,21 @@ class SQLiteRunStore:
                               None if error is None else orjson.dumps(error_record(error)), streamed, run_time_ms)
 
     def _finish(self, run_id, state, owner, output, error, streamed, run_time_ms) -> bool:
+        values: tuple[str, ...]
         if owner is None:
             expected, values = "state = ?", (QUEUED,)
         else:
             expected, values = "state = ? AND owner = ?", (RUNNING, owner)
-        cursor = self._conn.execute(
+        cursor = self._open_connection().execute(
             f"UPDATE runs SET state = ?, output = ?, error = ?, streamed = ?, run_time_ms = ?, finished_at = ?, "
             f"lease_until = NULL WHERE id = ? AND {expected}",
             (state, output, error, int(streamed), run_time_ms, time.time(), run_id, *values))
         return cursor.rowcount == 1
 
-    async def recover(self, idempotent_apps, interrupted: HTTPError) -> Recovered:
+    async def recover(self, idempotent_apps: Collection[str], interrupted: HTTPError) -> Recovered:
         return await self._do(self._recover, frozenset(idempotent_apps), orjson.dumps(error_record(interrupted)))
 
-    def _recover(self, idempotent: frozenset, error: bytes) -> Recovered:
+    def _recover(self, idempotent: frozenset[str], error: bytes) -> Recovered:
         recovered = Recovered()
         conn = self._conn
         if conn is None:
@@ -258,7 +267,7 @@ class SQLiteRunStore:
         await self._do(self._webhook_done, run_id)
 
     def _webhook_done(self, run_id: str) -> None:
-        self._conn.execute("UPDATE runs SET webhook_pending = 0 WHERE id = ?", (run_id,))
+        self._open_connection().execute("UPDATE runs SET webhook_pending = 0 WHERE id = ?", (run_id,))
 
     async def pending_webhooks(self) -> list[Run]:
         return await self._do(self._pending_webhooks)

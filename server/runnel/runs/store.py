@@ -32,6 +32,7 @@ expects, so several runners, in one process or many, may share one store.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -134,7 +135,7 @@ class RunStore(Protocol):
         """Record the final ``state``: of a running run only by the ``owner`` of its claim, of a
         queued run only with ``owner`` None. False (nothing written) otherwise."""
 
-    async def recover(self, idempotent_apps, interrupted: HTTPError) -> Recovered:
+    async def recover(self, idempotent_apps: Collection[str], interrupted: HTTPError) -> Recovered:
         """Take back every expired claim: the run is queued again when its app is in
         ``idempotent_apps``, else failed with ``interrupted``."""
 

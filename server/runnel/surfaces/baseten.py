@@ -18,8 +18,7 @@ from __future__ import annotations
 from ..config import ConfigError
 from ..errors import HTTPError
 from ..hookspecs import hookimpl
-from .openai import OpenAIAPI, ReplyOptions
-from .openai import invalid
+from .openai import OpenAIAPI, ReplyOptions, invalid
 
 BASETEN_REPLY = ReplyOptions(uuid_ids=True)
 

@@ -53,6 +53,7 @@ class ServerThread:
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         """Run a coroutine on the server's loop and return its result."""
+        assert self.loop is not None, "start() the server thread first"
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def call_soon(self, fn: Callable[..., T], *args) -> T:

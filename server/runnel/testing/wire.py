@@ -119,7 +119,7 @@ class ResponseReader:
     close, which ends a body framed by neither Content-Length nor chunked.
     """
 
-    def __init__(self, source: socket.socket | bytes) -> None:
+    def __init__(self, source: socket.socket | bytes | memoryview) -> None:
         if isinstance(source, socket.socket):
             self._sock: socket.socket | None = source
             self._data = bytearray()
@@ -137,10 +137,11 @@ class ResponseReader:
         return bytes(self._data[self._pos :])
 
     def _fill(self) -> bool:
-        if self._closed:
+        sock = self._sock
+        if self._closed or sock is None:  # no socket: closed from the start
             return False
         try:
-            data = self._sock.recv(65536)
+            data = sock.recv(65536)
         except ConnectionResetError:
             data = b""
         if not data:
@@ -268,7 +269,8 @@ def parse_response(data: bytes, pos: int = 0, *, head: bool = False) -> tuple[Ra
 
 def parse_all(data: bytes, heads: tuple[int, ...] = ()) -> list[RawResponse]:
     """Every response in ``data``; ``heads`` lists the indexes that answer a HEAD request."""
-    reader, responses = ResponseReader(data), []
+    reader = ResponseReader(data)
+    responses: list[RawResponse] = []
     while not reader.at_end():
         response = reader.read_response(head=len(responses) in heads)
         response.reader = None

@@ -11,6 +11,7 @@ import struct
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -22,6 +23,7 @@ from ...serializers import NDJSON as NDJSONFraming
 from ...serializers import ServerSentEvents
 from .params import CompletionRequest, invalid, parse_chat, parse_completion
 from .sinks import ChatStream, Collector, CompletionStream, IndexShift, Usage, chat_logprobs, completion_logprobs
+
 
 class OpenAIEvents(ServerSentEvents):
     """SSE as OpenAI frames it: a stream ends with ``data: [DONE]``, and its error
@@ -113,7 +115,7 @@ class OpenAIAPI:
 
     async def models(self, request):
         data = []
-        for model_id, name in self.by_model.items():
+        for name in self.by_model.values():
             app = self.server.apps.get(name)
             if app is not None:  # listed only once ready
                 data.append(self.model_card(app, name))
@@ -171,23 +173,26 @@ class OpenAIAPI:
         head = {"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": reply.model_name or app.model_id}
         echo = [prompt for prompt in parsed.prompts for _ in range(n)] if parsed.echo else None
+        sink: ChatStream | CompletionStream | Collector
+        stream: ChatStream | CompletionStream | None = None
+        collector: Collector | None = None
         if parsed.stream:
-            common = dict(choices=choices, usage=usage, include_usage=parsed.include_usage, head=head)
+            common: dict[str, Any] = dict(choices=choices, usage=usage, include_usage=parsed.include_usage, head=head)
             if chat:
-                sink = ChatStream(role=reply.role, logprobs=parsed.params.logprobs, **common)
+                sink = stream = ChatStream(role=reply.role, logprobs=parsed.params.logprobs, **common)
             else:
-                sink = CompletionStream(logprobs=parsed.params.logprobs, echo=echo, **common)
+                sink = stream = CompletionStream(logprobs=parsed.params.logprobs, echo=echo, **common)
         else:
-            sink = Collector(choices, usage)
+            sink = collector = Collector(choices, usage)
         generations = []
         try:
             for number, tokens in enumerate(prompts):
                 target = IndexShift(sink, number * n) if number else sink
                 generations.append(app.generate(tokens, parsed.params, n, target))
-            if parsed.stream:
+            if stream is not None:
                 # Backends push from loop callbacks, never inside generate(): nothing
                 # has been missed, and a refused generate() above was still a plain error.
-                sink.open(request.stream(serializer=SSE if reply.sse else NDJSON, headers=NO_CACHE))
+                stream.open(request.stream(serializer=SSE if reply.sse else NDJSON, headers=NO_CACHE))
             await sink.done
         except BaseException:
             # The client went away (cancellation), or part of the work failed: stop all of it.
@@ -195,10 +200,11 @@ class OpenAIAPI:
             for generation in generations:
                 generation.cancel()
             raise
-        if parsed.stream:
-            sink.stream.end()
+        if stream is not None:
+            stream.stream.end()
             return None
-        return self._reply(sink, head, chat, parsed, echo, reply, usage)
+        assert collector is not None  # not streamed: collected
+        return self._reply(collector, head, chat, parsed, echo, reply, usage)
 
     @staticmethod
     def _reply(sink: Collector, head: dict, chat: bool, parsed, echo, reply: ReplyOptions, usage: Usage) -> Response:

@@ -22,11 +22,12 @@ _UNSUPPORTED_FEATURES = ("tools", "tool_choice", "functions", "function_call", "
                          "web_search_options", "logit_bias")
 
 
-def invalid(param: str, message: str, code: str = "invalid_value") -> HTTPError:
+def invalid(param: str | None, message: str, code: str = "invalid_value") -> HTTPError:
     return HTTPError(400, message, type="invalid_request_error", param=param, code=code)
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array", dict: "an object"}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
+               dict: "an object"}
 
 
 def _typed(body: dict, name: str, kind: type, default=None):
@@ -84,7 +85,8 @@ def _messages(body: dict) -> list[dict]:
             raise invalid(f"{param}.role", f"Invalid value for '{param}.role': {role!r}; supported roles are "
                           "'system', 'user' and 'assistant'.")
         if message.get("tool_calls") or message.get("function_call"):
-            raise invalid(f"{param}.tool_calls", "Tool calls are not supported by this server.", "unsupported_parameter")
+            raise invalid(f"{param}.tool_calls", "Tool calls are not supported by this server.",
+                          "unsupported_parameter")
         out.append({"role": role, "content": _content(message.get("content"), f"{param}.content")})
     return out
 

@@ -14,12 +14,17 @@ or as the stream's last event once the stream has started.
 from __future__ import annotations
 
 import asyncio
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from ...errors import HTTPError
-from ...generation import TokenLogprob
+from ...generation import TokenLogprob, TokenSink
+
+if TYPE_CHECKING:
+    from ...http import ResponseStream
+
 
 def generation_error(error: BaseException) -> HTTPError:
     """What a backend's failure is to the client: its own HTTPError, else a 500."""
@@ -28,8 +33,8 @@ def generation_error(error: BaseException) -> HTTPError:
     return HTTPError(500, f"Generation failed: {error}", code="generation_failed")
 
 
-def chat_logprobs(items: Sequence[TokenLogprob]) -> dict:
-    def entry(token: str, logprob: float) -> dict:
+def chat_logprobs(items: Sequence[TokenLogprob]) -> dict[str, Any]:
+    def entry(token: str, logprob: float) -> dict[str, Any]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     return {
@@ -40,8 +45,11 @@ def chat_logprobs(items: Sequence[TokenLogprob]) -> dict:
     }
 
 
-def completion_logprobs(items: Sequence[TokenLogprob], offset: int) -> dict:
-    tokens, token_logprobs, top, offsets = [], [], [], []
+def completion_logprobs(items: Sequence[TokenLogprob], offset: int) -> dict[str, Any]:
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top: list[dict[str, float]] = []
+    offsets: list[int] = []
     for item in items:
         tokens.append(item.token)
         token_logprobs.append(item.logprob)
@@ -76,7 +84,15 @@ class _Sink:
     def __init__(self, choices: int, usage: Usage) -> None:
         self.usage = usage
         self.remaining = choices
-        self.done = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def finish(self, index: int, reason: str) -> None:
+        """Choice ``index`` ended with ``reason``: recorded, or sent."""
+        raise NotImplementedError
+
+    def complete(self) -> None:
+        """Every choice has finished (called before ``done`` is set)."""
+        raise NotImplementedError
 
     def on_finish(self, index: int, reason: str, completion_tokens: int) -> None:
         self.usage.completion_tokens += completion_tokens
@@ -102,7 +118,8 @@ class Collector(_Sink):
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(choices)]
         self.reasons: list[str | None] = [None] * choices
 
-    def on_tokens(self, index, text, token_ids, logprobs) -> None:
+    def on_tokens(self, index: int, text: str, token_ids: Sequence[int],
+                  logprobs: Sequence[TokenLogprob] | None) -> None:
         if text:
             self.texts[index].append(text)
         if logprobs:
@@ -123,9 +140,10 @@ class _StreamSink(_Sink):
 
     __slots__ = ("stream", "include_usage", "head", "_prefix", "_suffix")
 
-    def __init__(self, *, choices: int, usage: Usage, include_usage: bool, head: dict) -> None:
+    def __init__(self, *, choices: int, usage: Usage, include_usage: bool, head: dict[str, Any]) -> None:
         super().__init__(choices, usage)
-        self.stream = None  # set by open(), once every generation has been admitted
+        # Set by open(), once every generation has been admitted; nothing is sent before.
+        self.stream: ResponseStream = None  # type: ignore[assignment]
         self.include_usage = include_usage
         self.head = head
         # Everything before the choices array, and after it, encoded once.
@@ -133,11 +151,15 @@ class _StreamSink(_Sink):
         self._prefix = encoded[: encoded.rindex(b"[") + 1]
         self._suffix = b'],"usage":null}' if include_usage else b"]}"
 
-    def open(self, stream) -> None:
+    def open(self, stream: ResponseStream) -> None:
         """Start the response: the status line goes out only now, so a refusal
         (a full queue, say) can still be a proper error status."""
         self.stream = stream
         self.begin()
+
+    def begin(self) -> None:
+        """The stream is open: send what precedes the first tokens."""
+        raise NotImplementedError
 
     def complete(self) -> None:
         if self.include_usage:
@@ -147,7 +169,7 @@ class _StreamSink(_Sink):
 class ChatStream(_StreamSink):
     __slots__ = ("role", "logprobs", "started")
 
-    def __init__(self, *, role: str, logprobs: bool, **kwargs) -> None:
+    def __init__(self, *, role: str, logprobs: bool, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.role = role
         self.logprobs = logprobs
@@ -162,7 +184,8 @@ class ChatStream(_StreamSink):
             self.stream.send(b'%b{"index":%d,"delta":%b,"logprobs":null,"finish_reason":null}%b'
                              % (self._prefix, index, delta, self._suffix))
 
-    def on_tokens(self, index, text, token_ids, logprobs) -> None:
+    def on_tokens(self, index: int, text: str, token_ids: Sequence[int],
+                  logprobs: Sequence[TokenLogprob] | None) -> None:
         if not self.started[index]:
             text = text.lstrip()
             self.started[index] = bool(text)
@@ -180,7 +203,7 @@ class ChatStream(_StreamSink):
 class CompletionStream(_StreamSink):
     __slots__ = ("logprobs", "echo", "offsets")
 
-    def __init__(self, *, logprobs: bool, echo: list[str] | None, **kwargs) -> None:
+    def __init__(self, *, logprobs: bool, echo: list[str] | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.logprobs = logprobs
         self.echo = echo
@@ -191,7 +214,8 @@ class CompletionStream(_StreamSink):
             for index, text in enumerate(self.echo):
                 self.on_tokens(index, text, (), None)
 
-    def on_tokens(self, index, text, token_ids, logprobs) -> None:
+    def on_tokens(self, index: int, text: str, token_ids: Sequence[int],
+                  logprobs: Sequence[TokenLogprob] | None) -> None:
         if not text and not logprobs:
             return
         lp = b"null"
@@ -211,15 +235,16 @@ class IndexShift:
 
     __slots__ = ("sink", "shift")
 
-    def __init__(self, sink, shift: int) -> None:
+    def __init__(self, sink: TokenSink, shift: int) -> None:
         self.sink = sink
         self.shift = shift
 
-    def on_tokens(self, index, text, token_ids, logprobs) -> None:
+    def on_tokens(self, index: int, text: str, token_ids: Sequence[int],
+                  logprobs: Sequence[TokenLogprob] | None) -> None:
         self.sink.on_tokens(index + self.shift, text, token_ids, logprobs)
 
-    def on_finish(self, index, reason, completion_tokens) -> None:
+    def on_finish(self, index: int, reason: str, completion_tokens: int) -> None:
         self.sink.on_finish(index + self.shift, reason, completion_tokens)
 
-    def on_error(self, error) -> None:
+    def on_error(self, error: BaseException) -> None:
         self.sink.on_error(error)
