@@ -67,8 +67,10 @@ def runnel_register_serializers(register: Callable[[Serializer], None]) -> None:
     :param register: ``register(serializer)``; a serializer has ``media_type``
         (bytes), ``encode(event) -> bytes`` (one framed event; ``bytes`` events are
         payloads encoded already), ``encode_error(error_body) -> bytes`` (the event
-        that ends a stream early) and ``end`` (bytes a stream that finishes normally
-        writes last, ``b""`` for none). ``runnel.http.ResponseStream`` is the caller.
+        that ends a stream early), optionally ``end`` (bytes a stream that finishes
+        normally writes last) and ``payload_frame`` (``(prefix, suffix)`` around a
+        bytes payload, for the stream's one-step path; see ``runnel.serializers.Serializer``).
+        ``runnel.http.ResponseStream`` is the caller.
     """
 
 

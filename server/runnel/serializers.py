@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
 class Serializer(Protocol):
     """A stream framing, as ``runnel_register_serializers`` adds it. It may also have
-    ``end`` (bytes a stream that finishes normally writes last); none when absent."""
+    ``end`` (bytes a stream that finishes normally writes last; none when absent) and
+    ``payload_frame`` (``(prefix, suffix)`` with ``prefix + payload + suffix ==
+    encode(payload)`` for bytes payloads: the stream's one-step fast path)."""
 
     media_type: bytes
 

@@ -79,9 +79,12 @@ class ResponseStream:
         self.serializer = serializer
         self._encode = serializer.encode
         # The per-token fast path: an encoded payload framed and chunked in one format.
-        frame = getattr(serializer, "payload_frame", None) if chunked and not discard else None
-        self._prefix, self._suffix = frame if frame is not None else (None, b"")
-        self._framing = len(self._suffix) + (len(self._prefix) if frame is not None else 0)
+        frame: tuple[bytes, bytes] | None = getattr(serializer, "payload_frame", None)
+        self._prefix: bytes | None = None
+        self._suffix = b""
+        if frame is not None and chunked and not discard:
+            self._prefix, self._suffix = frame
+        self._framing = len(self._prefix or b"") + len(self._suffix)
         self._max_pending = max_pending
         self._on_end = on_end
         self._on_overflow = on_overflow
