@@ -32,7 +32,8 @@ class Dispatcher:
             request.route = route
             if route.prepare is not None:
                 route.prepare(request)
-            if route.is_public(request):
+            public = route.public  # is_public(), inlined: this runs for every request
+            if public is True or (public is not False and public(request)):
                 request.principal = ANONYMOUS
             else:
                 principal = self._authenticate(request=request, route=route)

@@ -1,9 +1,9 @@
 """A request body as it arrives: fed by the protocol, read by the handler.
 
 The protocol is the only writer (``feed``, ``finish``, ``fail``); the handler is the
-only reader (``async for chunk in body``). The two callbacks given at construction
-are how reading talks back: ``on_wanted`` whenever the handler starts reading
-(time to send ``100 Continue`` and start the body deadline) and ``on_consumed``
+only reader (``async for chunk in body``). The listener given at construction
+is how reading talks back: ``body_wanted`` whenever the handler starts reading
+(time to send ``100 Continue`` and start the body deadline) and ``body_consumed``
 when it has taken what was buffered (time to read the socket again).
 
 States: receiving -> complete (every byte arrived) or failed (``error`` is set: the
@@ -13,18 +13,27 @@ client went away, sent bad framing, too much, or too slowly). Both are final.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+
+class BodyListener(Protocol):
+    """Who is told as the handler reads (the protocol)."""
+
+    def body_wanted(self) -> None:
+        """The handler has started reading: time for ``100 Continue`` and the body deadline."""
+
+    def body_consumed(self) -> None:
+        """The handler has taken what was buffered: time to read the socket again."""
 
 
 class RequestBody:
-    __slots__ = ("_loop", "_on_wanted", "_on_consumed", "_chunks", "buffered", "received", "complete", "error",
+    __slots__ = ("_loop", "_listener", "_chunks", "buffered", "received", "complete", "error",
                  "_waiter")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_wanted: Callable[[], None],
-                 on_consumed: Callable[[], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, listener: BodyListener) -> None:
         self._loop = loop
-        self._on_wanted = on_wanted
-        self._on_consumed = on_consumed
+        self._listener = listener
         self._chunks: list[bytes] = []
         self.buffered = 0  # bytes fed and not yet read
         self.received = 0  # bytes fed in all
@@ -45,7 +54,7 @@ class RequestBody:
         self._wake()
 
     def finish(self) -> None:
-        if not self.done:
+        if not self.complete and self.error is None:  # not done (inlined: once per request)
             self.complete = True
             self._wake()
 
@@ -62,12 +71,12 @@ class RequestBody:
 
     # -- the handler's side ----------------------------------------------------------------
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        self._on_wanted()
+        self._listener.body_wanted()
         while True:
             if self._chunks:
                 chunks, self._chunks = self._chunks, []
                 self.buffered = 0
-                self._on_consumed()
+                self._listener.body_consumed()
                 for chunk in chunks:
                     yield chunk
                 continue

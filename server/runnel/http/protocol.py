@@ -181,7 +181,8 @@ class HttpProtocol(asyncio.Protocol):
     # -- parsing ---------------------------------------------------------------
     def _process(self) -> None:
         conn = self.conn
-        while not self.lost:
+        flow = self.flow
+        while not flow.lost:
             if self._request is None and conn.their_state is h11.IDLE:
                 buffered = conn.trailing_data[0]
                 if buffered:
@@ -234,7 +235,7 @@ class HttpProtocol(asyncio.Protocol):
                 request_id = value
             elif name == b"connection" and b"close" in [token.strip() for token in value.lower().split(b",")]:
                 keep_alive = False
-        body = RequestBody(self.loop, self._body_wanted, self._body_consumed)
+        body = RequestBody(self.loop, self)
         request = Request(self, event.method.decode("ascii"), event.target, event.headers, event.http_version, body)
         if request_id is not None and _REQUEST_ID.fullmatch(request_id):
             request.request_id = request_id.decode("ascii")
@@ -283,7 +284,7 @@ class HttpProtocol(asyncio.Protocol):
             request.incoming.fail(HTTPError(status, message))
 
     # -- called back by the request body as the handler reads it ----------------------
-    def _body_wanted(self) -> None:
+    def body_wanted(self) -> None:
         request = self._request
         if request is None or self.lost:
             return
@@ -293,7 +294,7 @@ class HttpProtocol(asyncio.Protocol):
         if not request.incoming.done:
             self._set_deadline(self.server_state.body_timeout, _BODY)
 
-    def _body_consumed(self) -> None:
+    def body_consumed(self) -> None:
         if self.flow.reading_paused and self.conn.their_state is h11.SEND_BODY:
             self.flow.resume_reading()
 
@@ -304,7 +305,7 @@ class HttpProtocol(asyncio.Protocol):
         except Exception:
             self.server_state.logger.exception("dispatch failed for request %s", request.request_id)
             response = error_response(HTTPError(500, f"Internal server error (request id {request.request_id})"))
-        if self.lost:
+        if self.flow.lost:
             return
         stream = request.response_stream
         if stream is not None:
@@ -403,7 +404,8 @@ class HttpProtocol(asyncio.Protocol):
             conn.receive_data(leftover)
         if closed:
             conn.receive_data(b"")
-        self.flow.resume_reading()
+        if self.flow.reading_paused:
+            self.flow.resume_reading()
         if leftover or closed:  # a pipelined request is already here
             self._head_started = True
             self._set_deadline(self.server_state.header_timeout, _HEAD)
