@@ -418,7 +418,8 @@ async def main_async(quick: bool) -> str:
         "Normal client: `GET /health` every 50 ms during each attack. RSS: the server process's VmRSS; "
         "growth per unit is (peak - before) / the number of stalled streams or connections.",
         "",
-        "| attack | probes | failed | p50 ms | p99 ms | RSS before MB | RSS peak MB | RSS after MB | growth per unit MB |",
+        "| attack | probes | failed | p50 ms | p99 ms | RSS before MB | RSS peak MB | RSS after MB "
+        "| growth per unit MB |",
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
