@@ -50,11 +50,15 @@ def runpod(port: int, route: str, body, key: str | None, api_key: str = KEYS[0])
 
 
 def run_ids(path: Path) -> list[str]:
-    """The ids in the store, oldest first; none before the server has made the file (read only: never makes it)."""
+    """The ids in the store, oldest first; none before the server has made the file and its table
+    (read only: never makes the file itself)."""
     if not path.exists():
         return []
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-        return [run_id for (run_id,) in conn.execute("SELECT id FROM runs ORDER BY rowid")]
+        try:
+            return [run_id for (run_id,) in conn.execute("SELECT id FROM runs ORDER BY rowid")]
+        except sqlite3.OperationalError:  # no table yet: the server is making it
+            return []
 
 
 @pytest.fixture

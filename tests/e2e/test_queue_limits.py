@@ -142,3 +142,31 @@ def test_runs_max_queued_is_validated(start_server):
 
     with pytest.raises(ConfigError, match="server.runs_max_queued: must be between 1 and 100000000, got 0"):
         start_server({"server": {"runs_max_queued": 0}})
+
+
+# -- echo's generations -------------------------------------------------------------------------
+
+
+def test_echo_generations_past_max_generations_get_429_and_n_that_never_fits_is_400(start_server):
+    server = start_server({"apps": {"echo": {"backend": "echo", "pace_ms": 20, "max_generations": 2}}})
+
+    def complete(n: int = 1, max_tokens: int = 50):
+        body = {"model": "echo", "prompt": "a b c", "max_tokens": max_tokens, "ignore_eos": True, "n": n}
+        return post(server.port, "/v1/completions", body)
+
+    def generating() -> int:
+        return request(server.port, "GET", "/stats").json()["apps"]["echo"]["generating"]
+
+    with ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(complete) for _ in range(2)]  # 50 tokens at 20 ms: a second each
+        wait_until(lambda: generating() == 2)
+        reply, elapsed = timed(complete)
+        assert reply.status == 429 and elapsed < 0.5, (reply.body, elapsed)
+        assert reply.header(b"retry-after") == b"1"
+        assert reply.json()["error"]["code"] == "queue_full" and reply.json()["error"]["type"] == "rate_limit_error"
+        assert [future.result().status for future in held] == [200, 200]
+    wait_until(lambda: generating() == 0)
+    reply = complete(n=3, max_tokens=1)  # could never fit: a 400, not a 429 to retry forever
+    assert reply.status == 400, reply.body
+    assert (reply.json()["error"]["param"], reply.json()["error"]["code"]) == ("n", "n_too_large")
+    assert complete(n=2, max_tokens=1).status == 200
