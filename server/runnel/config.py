@@ -93,6 +93,7 @@ class ServerConfig:
     runs_path: str = "runnel-runs.sqlite3"  # SQLite file (relative: to the working directory); "" = memory
     runs_retention: float = 1800.0  # finished runs are kept this long, then purged
     runs_workers: int = 8  # background runs executing at once
+    runs_max_queued: int = 10000  # runs waiting in the store; past it a new run is refused (429)
     webhook_allowed_hosts: tuple[str, ...] = ()  # hosts webhooks may be sent to; none by default
     webhook_secret: str = ""  # signs webhooks (HMAC-SHA256); "" = unsigned
     webhook_retry_delay: float = 2.0  # seconds between webhook attempts
@@ -281,6 +282,7 @@ _SERVER_RULES: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
     "runs_path": (str, None),
     "runs_retention": (float, _above(0)),
     "runs_workers": (int, _between(1, 1024)),
+    "runs_max_queued": (int, _between(1, 100_000_000)),
     "webhook_allowed_hosts": (list, _hosts),
     "webhook_secret": (str, None),
     "webhook_retry_delay": (float, _at_least(0)),

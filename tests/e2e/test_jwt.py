@@ -179,6 +179,38 @@ def test_token_issued_in_the_future(hs_server):
     assert get(hs_server, "/me", hs256(claims(iat=now + 5))).status == 200
 
 
+def signed_hs256(payload: dict) -> str:
+    """Signed by hand: json.dumps writes NaN and Infinity, which pyjwt's encoder may not."""
+    return unsigned({"alg": "HS256", "typ": "JWT"}, payload,
+                    lambda signing_input: hmac.new(SECRET.encode(), signing_input, hashlib.sha256).digest())
+
+
+@pytest.mark.parametrize(("claim", "value", "message"), [
+    # pyjwt alone takes these (int() of them works): a string date, or one that never comes.
+    ("exp", "9999999999", "Token exp claim must be a number of seconds since 1970 (a NumericDate)"),
+    ("exp", 1e308, "Token exp claim must be a number of seconds since 1970 (a NumericDate)"),
+    ("exp", 10**20, "Token exp claim must be a number of seconds since 1970 (a NumericDate)"),
+    ("nbf", "0", "Token nbf claim must be a number of seconds since 1970 (a NumericDate)"),
+    ("nbf", -1e308, "Token nbf claim must be a number of seconds since 1970 (a NumericDate)"),
+    ("iat", "0", "Token iat claim must be a number of seconds since 1970 (a NumericDate)"),
+    ("iat", -5, "Token iat claim must be a number of seconds since 1970 (a NumericDate)"),
+    # pyjwt refuses these itself, in its own words.
+    ("exp", True, "Token has expired"),  # int(True) is 1
+    ("exp", float("nan"), "Token is malformed"),
+    ("exp", float("inf"), "Token is malformed"),
+    ("nbf", float("nan"), "Token is malformed"),
+    ("iat", float("nan"), "Token iat claim is not a number"),
+])
+def test_date_claims_must_be_numeric_dates(hs_server, claim, value, message):
+    token = signed_hs256(claims(**{claim: value}))
+    assert_refused(get(hs_server, "/me", token), 401, INVALID, unauthorized(message), token)
+
+
+def test_fractional_date_claims_are_numeric_dates(hs_server):
+    now = time.time()
+    assert get(hs_server, "/me", signed_hs256(claims(iat=now - 1.5, nbf=now - 0.5, exp=now + 300.25))).status == 200
+
+
 def test_wrong_signature(hs_server):
     token = hs256(secret="another-secret-of-32-bytes-or-more-000")
     assert_refused(get(hs_server, "/me", token), 401, INVALID, unauthorized("Token signature is invalid"), token)

@@ -23,6 +23,7 @@ from runnel.runs import (
     QUEUED,
     RUNNING,
     SUCCEEDED,
+    QueueFull,
     Run,
     RunStore,
     SQLiteRunStore,
@@ -183,5 +184,47 @@ def test_a_file_from_before_claims_is_upgraded(tmp_path):
         assert (await store.recover(set(), INTERRUPTED)).failed == ["old"]
         await store.insert(new_run("new"))
         assert (await store.claim("new", "a", LONG)).owner == "a"
+        old = await store.get("old")  # bound to no one before: the anonymous caller's now
+        assert (old.principal, old.idempotency_key, old.request_hash) == ("anonymous", None, None)
 
     with_store(path, body, create=False)
+
+
+def keyed_run(run_id: str, key: str, principal: str = "key:01") -> Run:
+    run = new_run(run_id)
+    run.principal, run.idempotency_key, run.request_hash = principal, key, "h"
+    return run
+
+
+def test_an_idempotency_key_is_recorded_once(tmp_path):
+    path = tmp_path / "runs.sqlite3"
+
+    async def body(store):
+        recorded = await asyncio.gather(*(store.insert(keyed_run(f"r{i}", "k")) for i in range(20)))
+        assert {run.id for run in recorded} == {"r0"}
+        assert await store.queued() == ["r0"]
+        assert (await store.get("r0")).principal == "key:01"
+
+    with_store(path, body)
+    with contextlib.closing(sqlite3.connect(path)) as conn, pytest.raises(sqlite3.IntegrityError):
+        # The unique index, not only the lookup, keeps a key to one run (other writers, races).
+        conn.execute("INSERT INTO runs (id, surface, app, function, input, state, created_at, idempotency_key) "
+                     "VALUES ('other', 'cortex', 'lab', 'f', '{}', 'queued', 0, 'k')")
+
+
+def test_insert_refuses_past_max_queued_counting_queued_runs_only(tmp_path):
+    async def body(store):
+        await store.insert(new_run("r1"), max_queued=2)
+        await store.insert(new_run("r2"), max_queued=2)
+        with pytest.raises(QueueFull) as caught:
+            await store.insert(new_run("r3"), max_queued=2)
+        assert caught.value.limit == 2
+        assert (await store.insert(keyed_run("r4", "k"), max_queued=None)).id == "r4"  # unbounded: recorded
+        await store.claim("r1", "a", LONG)
+        await store.claim("r2", "a", LONG)  # running runs do not count
+        await store.insert(new_run("r5"), max_queued=2)
+        # A retry of a recorded run is answered even while the queue is full.
+        assert (await store.insert(keyed_run("r6", "k"), max_queued=1)).id == "r4"
+        assert await store.queued() == ["r4", "r5"]
+
+    with_store(tmp_path / "runs.sqlite3", body)

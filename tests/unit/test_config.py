@@ -107,7 +107,8 @@ def test_server_example_covers_every_key_at_its_default():
 def test_echo_and_api_key_examples():
     echo = load_config(EXAMPLES / "echo.toml").apps["echo"]
     assert echo.backend == "echo"
-    assert echo.options == {"pace_ms": 20, "load_seconds": 0, "served_model_name": "runnel/echo"}
+    assert echo.options == {"pace_ms": 20, "load_seconds": 0, "max_generations": 10000,
+                            "served_model_name": "runnel/echo"}
     auth = load_config(EXAMPLES / "api_keys.toml").auth
     assert auth.kind == "api_key"
     assert all(isinstance(k, str) for k in auth.options["keys"])

@@ -16,6 +16,7 @@ LOREM = (
 ).split()
 
 MAX_TOKENS_LIMIT = 100_000
+BUSY_RETRY_AFTER = b"1"
 
 
 class EchoApp(SimpleModel):
@@ -37,8 +38,10 @@ class EchoApp(SimpleModel):
     )
 
     def __init__(self, name: str, *, pace: float, load_seconds: float, seed: int, embedding_dim: int = 64,
-                 **settings) -> None:
+                 max_generations: int = 10_000, **settings) -> None:
         super().__init__(name, **settings)
+        self.max_generations = max_generations  # choices generating at once; one more is a 429
+        self.generating = 0
         self.pace = pace
         self.load_seconds = load_seconds
         self.seed = seed
@@ -59,6 +62,27 @@ class EchoApp(SimpleModel):
         yield words[0]
         for i in range(1, max_tokens):
             yield spaced[i % len(words)]
+
+    def generate(self, prompt_tokens, params, n, sink):
+        """As SimpleModel's, bounded: ``max_generations`` choices at once, a 429 past it, a 400
+        for a request that could never fit (retrying it would never help)."""
+        if n > self.max_generations:
+            raise HTTPError(400, f"n={n} is more than app '{self.name}' generates at once ({self.max_generations})",
+                            param="n", code="n_too_large")
+        if self.generating + n > self.max_generations:
+            raise HTTPError(429, f"App '{self.name}' is busy ({self.generating} choices generating); try again "
+                            "shortly", code="queue_full", headers=((b"retry-after", BUSY_RETRY_AFTER),))
+        generation = super().generate(prompt_tokens, params, n, sink)
+        self.generating += n
+        for task in generation.tasks:  # a choice's task ends when it finishes, fails or is cancelled
+            task.add_done_callback(self._choice_done)
+        return generation
+
+    def _choice_done(self, task) -> None:
+        self.generating -= 1
+
+    def stats(self) -> dict:
+        return {"generating": self.generating, "max_generations": self.max_generations}
 
     async def stream(self, prompt: str, params):
         """The prompt's tokens, then the end; on again from the start while the end is held back."""
@@ -96,9 +120,12 @@ def make_echo_app(app_config, table, server) -> EchoApp:
     embedding_dim = table.get("embedding_dim", int, default=64)
     if embedding_dim < 1:
         raise table.error("embedding_dim", "must be >= 1")
+    max_generations = table.get("max_generations", int, default=10_000)
+    if not 1 <= max_generations <= 1_000_000:
+        raise table.error("max_generations", f"must be between 1 and 1000000, got {max_generations}")
     table.finish()
     return EchoApp(app_config.name, pace=pace_ms / 1000, load_seconds=load_seconds, seed=seed,
-                   embedding_dim=embedding_dim, **settings)
+                   embedding_dim=embedding_dim, max_generations=max_generations, **settings)
 
 
 def _field(body: dict, name: str, kind: type, default):

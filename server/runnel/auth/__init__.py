@@ -17,14 +17,24 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """The authenticated caller. ``kind`` names the auth kind that vouched for it."""
+    """The authenticated caller. ``kind`` names the auth kind that vouched for it.
+
+    ``identity`` is who owns what this caller creates (async runs, jobs: see
+    ``runnel.runs``): two requests with the same identity are the same owner. Default
+    ``"<kind>:<subject>"``; an auth kind whose subjects are not unique on their own
+    says more (jwt: the project and the subject)."""
 
     subject: str
     kind: str
     claims: Mapping[str, Any] = field(default_factory=dict)
+    identity: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.identity:
+            object.__setattr__(self, "identity", f"{self.kind}:{self.subject}")
 
 
-ANONYMOUS = Principal("anonymous", "none")
+ANONYMOUS = Principal("anonymous", "none", identity="anonymous")  # runnel.runs.ANYONE
 
 
 def bearer_token(request) -> bytes | None:

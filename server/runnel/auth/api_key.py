@@ -34,7 +34,9 @@ class ApiKeyAuth:
                 matched = index
         if matched is None:
             raise HTTPError(401, "Invalid API key", code="invalid_api_key", headers=self._challenge)
-        return Principal(f"key:{self._digests[matched][:4].hex()}", "api_key")
+        digest = self._digests[matched]
+        # The identity is longer than the subject (shown in logs): two keys must never share one.
+        return Principal(f"key:{digest[:4].hex()}", "api_key", identity=f"key:{digest[:8].hex()}")
 
 
 def _read_keys_file(path: str, table) -> list[str]:

@@ -25,7 +25,14 @@ keys from the config. The ``[auth]`` keys:
 ``realm``            the realm in ``WWW-Authenticate`` challenges (default ``"runnel"``).
 
 An absent or invalid token is a 401 with an RFC 6750 challenge; a valid token for another
-project is a 403. Messages say what was wrong, never what the token was.
+project is a 403. Messages say what was wrong, never what the token was. ``exp``, ``nbf``
+and ``iat``, where present, must be NumericDates (RFC 7519 2): a JSON number of seconds,
+finite, between 0 and the end of year 9999; pyjwt alone would take ``"exp": "9999999999"``
+or ``1e308`` (a token that never expires).
+
+The principal's identity, which owns the runs a token creates, is the token's project
+claim and subject together: another subject, or the same subject in another project, is
+another owner.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ logger = logging.getLogger("runnel.auth.jwt")
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 JWKS_CHECK_INTERVAL = 1.0  # seconds between looks at the jwks_file's mtime
+DATE_CLAIMS = ("exp", "nbf", "iat")
+LATEST_DATE = 253402300799  # 9999-12-31T23:59:59Z: later is no date a real issuer writes
 
 # Why a token was refused, by pyjwt exception class name (the first match along the MRO).
 # Names rather than classes so that importing this plugin does not import pyjwt.
@@ -73,6 +82,17 @@ def _explain(exc: Exception) -> str:
     return "Token is invalid"
 
 
+def bad_date_claim(claims: dict) -> str | None:
+    """Why a date claim of ``claims`` is not a NumericDate, or None when they all are."""
+    for name in DATE_CLAIMS:
+        if name not in claims:
+            continue
+        value = claims[name]
+        if type(value) not in (int, float) or not (math.isfinite(value) and 0 <= value <= LATEST_DATE):
+            return f"Token {name} claim must be a number of seconds since 1970 (a NumericDate)"
+    return None
+
+
 class JwtAuth:
     """``kind = "jwt"``: a valid JWT, and for ``{project_id}`` routes, the right project."""
 
@@ -95,6 +115,9 @@ class JwtAuth:
             claims = self._decode(token, self._key_for(token))
         except self._errors as exc:
             raise HTTPError(401, _explain(exc), code="invalid_token", headers=self._invalid) from None
+        problem = bad_date_claim(claims)
+        if problem is not None:
+            raise HTTPError(401, problem, code="invalid_token", headers=self._invalid)
         project = request.path_params.get("project_id")
         if project is not None:
             claimed = claims.get(self._project_claim)
@@ -104,7 +127,9 @@ class JwtAuth:
             if claimed != project:
                 raise HTTPError(403, "Token is not valid for this project", code="wrong_project",
                                 headers=self._forbidden)
-        return Principal(subject=claims.get("sub", "?"), kind="jwt", claims=claims)
+        identity = json.dumps([claims.get(self._project_claim), claims.get("sub")], sort_keys=True,
+                              separators=(",", ":"))
+        return Principal(subject=claims.get("sub", "?"), kind="jwt", claims=claims, identity=f"jwt:{identity}")
 
 
 class JwksKeys:

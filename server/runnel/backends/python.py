@@ -5,6 +5,7 @@
     module = "examples/hello/main.py"   # a .py file (relative to the config file), or
                                         # an importable module name: "pkg.mod"
     workers = 8                         # threads for sync functions (default 8)
+    max_queue = 64                      # calls that may wait for a thread (default 64)
     setup = "setup"                     # module-level function run once at start-up
                                         # (default "setup"; "" for none)
 
@@ -40,6 +41,12 @@ How a function runs:
   the same way, so ``invoke``'s result, not ``is_streaming``, is what tells.
 - A function that declares a ``run_id`` parameter receives the run id; a caller cannot
   supply it.
+
+The thread pool's queue is bounded: at most ``workers + max_queue`` calls that need it
+(sync calls, until their thread is done; sync generators, until closed) are admitted at
+once; one more is refused with 429 and ``Retry-After`` before anything runs, so an
+overloaded app answers at once instead of making every caller wait its turn. Callers
+bounded elsewhere (async runs: ``runs_workers``) pass ``bounded=False``; they still count.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ logger = logging.getLogger("runnel.functions")
 __all__ = ["Function", "FunctionApp", "FunctionStream", "make_python_app"]
 
 RUN_ID = "run_id"
+BUSY_RETRY_AFTER = b"1"  # seconds; a thread frees up as soon as any call ends
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _DONE = object()
 
@@ -178,13 +186,14 @@ class _AsyncStream(FunctionStream):
 class _ThreadStream(FunctionStream):
     """A sync generator pulled one ``next()`` at a time in a thread pool."""
 
-    __slots__ = ("_generator", "_pool", "_pending", "_closed")
+    __slots__ = ("_generator", "_pool", "_pending", "_closed", "_release")
 
-    def __init__(self, generator, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, generator, pool: ThreadPoolExecutor, release) -> None:
         self._generator = generator
         self._pool = pool
         self._pending: concurrent.futures.Future[Any] | None = None  # the future of a next() in flight
         self._closed = False
+        self._release = release  # called once, when the stream is closed: its pool slot is free
 
     async def __anext__(self) -> Any:
         if self._closed:
@@ -196,6 +205,7 @@ class _ThreadStream(FunctionStream):
         self._pending = None
         if value is _DONE:
             self._closed = True
+            self._release()
             raise StopAsyncIteration
         return value
 
@@ -205,6 +215,7 @@ class _ThreadStream(FunctionStream):
         if self._closed:
             return
         self._closed = True
+        self._release()
         pending, self._pending = self._pending, None
         if pending is not None and not pending.cancel() and not pending.done():
             pending.add_done_callback(lambda _: _close_generator(self._generator))
@@ -213,6 +224,14 @@ class _ThreadStream(FunctionStream):
             self._pool.submit(_close_generator, self._generator)
         except RuntimeError:  # the pool is shut down: the app is closing
             _close_generator(self._generator)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback) -> None:
+    """``callback`` on ``loop`` from a pool thread; nothing once the loop is closed (the server is gone)."""
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        pass
 
 
 def _close_generator(generator) -> None:
@@ -229,11 +248,16 @@ class FunctionApp:
     """
 
     def __init__(self, name: str, module: str, *, path: str | None = None, workers: int = 8,
-                 setup: str = "setup") -> None:
+                 max_queue: int = 64, setup: str = "setup") -> None:
         self.name = name
         self.module_spec = module  # what the config named: a path or a module name
         self.path = path  # the .py file, when the module is one
         self.workers = workers
+        self.max_queue = max_queue
+        # Admitted calls that use the pool: running in it, waiting for it, or (a sync
+        # generator) able to submit to it until closed. At most workers + max_queue
+        # through invoke(bounded=True).
+        self.pool_calls = 0
         self.setup_name = setup
         self.module = None
         self.functions: dict[str, Function] = {}
@@ -301,7 +325,8 @@ class FunctionApp:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> dict:
-        return {"functions": list(self.functions), "workers": self.workers, "calls": self.calls}
+        return {"functions": list(self.functions), "workers": self.workers, "calls": self.calls,
+                "pool_calls": self.pool_calls, "max_queue": self.max_queue}
 
     # -- calling ---------------------------------------------------------------------
     def function(self, name: str) -> Function:
@@ -317,37 +342,64 @@ class FunctionApp:
         A plain function may still return a generator: ``invoke``'s result is what tells."""
         return self.function(name).streaming
 
-    async def invoke(self, name: str, kwargs: dict, run_id: str) -> Any:
+    async def invoke(self, name: str, kwargs: dict, run_id: str, *, bounded: bool = True) -> Any:
         """Call function ``name`` with keyword arguments ``kwargs``.
 
         Returns the function's result, or a :class:`FunctionStream` of the values it
         yields when it is (or returns) a generator or async iterator; the caller must
         ``aclose()`` that stream. Raises HTTPError 404 (no such public function) or 422
-        (missing / unexpected argument, naming it) before calling; whatever the
-        function raises propagates as is.
+        (missing / unexpected argument, naming it) before calling, and 429 when the call
+        needs the thread pool and ``workers + max_queue`` calls hold it already (unless
+        ``bounded`` is False: the caller bounds itself); whatever the function raises
+        propagates as is.
         """
         function = self.function(name)
         kwargs = function.arguments(kwargs, run_id)
-        self.calls += 1
         kind = function.kind
         pool = self._pool
         assert pool is not None  # made by start(); only a started app is called
         if kind == "async_generator":
+            self.calls += 1
             return _AsyncStream(function.fn(**kwargs))
         if kind == "generator":
-            return _ThreadStream(function.fn(**kwargs), pool)
+            self._admit(bounded)
+            self.calls += 1
+            return _ThreadStream(function.fn(**kwargs), pool, self._release)
         if kind == "async":
+            self.calls += 1
             result = await function.fn(**kwargs)
         else:
+            self._admit(bounded)
+            self.calls += 1
+            loop = asyncio.get_running_loop()
             call = functools.partial(function.fn, **kwargs)
-            result = await asyncio.get_running_loop().run_in_executor(pool, contextvars.copy_context().run, call)
+            try:
+                future = pool.submit(contextvars.copy_context().run, call)
+            except BaseException:  # the pool is shut down: the app is closing
+                self._release()
+                raise
+            # Free the slot when the thread is done with the call, not when the caller
+            # stops waiting: an abandoned call still holds its thread.
+            future.add_done_callback(lambda _: _call_soon(loop, self._release))
+            result = await asyncio.wrap_future(future)
             if inspect.isawaitable(result):
                 result = await result
         return self._wrap(result, pool)
 
+    def _admit(self, bounded: bool) -> None:
+        if bounded and self.pool_calls >= self.workers + self.max_queue:
+            raise HTTPError(429, f"App '{self.name}' is busy ({self.workers} calls running, {self.max_queue} "
+                            "waiting); try again shortly", code="queue_full",
+                            headers=((b"retry-after", BUSY_RETRY_AFTER),))
+        self.pool_calls += 1
+
+    def _release(self) -> None:
+        self.pool_calls -= 1
+
     def _wrap(self, result: Any, pool: ThreadPoolExecutor) -> Any:
         if inspect.isgenerator(result):
-            return _ThreadStream(result, pool)
+            self._admit(False)  # the call was admitted already; its values are part of it
+            return _ThreadStream(result, pool, self._release)
         if isinstance(result, AsyncIterator) and not isinstance(result, FunctionStream):
             return _AsyncStream(result)
         return result
@@ -374,11 +426,14 @@ def make_python_app(app_config, table, server) -> FunctionApp:
     workers = table.get("workers", int, default=8)
     if not 1 <= workers <= 1024:
         raise table.error("workers", f"must be between 1 and 1024, got {workers}")
+    max_queue = table.get("max_queue", int, default=64)
+    if not 0 <= max_queue <= 1_000_000:
+        raise table.error("max_queue", f"must be between 0 and 1000000, got {max_queue}")
     setup = table.get("setup", str, default="setup")
     if setup and not setup.isidentifier():
         raise table.error("setup", f"must be a function name, got {setup!r}")
     table.finish()
-    return FunctionApp(app_config.name, raw, path=path, workers=workers, setup=setup)
+    return FunctionApp(app_config.name, raw, path=path, workers=workers, max_queue=max_queue, setup=setup)
 
 
 @hookimpl

@@ -4,6 +4,7 @@
                  every store implements (local, or shared by several servers)
     sqlite.py    ``SQLiteRunStore``: the default store, one file per host
                  (``[server] runs_path``)
+    idempotency.py  ``Idempotency-Key``: a retried request finds the run its first try made
     runner.py    ``Runner``: queues, claims and executes runs, recovers dead runners'
                  claims, purges; ``RunView``: how a surface's runs are called and shown
     webhooks.py  a finished run POSTed to its caller's URL, signed, with retries
@@ -15,9 +16,11 @@ register a ``RunView`` on it; they never make or start one.
 
 from __future__ import annotations
 
+from .idempotency import Idempotency, idempotency_of
 from .runner import Runner, RunView, ValueStream, store_for
 from .sqlite import SQLiteRunStore
 from .store import (
+    ANYONE,
     CANCELLED,
     FAILED,
     QUEUED,
@@ -25,6 +28,7 @@ from .store import (
     SUCCEEDED,
     TERMINAL,
     TIMED_OUT,
+    QueueFull,
     Recovered,
     Run,
     RunStore,
@@ -33,7 +37,7 @@ from .store import (
 from .webhooks import Webhooks, check_target
 
 __all__ = [
-    "CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "TERMINAL", "TIMED_OUT",
-    "Recovered", "Run", "RunStore", "RunView", "Runner", "SQLiteRunStore", "StoreUnavailable", "ValueStream",
-    "Webhooks", "check_target", "store_for",
+    "ANYONE", "CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "TERMINAL", "TIMED_OUT",
+    "Idempotency", "QueueFull", "Recovered", "Run", "RunStore", "RunView", "Runner", "SQLiteRunStore",
+    "StoreUnavailable", "ValueStream", "Webhooks", "check_target", "idempotency_of", "store_for",
 ]

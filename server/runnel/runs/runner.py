@@ -21,6 +21,13 @@ At most ``runs_workers`` runs execute at once per server. A sync function runs i
 its app's own thread pool, so it cannot be interrupted: cancelling or timing it
 out abandons the call and discards its result.
 
+The queue is bounded in the store: past ``runs_max_queued`` queued runs (of every app,
+counted by the store, so the bound holds across restarts and processes) a new run is
+refused with 429 and ``Retry-After``; a run once recorded is never refused or dropped
+(recovered runs are queued again whatever the count). Each run belongs to the principal
+that submitted it (``find`` shows it to no one else), and may carry an idempotency key
+(``runnel.runs.idempotency``): a retry with the same key gets the same run.
+
 What lives only here, in this process: the queue of run ids to take (a run is in it
 at most once per submit or recovery; a stale id is skipped because the claim fails),
 the task running each run this runner holds, and a running generator's values so far.
@@ -41,14 +48,17 @@ import orjson
 
 from ..config import ConfigError
 from ..errors import HTTPError
+from .idempotency import Idempotency
 from .sqlite import SQLiteRunStore
 from .store import (
+    ANYONE,
     CANCELLED,
     FAILED,
     QUEUED,
     RUNNING,
     SUCCEEDED,
     TIMED_OUT,
+    QueueFull,
     Run,
     RunStore,
     StoreUnavailable,
@@ -61,6 +71,7 @@ __all__ = ["RunView", "Runner", "ValueStream"]
 
 CANCEL_GRACE = 5.0  # seconds a cancelled call gets to unwind (its finally blocks)
 LEASE = 30.0  # seconds a claim lasts unless renewed; renewed every LEASE / 3
+QUEUE_FULL_RETRY_AFTER = b"5"  # seconds: a full queue of runs drains no faster than its runs run
 
 
 @runtime_checkable
@@ -127,6 +138,7 @@ class Runner:
         self.lease = LEASE
         self.retention = settings.runs_retention
         self.workers = settings.runs_workers
+        self.max_queued = settings.runs_max_queued
         self.allowed_hosts = settings.webhook_allowed_hosts
         self.webhooks = Webhooks(settings.webhook_secret, settings.webhook_retry_delay)
         self.idempotent: set[str] = set()  # apps whose interrupted runs are run again
@@ -195,30 +207,56 @@ class Runner:
         await self.store.close()
 
     # -- submitting and reading ---------------------------------------------------------
-    async def submit(self, surface: str, app: str, function: str, input: Any, *, run_id: str | None = None,
-                     webhook: str | None = None, timeout_ms: int | None = None) -> Run:
-        """Record a run durably, then queue it. HTTPError 503 when the store cannot take it."""
+    async def submit(self, surface: str, app: str, function: str, input: Any, *, principal: str = ANYONE,
+                     run_id: str | None = None, webhook: str | None = None, timeout_ms: int | None = None,
+                     idempotency: Idempotency | None = None) -> Run:
+        """Record a run durably, then queue it; the run recorded. With ``idempotency``, the
+        run an earlier request with the same key made, if it is still kept (HTTPError 422
+        when that request differed). HTTPError 429 when ``max_queued`` runs are queued
+        already, 503 when the store cannot take it."""
         run = Run(id=run_id or uuid.uuid4().hex, surface=surface, app=app, function=function, input=input,
                   webhook=webhook, timeout_ms=timeout_ms, webhook_pending=webhook is not None,
-                  created_at=time.time())
+                  created_at=time.time(), principal=principal,
+                  idempotency_key=None if idempotency is None else idempotency.key,
+                  request_hash=None if idempotency is None else idempotency.request_hash)
         try:
             if not self.store.is_open:
                 await self.store.open(create=True)
-            await self.store.insert(run)
+            recorded = await self.store.insert(run, max_queued=self.max_queued)
+            if recorded.id != run.id and self._expired(recorded):  # its key went with it: purge, then record
+                await self.store.purge(time.time() - self.retention)
+                recorded = await self.store.insert(run, max_queued=self.max_queued)
+        except QueueFull as exc:
+            raise HTTPError(429, f"Too many runs are waiting ({exc.limit} queued); try again later",
+                            code="queue_full", headers=((b"retry-after", QUEUE_FULL_RETRY_AFTER),)) from None
         except StoreUnavailable as exc:
             raise HTTPError(503, str(exc), code="run_store_busy") from None
         except Exception as exc:  # the store's own errors (sqlite3.Error, OSError, ...)
             logger.exception("run store %s: cannot record run %s", self.store.name, run.id)
             raise HTTPError(503, f"The run could not be recorded: {exc}", code="run_store_error") from None
+        if recorded.id != run.id:
+            if recorded.request_hash != run.request_hash:
+                raise HTTPError(422, "This Idempotency-Key was used for a different request; use a new key "
+                                "for a new request", param="Idempotency-Key", code="idempotency_key_reused")
+            return recorded
         self._queue.put_nowait(run.id)
         return run
 
     async def get(self, run_id: str) -> Run | None:
         """The run, or None when unknown or expired."""
         run = await self.store.get(run_id)
-        if run is not None and run.finished_at is not None and run.finished_at + self.retention < time.time():
+        return None if run is None or self._expired(run) else run
+
+    async def find(self, run_id: str, *, surface: str, app: str, principal: str) -> Run | None:
+        """The run if ``principal`` submitted it through ``surface`` to ``app``, else None:
+        anyone else's run reads as unknown (or expired) does, so its existence does not leak."""
+        run = await self.get(run_id)
+        if run is None or run.surface != surface or run.app != app or run.principal != principal:
             return None
         return run
+
+    def _expired(self, run: Run) -> bool:
+        return run.finished_at is not None and run.finished_at + self.retention < time.time()
 
     async def wait(self, run_id: str, timeout: float) -> Run | None:
         """The run once it is done, or as it is after ``timeout`` seconds."""
@@ -334,7 +372,8 @@ class Runner:
         streamed = False
         values = None
         try:
-            result = await app.invoke(run.function, view.arguments(app, run), run.id)
+            # Not bounded by the app: runs_workers bounds how many runs call at once.
+            result = await app.invoke(run.function, view.arguments(app, run), run.id, bounded=False)
             if isinstance(result, ValueStream):
                 streamed = True
                 values = self._streams[run.id] = []

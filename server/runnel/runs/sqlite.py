@@ -26,7 +26,18 @@ from dataclasses import fields
 import orjson
 
 from ..errors import HTTPError
-from .store import FAILED, QUEUED, RUNNING, TERMINAL, Recovered, Run, StoreUnavailable, error_record
+from .store import (
+    ANYONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    TERMINAL,
+    QueueFull,
+    Recovered,
+    Run,
+    StoreUnavailable,
+    error_record,
+)
 
 logger = logging.getLogger("runnel.runs")
 
@@ -34,21 +45,29 @@ __all__ = ["SQLiteRunStore"]
 
 COLUMNS = tuple(f.name for f in fields(Run))
 _JSON_COLUMNS = ("input", "output", "error")
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, surface TEXT NOT NULL, app TEXT NOT NULL, function TEXT NOT NULL,
     input BLOB NOT NULL, state TEXT NOT NULL, webhook TEXT, timeout_ms INTEGER,
     output BLOB, error BLOB, streamed INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0, webhook_pending INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL, started_at REAL, finished_at REAL, run_time_ms INTEGER,
-    owner TEXT, lease_until REAL
+    owner TEXT, lease_until REAL, principal TEXT NOT NULL DEFAULT '{ANYONE}',
+    idempotency_key TEXT, request_hash TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state);
 CREATE INDEX IF NOT EXISTS runs_by_app ON runs (app, surface);
 CREATE INDEX IF NOT EXISTS runs_by_finish ON runs (finished_at);
 """
-# Columns added since the first release, for files an older server made.
-_ADDED_COLUMNS = (("owner", "TEXT"), ("lease_until", "REAL"))
+# Columns added since the first release, for files an older server made. An older file's
+# runs were bound to no one: they become the anonymous caller's (readable where auth is off).
+_ADDED_COLUMNS = (("owner", "TEXT"), ("lease_until", "REAL"), ("principal", f"TEXT NOT NULL DEFAULT '{ANYONE}'"),
+                  ("idempotency_key", "TEXT"), ("request_hash", "TEXT"))
+# After the columns exist. Unique: of two inserts with one key, the second cannot write.
+INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS runs_by_idempotency_key ON runs (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+"""
 
 
 class SQLiteRunStore:
@@ -110,6 +129,7 @@ class SQLiteRunStore:
             for name, kind in _ADDED_COLUMNS:
                 if name not in have:
                     conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+            conn.executescript(INDEXES)
             if self._lock_fd is not None:  # we hold the file alone: whoever claimed these is gone
                 conn.execute("UPDATE runs SET lease_until = 0 WHERE state = ?", (RUNNING,))
         except BaseException:
@@ -153,17 +173,38 @@ class SQLiteRunStore:
         self._unlock()
 
     # -- statements ----------------------------------------------------------------------
-    async def insert(self, run: Run) -> None:
-        await self._do(self._insert, run)
+    async def insert(self, run: Run, *, max_queued: int | None = None) -> Run:
+        return await self._do(self._insert, run, max_queued)
 
-    def _insert(self, run: Run) -> None:
+    def _insert(self, run: Run, max_queued: int | None) -> Run:
         values = [getattr(run, name) for name in COLUMNS]
         for name in _JSON_COLUMNS:
             index = COLUMNS.index(name)
             if values[index] is not None or name == "input":  # a job's input may be null
                 values[index] = orjson.dumps(values[index])
-        self._open_connection().execute(
-            f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", values)
+        conn = self._open_connection()
+        # One transaction, taken for writing up front, so that the key lookup, the count
+        # and the insert see the same runs, even with other processes on the file.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if run.idempotency_key is not None:
+                row = conn.execute("SELECT id FROM runs WHERE idempotency_key = ?", (run.idempotency_key,)).fetchone()
+                if row is not None:
+                    conn.execute("COMMIT")
+                    existing = self._get(row[0])
+                    assert existing is not None  # only this thread deletes, and not in between
+                    return existing
+            if max_queued is not None:
+                (count,) = conn.execute("SELECT COUNT(*) FROM runs WHERE state = ?", (QUEUED,)).fetchone()
+                if count >= max_queued:
+                    raise QueueFull(max_queued)
+            conn.execute(f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                         values)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return run
 
     async def get(self, run_id: str) -> Run | None:
         return await self._do(self._get, run_id)

@@ -40,12 +40,13 @@ from ..errors import HTTPError
 
 __all__ = [
     "CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "TERMINAL", "TIMED_OUT",
-    "Recovered", "Run", "RunStore", "StoreUnavailable", "error_record",
+    "ANYONE", "QueueFull", "Recovered", "Run", "RunStore", "StoreUnavailable", "error_record",
 ]
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, TIMED_OUT = (
     "queued", "running", "succeeded", "failed", "cancelled", "timed_out")
 TERMINAL = frozenset((SUCCEEDED, FAILED, CANCELLED, TIMED_OUT))
+ANYONE = "anonymous"  # the principal of runs no one authenticated for (runnel.auth.ANONYMOUS's identity)
 
 
 @dataclass(slots=True)
@@ -69,6 +70,13 @@ class Run:
     run_time_ms: int | None = None
     owner: str | None = None  # the runner holding the claim while running
     lease_until: float | None = None  # unix seconds; past it the claim may be recovered
+    # Who submitted it (runnel.auth.Principal.identity): no one else may see or cancel it.
+    principal: str = ANYONE
+    # A client's Idempotency-Key, scoped (a digest of principal, route and key): unique in the
+    # store, so a retry finds this run instead of making another. request_hash: a digest of
+    # what was asked, so the same key with a different request can be refused.
+    idempotency_key: str | None = None
+    request_hash: str | None = None
 
     @property
     def done(self) -> bool:
@@ -99,6 +107,14 @@ class StoreUnavailable(RuntimeError):
         self.key = key
 
 
+class QueueFull(Exception):
+    """``insert`` refused a run: ``limit`` runs are queued already (nothing was written)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"{limit} runs are queued already")
+        self.limit = limit
+
+
 class RunStore(Protocol):
     """The operations a runner needs from a store, local or shared by several processes."""
 
@@ -113,8 +129,13 @@ class RunStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def insert(self, run: Run) -> None:
-        """Record a new queued run, durably, before the caller is answered."""
+    async def insert(self, run: Run, *, max_queued: int | None = None) -> Run:
+        """Record a new queued run, durably, before the caller is answered; returns it.
+
+        Atomically, as one step: when a run with the same ``idempotency_key`` exists, that
+        run is returned and nothing is written (a retry; of concurrent inserts with one
+        key, one writes); else QueueFull when ``max_queued`` runs (of every app) are
+        queued already. Runs already recorded are never refused or dropped."""
 
     async def get(self, run_id: str) -> Run | None: ...
 

@@ -34,20 +34,28 @@ changing only its base URL. The project id is accepted as is (any value).
     ``202 {"run_id"}``; the function then runs in the background, a generator's values
     collected into a list. ``webhookEndpoint`` (implies ``async``) is where the
     finished run is POSTed (see ``runnel.runs.webhooks``); its host must be in ``[server]
-    webhook_allowed_hosts``, else 400 and nothing is recorded.
+    webhook_allowed_hosts``, else 400 and nothing is recorded. Past ``[server]
+    runs_max_queued`` queued runs: 429 with ``Retry-After``. An ``Idempotency-Key``
+    header makes a retry safe: the same key with the same arguments and webhook, from
+    the same principal to the same function, answers the first request's 202 with its
+    run id (while the run is kept); with anything else different it is a 422.
 
 ``GET /v4/{project_id}/{app}/runs/{run_id}``
     ``{"run_id", "status"}``, status one of ``queued``, ``running``, ``succeeded``,
     ``failed``, ``cancelled``; once done, plus what the sync call would have answered:
     ``"status_code"`` (its HTTP status) and ``"run_time_ms"`` and ``"result"``, or
     ``"error"``. This is also the webhook's body. Unknown, expired (older than
-    ``[server] runs_retention``) and other apps' runs are 404. With ``[apps.NAME.functions]
+    ``[server] runs_retention``) and other apps' runs are 404, and so is a run another
+    principal submitted (``runnel.auth.Principal.identity``: with JWT auth the token's
+    project and subject, with API keys the key). With ``[apps.NAME.functions]
     idempotent = true`` a run a crash interrupted is run again at the next start,
     instead of failing with code ``interrupted``.
 
 Errors, everywhere under /v4, are ``{"error": {message, type, param, code}, "run_id"}``
 (the OpenAI envelope plus the run id); an exception in a function is a 500 whose
-message is the exception's; mid-stream it becomes the stream's last event.
+message is the exception's; mid-stream it becomes the stream's last event. A sync
+function's call waits for one of its app's threads; past ``[apps.NAME] max_queue``
+waiting calls it is a 429 with ``Retry-After`` (``runnel.backends.python``).
 
 Authentication per app: ``[apps.NAME.functions] public = true`` lets anyone call the
 app's /v4 routes (as a platform's "auth off" switch does). The routes' policy says
@@ -70,7 +78,7 @@ from ..errors import HTTPError
 from ..hookspecs import hookimpl
 from ..http import Response, json_response
 from ..http.response import JSON
-from ..runs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, RunView, check_target
+from ..runs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, RunView, check_target, idempotency_of
 from .openai import NO_CACHE, OpenAIAPI, can_embed, is_model_app
 from .openai import SSE as OPENAI_SSE
 
@@ -125,8 +133,8 @@ class FunctionEndpoints:
     async def run_status(self, request):
         run_id = request.path_params["run_id"]
         name = request.path_params["app"]
-        run = await self.runs.get(run_id)
-        if run is None or run.surface != SURFACE or run.app != name:
+        run = await self.runs.find(run_id, surface=SURFACE, app=name, principal=request.principal.identity)
+        if run is None:
             raise HTTPError(404, f"No run '{run_id}' in app '{name}' (unknown, or finished and expired)",
                             param="run_id", code="run_not_found")
         return json_response(FunctionRuns.render(run))
@@ -231,8 +239,11 @@ class FunctionEndpoints:
                 check_target(webhook, self.runs.allowed_hosts)
             except ValueError as exc:
                 raise HTTPError(400, str(exc), param="webhookEndpoint", code="webhook_not_allowed") from None
-        await self.runs.submit(SURFACE, name, function, arguments, run_id=run_id, webhook=webhook)
-        return json_response({"run_id": run_id}, status=202)
+        idempotency = idempotency_of(request, f"{SURFACE}/{name}/{function}", [arguments, webhook])
+        run = await self.runs.submit(SURFACE, name, function, arguments, principal=request.principal.identity,
+                                     run_id=run_id, webhook=webhook, idempotency=idempotency)
+        request.request_id = run.id  # a retry's answer is the first one's, X-Request-Id too
+        return json_response({"run_id": run.id}, status=202)
 
     # -- pieces ----------------------------------------------------------------------
     def _app(self, request):

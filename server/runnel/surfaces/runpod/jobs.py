@@ -28,6 +28,14 @@ dict with an ``"error"`` key fails its job, as RunPod's SDK has it. Cancelling a
 queued job means it never runs; a running async handler is cancelled; a running
 sync handler cannot be stopped (it runs in a thread) and its result is discarded.
 
+A job belongs to the principal that submitted it (``runnel.auth.Principal.identity``:
+the API key, or the JWT's project and subject): ``/status``, ``/stream`` and ``/cancel``
+answer 404 to anyone else, as for an unknown job. Past ``[server] runs_max_queued``
+queued runs, ``/run`` and ``/runsync`` answer 429 with ``Retry-After``. An
+``Idempotency-Key`` header makes them safe to retry: the same key with the same body,
+from the same principal to the same route, gets the first request's job (``/run``
+answers ``IN_QUEUE`` again, ``/runsync`` waits for that job); a different body is a 422.
+
 Model apps (echo, ctranslate2) are not served here: their endpoints answer 404
 saying so; they keep ``/v2/{id}/openai/v1/...`` (``openai.py`` here).
 Errors are ``{"error": "<message>"}``. Routes are authenticated like the rest.
@@ -42,7 +50,18 @@ import orjson
 from ...backends.python import is_function_app
 from ...errors import HTTPError
 from ...http import json_response
-from ...runs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, Run, RunView, check_target
+from ...runs import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TIMED_OUT,
+    Run,
+    RunView,
+    check_target,
+    idempotency_of,
+)
 from .config import RunPodEndpoint
 
 SURFACE = "runpod"
@@ -154,13 +173,13 @@ class RunPodJobAPI:
     async def _job(self, request):
         name, _ = self._endpoint(request)
         job_id = request.path_params["job_id"]
-        run = await self.runs.get(job_id)
-        if run is None or run.surface != SURFACE or run.app != name:
+        run = await self.runs.find(job_id, surface=SURFACE, app=name, principal=request.principal.identity)
+        if run is None:
             raise HTTPError(404, f"No job {job_id!r} on this endpoint (unknown, or finished and expired)",
                             code="job_not_found")
         return run
 
-    async def _submit(self, request):
+    async def _submit(self, request, route: str):
         name, handler = self._endpoint(request)
         body = await request.json()
         if type(body) is not dict or "input" not in body:
@@ -187,15 +206,18 @@ class RunPodJobAPI:
         if app is not None and handler not in app.functions:  # loading: jobs wait, as on a cold endpoint
             raise HTTPError(404, f"App '{name}' has no function '{handler}' to run jobs with "
                             f"(set [apps.{name}.runpod] handler)", code="handler_not_found")
-        return await self.runs.submit(SURFACE, name, handler, body["input"], webhook=webhook, timeout_ms=timeout)
+        idempotency = idempotency_of(request, f"{SURFACE}/{name}/{handler}/{route}", body)
+        return await self.runs.submit(SURFACE, name, handler, body["input"], principal=request.principal.identity,
+                                      webhook=webhook, timeout_ms=timeout, idempotency=idempotency)
 
     # -- handlers --------------------------------------------------------------------
     async def run(self, request):
-        run = await self._submit(request)
-        return json_response({"id": run.id, "status": STATUS[run.state]})
+        run = await self._submit(request, "run")
+        # What the first request was answered, for a retry too (the job was queued then).
+        return json_response({"id": run.id, "status": STATUS[QUEUED]})
 
     async def runsync(self, request):
-        run = await self._submit(request)
+        run = await self._submit(request, "runsync")
         return json_response(RunPodJobs.render(await self.runs.wait(run.id, self.runsync_timeout) or run))
 
     async def status(self, request):
