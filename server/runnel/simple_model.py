@@ -35,11 +35,11 @@ import collections
 import re
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, cast
 
 from .choices import Choice
 from .generation import SamplingParams, TokenSink
+from .workers import DaemonThreads
 
 if TYPE_CHECKING:
     from .config import AppConfig, Table
@@ -101,6 +101,7 @@ class SimpleModel:
     owned_by = "runnel"
     supported: frozenset[str] = frozenset({"stop"})
     threads = 8  # sync generators running at once
+    vocab_size: int | None = None  # the vocabulary grows as text is seen: no fixed bound
 
     def __init__(self, name: str, *, served_model_name: str | None = None, context_length: int = 4096,
                  default_max_tokens: int = 16) -> None:
@@ -109,7 +110,7 @@ class SimpleModel:
         self.context_length = context_length
         self.default_max_tokens = default_max_tokens
         self.vocabulary = WordPieces()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: DaemonThreads | None = None
 
     # -- what a subclass writes ----------------------------------------------------
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[str | int] | AsyncIterator[str | int]:
@@ -145,8 +146,9 @@ class SimpleModel:
     async def close(self) -> None:
         if self._pool is not None:
             # Running generators end at their next piece once their choices are stopped;
-            # waiting here could hang on one stuck inside a step.
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            # waiting here could hang on one stuck inside a step, and the threads are
+            # daemons, so such a one does not keep the process from exiting either.
+            self._pool.close()
             self._pool = None
 
     # -- runnel.generation.ModelApp ----------------------------------------------------
@@ -170,9 +172,9 @@ class SimpleModel:
     def generate(self, prompt_tokens: list[int], params: SamplingParams, n: int, sink: TokenSink) -> SimpleGeneration:
         return SimpleGeneration(self, self.decode(prompt_tokens), params, n, sink)
 
-    def _threads(self) -> ThreadPoolExecutor:
+    def _threads(self) -> DaemonThreads:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix=f"runnel-{self.name}")
+            self._pool = DaemonThreads(self.threads, f"runnel-{self.name}")
         return self._pool
 
 
@@ -269,9 +271,9 @@ class _ThreadFeed:
         self.queue: collections.deque[Any] = collections.deque()
         self.scheduled = False
 
-    async def run(self, pool: ThreadPoolExecutor, pieces: Iterable[Any]) -> None:
+    async def run(self, pool: DaemonThreads, pieces: Iterable[Any]) -> None:
         try:
-            await self.loop.run_in_executor(pool, self._drive, pieces)
+            await pool.run(lambda: self._drive(pieces))
         finally:
             self.deliver()  # pieces that came after the last scheduled delivery
 
