@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import re
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -58,6 +59,7 @@ END: Any = _End()
 
 # Words with the whitespace before them; the whitespace at the very end is its own piece.
 _PIECES = re.compile(r"\s*\S+|\s+")
+_FINDALL_CHARS = 65_536
 # A generator that never awaits is paused this often, so it cannot hold the loop.
 _YIELD_EVERY = 32
 
@@ -83,8 +85,16 @@ class WordPieces:
                     token_id = self.ids[piece] = len(self.pieces) - 1
         return token_id
 
-    def tokenize(self, text: str) -> list[int]:
-        return [self.id(piece) for piece in _PIECES.findall(text)]
+    def tokenize(self, text: str, limit: int | None = None) -> list[int]:
+        """The ids of ``text``'s pieces (only the first ``limit``, if given)."""
+        if limit is None and len(text) <= _FINDALL_CHARS:
+            return [self.id(piece) for piece in _PIECES.findall(text)]
+        # One findall over a large text holds the GIL throughout (the loop too, when this
+        # runs on a worker thread); matching piece by piece lets it go every switch interval.
+        matches = _PIECES.finditer(text)
+        if limit is not None:
+            matches = itertools.islice(matches, limit)
+        return [self.id(match.group()) for match in matches]
 
 
 class SimpleModel:
