@@ -12,7 +12,7 @@ from pathlib import Path
 
 from runnel.workers import DaemonThreads
 
-from .chat_template import ChatTemplate, resolve_chat_template
+from .chat_template import ChatTemplate, TemplateRaised, resolve_chat_template
 from .scheduler import BatchScheduler
 from .tokenizer import load_tokenizer
 
@@ -170,7 +170,13 @@ class GeneratorApp:
 
             raise HTTPError(400, f"Model `{self.model_id}` has no chat template; use /v1/completions or set "
                             "chat_template in its config.", param="messages", code="no_chat_template")
-        return self.template.render(messages, add_generation_prompt=True)
+        try:
+            return self.template.render(messages, add_generation_prompt=True)
+        except TemplateRaised as error:  # e.g. roles that do not alternate: a 400, not a 500
+            from runnel import HTTPError
+
+            raise HTTPError(400, f"The model's chat template refused the messages: {error}", param="messages",
+                            code="invalid_messages") from None
 
     def generate(self, prompt_tokens, params, n, sink):
         return self.scheduler.submit(list(prompt_tokens), params, n, sink)

@@ -101,6 +101,16 @@ def test_a_prompt_too_long_for_any_context_is_refused_before_tokenizing(tiny_ser
     assert assert_error(reply, 400, "messages", "context_length_exceeded")
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_a_conversation_the_template_refuses_is_a_400(tiny_dir, start_server, caplog, stream):
+    caplog.set_level(logging.WARNING)
+    server = start_server(tiny_config(tiny_dir, chat_template="llama2"))
+    messages = [{"role": "user", "content": "Hi"}, {"role": "user", "content": "again"}]  # must alternate
+    reply = _post(server, {"model": "tiny", "messages": messages, "stream": stream}, "/v1/chat/completions")
+    assert "alternate" in assert_error(reply, 400, "messages", "invalid_messages")["message"]
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
 # -- shutdown with a batch stuck inside the model ------------------------------------------
 
 
