@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 
@@ -166,3 +168,37 @@ def test_a_stuck_batch_is_abandoned_and_shutdown_ends_within_the_grace(tiny_dir,
         assert took < 2 * grace + 1.5, took
     finally:
         release.set()
+
+
+_REAL_STUCK_BATCH = """
+import asyncio, ctranslate2, sys
+from runnel.workers import DaemonThreads
+
+generator = ctranslate2.Generator(sys.argv[1], device="cpu", inter_threads=1, intra_threads=1)
+
+async def main():
+    threads = DaemonThreads(1, "batch")
+    # What the surfaces now refuse: this value makes CTranslate2 spin inside the call, for good.
+    running = threads.run(lambda: generator.generate_batch(
+        [["<s>", "\u2581The"]], max_length=8, sampling_topk=1, no_repeat_ngram_size=2**64 - 1,
+        callback=lambda step: False))
+    try:
+        await asyncio.wait_for(asyncio.shield(running), 1.0)
+    except TimeoutError:
+        print("abandoned", flush=True)
+    threads.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_process_with_a_batch_stuck_inside_ctranslate2_still_exits(tiny_dir, tmp_path):
+    # A real stuck batch, in a process of its own: with the executor's (joined) threads
+    # it never exited; with daemon threads it exits at once, and cleanly (no abort).
+    script = tmp_path / "stuck.py"
+    script.write_text(_REAL_STUCK_BATCH)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script), str(tiny_dir)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "abandoned"
+    assert time.monotonic() - started < 15
