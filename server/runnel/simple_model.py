@@ -60,6 +60,7 @@ END: Any = _End()
 # Words with the whitespace before them; the whitespace at the very end is its own piece.
 _PIECES = re.compile(r"\s*\S+|\s+")
 _FINDALL_CHARS = 65_536
+_DECODE_ON_LOOP_TOKENS = 4096  # a longer prompt is decoded on a worker thread
 # A generator that never awaits is paused this often, so it cannot hold the loop.
 _YIELD_EVERY = 32
 
@@ -180,7 +181,7 @@ class SimpleModel:
         return ""
 
     def generate(self, prompt_tokens: list[int], params: SamplingParams, n: int, sink: TokenSink) -> SimpleGeneration:
-        return SimpleGeneration(self, self.decode(prompt_tokens), params, n, sink)
+        return SimpleGeneration(self, prompt_tokens, params, n, sink)
 
     def _threads(self) -> DaemonThreads:
         if self._pool is None:
@@ -210,25 +211,29 @@ class _PieceChoice(Choice):
 class SimpleGeneration:
     """One ``generate`` call: a task per choice, each running its own generator."""
 
-    __slots__ = ("sink", "choices", "tasks", "failed")
+    __slots__ = ("sink", "choices", "prompt", "tasks", "failed")
 
-    def __init__(self, model: SimpleModel, prompt: str, params: SamplingParams, n: int, sink: TokenSink) -> None:
+    def __init__(self, model: SimpleModel, prompt_tokens: list[int], params: SamplingParams, n: int,
+                 sink: TokenSink) -> None:
         loop = asyncio.get_running_loop()
         self.sink = sink
         self.failed = False
         self.choices = [_PieceChoice(sink, index, params, model.vocabulary) for index in range(n)]
+        # The prompt's text, decoded once for every choice (off the loop when it is long).
+        self.prompt = loop.create_task(_decode(model, prompt_tokens))
         # Tasks start at the loop's next turn: nothing reaches the sink inside generate().
-        self.tasks = [loop.create_task(self._run(model, choice, prompt, params)) for choice in self.choices]
+        self.tasks = [loop.create_task(self._run(model, choice, params)) for choice in self.choices]
 
     def cancel(self) -> None:
         for choice in self.choices:
             choice.stop()
+        self.prompt.cancel()
         for task in self.tasks:
             task.cancel()
 
-    async def _run(self, model: SimpleModel, choice: _PieceChoice, prompt: str, params: SamplingParams) -> None:
+    async def _run(self, model: SimpleModel, choice: _PieceChoice, params: SamplingParams) -> None:
         try:
-            pieces = model.stream(prompt, params)
+            pieces = model.stream(await asyncio.shield(self.prompt), params)
             if hasattr(pieces, "__aiter__"):
                 await _iterate(choice, cast("AsyncIterator[Any]", pieces))
             else:
@@ -244,6 +249,12 @@ class SimpleGeneration:
                 for other in self.choices:
                     other.stop()
                 self.sink.on_error(error)
+
+
+async def _decode(model: SimpleModel, prompt_tokens: list[int]) -> str:
+    if len(prompt_tokens) <= _DECODE_ON_LOOP_TOKENS:
+        return model.decode(prompt_tokens)
+    return await asyncio.to_thread(model.decode, prompt_tokens)
 
 
 async def _iterate(choice: _PieceChoice, pieces: AsyncIterator[Any]) -> None:
