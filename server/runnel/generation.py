@@ -83,14 +83,19 @@ class ModelApp(Protocol):
 
     model_id: str  # the served model name
     owned_by: str
-    context_length: int
-    default_max_tokens: int
     supported: frozenset[str]  # SamplingParams names honoured beyond max_tokens
+    default_max_tokens: int
+    # The limits the surfaces check every request against, so that no value a client
+    # sends can wedge or crash the backend (runnel.surfaces.openai.params.fit_to_model):
+    context_length: int  # prompt + max_tokens; also bounds no_repeat_ngram_size
+    vocab_size: int | None  # ids are 0..vocab_size-1 (top_k, stop_token_ids); None: not fixed
 
-    def tokenize(self, text: str) -> list[int]: ...
+    def tokenize(self, text: str) -> list[int]:
+        """The prompt's token ids. Large prompts are tokenized on a worker thread: thread-safe."""
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """Render chat messages ({"role", "content": str}) through the model's chat template."""
+        """Render chat messages ({"role", "content": str}) through the model's chat template
+        (on a worker thread for large conversations: thread-safe)."""
 
     def generate(self, prompt_tokens: list[int], params: SamplingParams, n: int, sink: TokenSink) -> Generation: ...
 
@@ -100,13 +105,24 @@ class StopStrings:
 
     Text that could still grow into a stop string is held back until it can't;
     the stop string itself is never released.
+
+    Cost per push is linear in what is scanned, never quadratic in a stop string's
+    length: a stop found must start in ``pending + text``, and the text held back
+    (the longest tail that some stop starts with) can only start at a position
+    that holds a stop's first character, so only those positions are tried, each
+    with one C-level comparison. Invariant: ``_pending`` is a proper prefix of
+    some stop, and text before it was ruled out once and is never looked at again.
     """
 
-    __slots__ = ("_stops", "_longest", "_pending", "stopped")
+    __slots__ = ("_stops", "_longest", "_by_first", "_pending", "stopped")
 
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = tuple(stop for stop in stops if stop)
         self._longest = max((len(stop) for stop in self._stops), default=0)
+        by_first: dict[str, list[str]] = {}
+        for stop in self._stops:
+            by_first.setdefault(stop[0], []).append(stop)
+        self._by_first = tuple((first, tuple(group)) for first, group in by_first.items())
         self._pending = ""
         self.stopped = False
 
@@ -126,14 +142,19 @@ class StopStrings:
             self.stopped = True
             self._pending = ""
             return buffer[:cut]
-        hold = 0
-        for size in range(min(len(buffer), self._longest - 1), 0, -1):
-            tail = buffer[-size:]
-            if any(stop.startswith(tail) for stop in self._stops):
-                hold = size
-                break
-        self._pending = buffer[len(buffer) - hold :]
-        return buffer[: len(buffer) - hold]
+        size = len(buffer)
+        hold_from = size
+        earliest = max(0, size - self._longest + 1)  # a held tail is shorter than the longest stop
+        for first, group in self._by_first:
+            at = buffer.find(first, earliest, hold_from)
+            while at != -1:
+                tail = buffer[at:]
+                if any(stop.startswith(tail) for stop in group):
+                    hold_from = at  # the longest tail for this first character; others must beat it
+                    break
+                at = buffer.find(first, at + 1, hold_from)
+        self._pending = buffer[hold_from:]
+        return buffer[:hold_from]
 
     def flush(self) -> str:
         """At the end of generation: what was held back was not a stop string after all."""

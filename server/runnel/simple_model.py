@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import re
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, cast
 
 from .choices import Choice
 from .generation import SamplingParams, TokenSink
+from .workers import DaemonThreads
 
 if TYPE_CHECKING:
     from .config import AppConfig, Table
@@ -58,6 +59,8 @@ END: Any = _End()
 
 # Words with the whitespace before them; the whitespace at the very end is its own piece.
 _PIECES = re.compile(r"\s*\S+|\s+")
+_FINDALL_CHARS = 65_536
+_DECODE_ON_LOOP_TOKENS = 4096  # a longer prompt is decoded on a worker thread
 # A generator that never awaits is paused this often, so it cannot hold the loop.
 _YIELD_EVERY = 32
 
@@ -83,8 +86,16 @@ class WordPieces:
                     token_id = self.ids[piece] = len(self.pieces) - 1
         return token_id
 
-    def tokenize(self, text: str) -> list[int]:
-        return [self.id(piece) for piece in _PIECES.findall(text)]
+    def tokenize(self, text: str, limit: int | None = None) -> list[int]:
+        """The ids of ``text``'s pieces (only the first ``limit``, if given)."""
+        if limit is None and len(text) <= _FINDALL_CHARS:
+            return [self.id(piece) for piece in _PIECES.findall(text)]
+        # One findall over a large text holds the GIL throughout (the loop too, when this
+        # runs on a worker thread); matching piece by piece lets it go every switch interval.
+        matches = _PIECES.finditer(text)
+        if limit is not None:
+            matches = itertools.islice(matches, limit)
+        return [self.id(match.group()) for match in matches]
 
 
 class SimpleModel:
@@ -101,6 +112,7 @@ class SimpleModel:
     owned_by = "runnel"
     supported: frozenset[str] = frozenset({"stop"})
     threads = 8  # sync generators running at once
+    vocab_size: int | None = None  # the vocabulary grows as text is seen: no fixed bound
 
     def __init__(self, name: str, *, served_model_name: str | None = None, context_length: int = 4096,
                  default_max_tokens: int = 16) -> None:
@@ -109,7 +121,7 @@ class SimpleModel:
         self.context_length = context_length
         self.default_max_tokens = default_max_tokens
         self.vocabulary = WordPieces()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: DaemonThreads | None = None
 
     # -- what a subclass writes ----------------------------------------------------
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[str | int] | AsyncIterator[str | int]:
@@ -145,8 +157,9 @@ class SimpleModel:
     async def close(self) -> None:
         if self._pool is not None:
             # Running generators end at their next piece once their choices are stopped;
-            # waiting here could hang on one stuck inside a step.
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            # waiting here could hang on one stuck inside a step, and the threads are
+            # daemons, so such a one does not keep the process from exiting either.
+            self._pool.close()
             self._pool = None
 
     # -- runnel.generation.ModelApp ----------------------------------------------------
@@ -168,11 +181,11 @@ class SimpleModel:
         return ""
 
     def generate(self, prompt_tokens: list[int], params: SamplingParams, n: int, sink: TokenSink) -> SimpleGeneration:
-        return SimpleGeneration(self, self.decode(prompt_tokens), params, n, sink)
+        return SimpleGeneration(self, prompt_tokens, params, n, sink)
 
-    def _threads(self) -> ThreadPoolExecutor:
+    def _threads(self) -> DaemonThreads:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix=f"runnel-{self.name}")
+            self._pool = DaemonThreads(self.threads, f"runnel-{self.name}")
         return self._pool
 
 
@@ -198,25 +211,29 @@ class _PieceChoice(Choice):
 class SimpleGeneration:
     """One ``generate`` call: a task per choice, each running its own generator."""
 
-    __slots__ = ("sink", "choices", "tasks", "failed")
+    __slots__ = ("sink", "choices", "prompt", "tasks", "failed")
 
-    def __init__(self, model: SimpleModel, prompt: str, params: SamplingParams, n: int, sink: TokenSink) -> None:
+    def __init__(self, model: SimpleModel, prompt_tokens: list[int], params: SamplingParams, n: int,
+                 sink: TokenSink) -> None:
         loop = asyncio.get_running_loop()
         self.sink = sink
         self.failed = False
         self.choices = [_PieceChoice(sink, index, params, model.vocabulary) for index in range(n)]
+        # The prompt's text, decoded once for every choice (off the loop when it is long).
+        self.prompt = loop.create_task(_decode(model, prompt_tokens))
         # Tasks start at the loop's next turn: nothing reaches the sink inside generate().
-        self.tasks = [loop.create_task(self._run(model, choice, prompt, params)) for choice in self.choices]
+        self.tasks = [loop.create_task(self._run(model, choice, params)) for choice in self.choices]
 
     def cancel(self) -> None:
         for choice in self.choices:
             choice.stop()
+        self.prompt.cancel()
         for task in self.tasks:
             task.cancel()
 
-    async def _run(self, model: SimpleModel, choice: _PieceChoice, prompt: str, params: SamplingParams) -> None:
+    async def _run(self, model: SimpleModel, choice: _PieceChoice, params: SamplingParams) -> None:
         try:
-            pieces = model.stream(prompt, params)
+            pieces = model.stream(await asyncio.shield(self.prompt), params)
             if hasattr(pieces, "__aiter__"):
                 await _iterate(choice, cast("AsyncIterator[Any]", pieces))
             else:
@@ -232,6 +249,12 @@ class SimpleGeneration:
                 for other in self.choices:
                     other.stop()
                 self.sink.on_error(error)
+
+
+async def _decode(model: SimpleModel, prompt_tokens: list[int]) -> str:
+    if len(prompt_tokens) <= _DECODE_ON_LOOP_TOKENS:
+        return model.decode(prompt_tokens)
+    return await asyncio.to_thread(model.decode, prompt_tokens)
 
 
 async def _iterate(choice: _PieceChoice, pieces: AsyncIterator[Any]) -> None:
@@ -269,9 +292,9 @@ class _ThreadFeed:
         self.queue: collections.deque[Any] = collections.deque()
         self.scheduled = False
 
-    async def run(self, pool: ThreadPoolExecutor, pieces: Iterable[Any]) -> None:
+    async def run(self, pool: DaemonThreads, pieces: Iterable[Any]) -> None:
         try:
-            await self.loop.run_in_executor(pool, self._drive, pieces)
+            await pool.run(lambda: self._drive(pieces))
         finally:
             self.deliver()  # pieces that came after the last scheduled delivery
 

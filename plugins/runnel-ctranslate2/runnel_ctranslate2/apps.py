@@ -10,7 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .chat_template import ChatTemplate, resolve_chat_template
+from runnel.workers import DaemonThreads
+
+from .chat_template import ChatTemplate, TemplateRaised, resolve_chat_template
 from .scheduler import BatchScheduler
 from .tokenizer import load_tokenizer
 
@@ -76,7 +78,8 @@ class GeneratorApp:
 
     def __init__(self, *, name: str, model: str, served_model_name: str | None, device: DeviceSettings,
                  context_length: int | None, default_max_tokens: int, chat_template: str | None,
-                 max_batch_size: int, batch_window: float, max_queue: int, seed: int | None) -> None:
+                 max_batch_size: int, batch_window: float, max_queue: int, seed: int | None,
+                 close_wait: float = 5.0) -> None:
         self.name = name
         self.model = model
         self.model_id = served_model_name or (name if model.startswith("builtin:") else Path(model).name)
@@ -89,6 +92,7 @@ class GeneratorApp:
         self.batch_window = batch_window
         self.max_queue = max_queue
         self.seed = seed
+        self.close_wait = close_wait  # how long close() waits for running batches to stop
         self.generator = None
         self.tokenizer = None
         self.template: ChatTemplate | None = None
@@ -127,18 +131,34 @@ class GeneratorApp:
                     self.generator.compute_type, self.device.inter_threads, self.device.intra_threads)
 
     async def close(self) -> None:
+        finished = True
         if self.scheduler is not None:
-            self.scheduler.close()  # waits for the batches still running
+            # Never blocks the loop: waits (awaits) for the batches still running, with a deadline.
+            finished = await self.scheduler.close(self.close_wait)
             self.scheduler = None
         if self.generator is not None:
             # Release explicitly, and drop every reference (the scheduler held one): a
             # generator that ran Python callbacks and is still alive when the process
             # exits aborts it ("terminate called without an active exception").
-            self.generator.unload_model()
+            if finished:
+                self.generator.unload_model()
+            else:
+                # A batch is stuck inside it: unloading would wait for that batch. The
+                # stuck batch's daemon thread holds the last reference: the generator is
+                # deleted when the batch returns, or never, if the process exits first
+                # (a frozen daemon thread never releases it, so no destructor runs at exit).
+                logger.warning("app %r: a batch is stuck; its generator is left to the process exit", self.name)
             self.generator = None
 
     # -- runnel.generation.ModelApp ---------------------------------------------------
+    @property
+    def vocab_size(self) -> int | None:
+        """What top_k and stop_token_ids are checked against (CTranslate2 fails on more)."""
+        return self.tokenizer.vocab_size if self.tokenizer is not None else None
+
     def tokenize(self, text: str) -> list[int]:
+        # Thread-safe (the surfaces tokenize large prompts on a worker thread): both
+        # sentencepiece's and Hugging Face's encoders are, and they release the GIL.
         tokenizer = self.tokenizer
         # Chat templates write their own bos token; raw prompts get one added.
         add_bos = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
@@ -150,7 +170,13 @@ class GeneratorApp:
 
             raise HTTPError(400, f"Model `{self.model_id}` has no chat template; use /v1/completions or set "
                             "chat_template in its config.", param="messages", code="no_chat_template")
-        return self.template.render(messages, add_generation_prompt=True)
+        try:
+            return self.template.render(messages, add_generation_prompt=True)
+        except TemplateRaised as error:  # e.g. roles that do not alternate: a 400, not a 500
+            from runnel import HTTPError
+
+            raise HTTPError(400, f"The model's chat template refused the messages: {error}", param="messages",
+                            code="invalid_messages") from None
 
     def generate(self, prompt_tokens, params, n, sink):
         return self.scheduler.submit(list(prompt_tokens), params, n, sink)
@@ -169,46 +195,63 @@ class EncoderApp:
     owned_by = "runnel"
 
     def __init__(self, *, name: str, model: str, served_model_name: str | None, device: DeviceSettings,
-                 normalize: bool, max_batch_size: int) -> None:
+                 normalize: bool, max_batch_size: int, close_wait: float = 5.0) -> None:
         self.name = name
         self.model = model
         self.model_id = served_model_name or Path(model).name
         self.device = device
         self.normalize = normalize
         self.max_batch_size = max_batch_size
+        self.close_wait = close_wait
+        self.context_length = 0  # tokens per input: the model's position embeddings
         self.encoder = None
         self.tokenizer = None
-        self._pool: ThreadPoolExecutor | None = None
+        # Daemons, as the generator's batches (runnel.workers): a stuck call never holds the process.
+        self._threads = DaemonThreads(1, "runnel-ct2-encode")
+        self._running: set[asyncio.Future] = set()
 
     async def start(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runnel-ct2-encode")
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
+        await self._threads.run(self._load)
 
     def _load(self) -> None:
         import ctranslate2
 
         self.device = self.device.resolve()
         self.tokenizer = load_tokenizer(self.model)
+        self.context_length = _context_length(Path(self.model), None)
         self.encoder = ctranslate2.Encoder(
             self.model, device=self.device.device, device_index=self.device.device_index,
             compute_type=self.device.compute_type, inter_threads=1, intra_threads=self.device.intra_threads,
         )
 
     async def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        finished = True
+        if self._running:  # never blocks the loop: waits with a deadline, then abandons
+            _, stuck = await asyncio.wait(set(self._running), timeout=self.close_wait)
+            finished = not stuck
+        self._threads.close()
         if self.encoder is not None:
-            self.encoder.unload_model()
+            if finished:  # unloading under a running call would wait for it
+                self.encoder.unload_model()
             self.encoder = None
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._embed, texts)
+        running = self._threads.run(lambda: self._embed(texts))
+        self._running.add(running)
+        running.add_done_callback(self._running.discard)
+        return await running
 
     def _embed(self, texts: list[str]):
         import numpy as np
 
+        from runnel import HTTPError
+
         frame = getattr(self.tokenizer, "encode_framed", None)  # [CLS] ... [SEP] for BERT-style models
         ids = [frame(text) if frame else self.tokenizer.encode(text, add_bos=False) for text in texts]
+        for index, row in enumerate(ids):
+            if len(row) > self.context_length:  # CTranslate2 would fail on it: the client's mistake
+                raise HTTPError(400, f"Input {index} is {len(row)} tokens; this model takes at most "
+                                f"{self.context_length}.", param=f"input[{index}]", code="context_length_exceeded")
         vectors = []
         for start in range(0, len(ids), self.max_batch_size):
             chunk = ids[start : start + self.max_batch_size]

@@ -76,8 +76,13 @@ class _GenerationTag(jinja2.ext.Extension):
         return caller()
 
 
+class TemplateRaised(jinja2.exceptions.TemplateError):
+    """The template refused the conversation (``raise_exception``): the client's mistake,
+    where any other TemplateError is the template's."""
+
+
 def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
+    raise TemplateRaised(message)
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:

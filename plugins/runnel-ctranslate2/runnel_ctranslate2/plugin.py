@@ -57,10 +57,13 @@ def make_app(app_config, table, server):
     task = table.get("task", str, default="generate")
     served = table.get("served_model_name", str, default=None)
     device = _device(table)
+    # At shutdown, how long to wait for running work once its requests are gone (a stopped
+    # row ends at its batch's next step); past it, stuck work is abandoned and the process exits.
+    close_wait = min(server.config.server.shutdown_grace, 5.0)
     if task == "embed":
         app = EncoderApp(name=app_config.name, model=model, served_model_name=served, device=device,
                          normalize=table.get("normalize", bool, default=True),
-                         max_batch_size=_positive(table, "max_batch_size", int, 32))
+                         max_batch_size=_positive(table, "max_batch_size", int, 32), close_wait=close_wait)
     elif task == "generate":
         app = GeneratorApp(
             name=app_config.name, model=model, served_model_name=served, device=device,
@@ -71,6 +74,7 @@ def make_app(app_config, table, server):
             batch_window=_at_least_zero(table, "batch_window_ms", 2.0) / 1000,
             max_queue=_positive(table, "max_queue", int, 256),
             seed=table.get("seed", int, default=None),
+            close_wait=close_wait,
         )
     else:
         raise table.error("task", f"must be 'generate' or 'embed', not {task!r}")

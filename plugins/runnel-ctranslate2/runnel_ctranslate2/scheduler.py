@@ -24,12 +24,12 @@ import collections
 import functools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from runnel import HTTPError
 from runnel.choices import Choice
 from runnel.generation import SamplingParams
+from runnel.workers import DaemonThreads
 
 from .tokenizer import IncrementalDetokenizer
 
@@ -198,9 +198,12 @@ class BatchScheduler:
         self.loop = asyncio.get_running_loop()
         self.waiting: list[Row] = []
         self.running = 0
+        self._batches: set[Batch] = set()  # the batches running now
+        self._idle: asyncio.Event | None = None  # set by the last batch to end, while close() waits
         self._timer = None
         # One thread per batch that may run at once: each makes one generate_batch call.
-        self._threads = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="runnel-ct2-batch")
+        # Daemons: a batch stuck in CTranslate2 is abandoned at close, not joined (runnel.workers).
+        self._threads = DaemonThreads(slots, "runnel-ct2-batch")
         self.stats = SchedulerStats(recent_batch_sizes=collections.deque(maxlen=32))
 
     # -- generations -------------------------------------------------------------------
@@ -255,6 +258,7 @@ class BatchScheduler:
         if ignore_eos:
             options["end_token"] = []
         self.running += 1
+        self._batches.add(batch)
         stats = self.stats
         stats.batches += 1
         stats.rows += len(rows)
@@ -263,11 +267,14 @@ class BatchScheduler:
         # The call runs on one of our threads, which waits with the GIL released while
         # CTranslate2 decodes: setting a batch up takes ~0.5 ms that the loop must not spend.
         start_tokens = [row.start_tokens for row in rows]
-        running = self.loop.run_in_executor(
-            self._threads, functools.partial(self.generator.generate_batch, start_tokens, **options))
-        running.add_done_callback(lambda future: self._batch_done(batch, future.exception()))
+        running = self._threads.run(functools.partial(self.generator.generate_batch, start_tokens, **options))
+        running.add_done_callback(lambda future: self._batch_done(
+            batch, future.exception() if not future.cancelled() else None))
 
     def _batch_done(self, batch: Batch, error: BaseException | None) -> None:
+        if batch not in self._batches:
+            return  # abandoned at close: its rows were stopped then
+        self._batches.discard(batch)
         batch.deliver()  # steps that arrived after the last scheduled delivery
         for row in batch.rows:
             if row.done:
@@ -275,18 +282,50 @@ class BatchScheduler:
             if error is not None:
                 if not row.generation.failed:
                     row.generation.failed = True
-                    logger.error("generation failed: %s", error)
+                    # The surfaces check every value against the model's limits first, so a
+                    # failure here is the server's (an HTTPError a backend raised is the client's).
+                    if not (isinstance(error, HTTPError) and error.status < 500):
+                        logger.error("generation failed: %s", error)
                     row.generation.sink.on_error(error)
                 row.stop()
             else:
                 row.finish("length")
         self.running -= 1
+        if not self._batches and self._idle is not None:
+            self._idle.set()
         if self.waiting:
             self._flush()
 
-    def close(self) -> None:
+    async def close(self, wait: float) -> bool:
+        """Stop every row, then wait up to ``wait`` seconds for the running batches to end
+        (a stopped row ends at its batch's next step). True when they all did; else the
+        rest are abandoned: their threads are daemons and keep the generator they run
+        referenced until they return, or until the process exits (runnel.workers)."""
         for row in self.waiting:
             row.stop()
         self.waiting = []
-        self._threads.shutdown(wait=True, cancel_futures=False)
-        self.generator = None  # the app deletes it next; no reference may outlive that
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for batch in self._batches:
+            for row in batch.rows:
+                row.stop()
+        finished = True
+        if self._batches:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), wait)
+            except TimeoutError:
+                finished = False
+                logger.warning("%d batch(es) did not stop within %.1f s of shutdown: abandoned",
+                               len(self._batches), wait)
+                for batch in self._batches:
+                    for row in batch.rows:
+                        if not row.generation.failed:
+                            row.generation.failed = True
+                            row.generation.sink.on_error(HTTPError(503, "The server is shutting down.",
+                                                                   code="shutting_down"))
+                self._batches.clear()
+        self._threads.close()
+        self.generator = None  # the app deletes it next; no reference of ours may outlive that
+        return finished

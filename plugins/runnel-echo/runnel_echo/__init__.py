@@ -17,6 +17,7 @@ LOREM = (
 
 MAX_TOKENS_LIMIT = 100_000
 BUSY_RETRY_AFTER = b"1"
+EMBED_ON_LOOP_CHARS = 16_384  # more is embedded on a worker thread
 
 
 class EchoApp(SimpleModel):
@@ -86,7 +87,9 @@ class EchoApp(SimpleModel):
 
     async def stream(self, prompt: str, params):
         """The prompt's tokens, then the end; on again from the start while the end is held back."""
-        source = self.tokenize(prompt) or self.tokenize("".join(self.tokens("", 16)))
+        # Only what can be echoed: a huge prompt is not tokenized again here, on the loop.
+        source = (self.vocabulary.tokenize(prompt, limit=params.max_tokens)
+                  or self.tokenize("".join(self.tokens("", 16))))
         pace = self.pace
         while True:
             for token_id in source:
@@ -97,6 +100,12 @@ class EchoApp(SimpleModel):
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Hashed bag-of-words vectors, unit length: texts sharing words are close."""
+        if sum(len(text) for text in texts) <= EMBED_ON_LOOP_CHARS:
+            return self._embed(texts)
+        # Python that yields the GIL every switch interval, so the loop keeps answering.
+        return await asyncio.to_thread(self._embed, texts)
+
+    def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         vectors = []
         for text in texts:
             vector = [0.0] * self.embedding_dim

@@ -6,6 +6,7 @@ with a different way of choosing the app and different per-app options.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 import time
@@ -21,7 +22,15 @@ from ...http import Response, json_response
 from ...http.response import JSON
 from ...serializers import NDJSON as NDJSONFraming
 from ...serializers import ServerSentEvents
-from .params import CompletionRequest, invalid, parse_chat, parse_completion
+from .params import (
+    MAX_EMBEDDING_INPUTS,
+    CompletionRequest,
+    check_prompt_size,
+    fit_to_model,
+    invalid,
+    parse_chat,
+    parse_completion,
+)
 from .sinks import ChatStream, Collector, CompletionStream, IndexShift, Usage, chat_logprobs, completion_logprobs
 
 
@@ -38,6 +47,17 @@ class OpenAIEvents(ServerSentEvents):
 SSE = OpenAIEvents()
 NDJSON = NDJSONFraming()  # RunPod's non-raw output: bare JSON lines, no [DONE]
 NO_CACHE = ((b"cache-control", b"no-cache"),)
+# Templating or tokenizing more text than this runs on a worker thread, so the loop keeps
+# answering meanwhile (the tokenizers release the GIL; a template is Python, which yields
+# it every switch interval). Below it, a thread hop would cost more than the work.
+OFF_LOOP_CHARS = 16_384
+
+
+async def off_loop(chars: int, work, *args):
+    """``work(*args)``: here when ``chars`` is small, else on a worker thread."""
+    if chars <= OFF_LOOP_CHARS:
+        return work(*args)
+    return await asyncio.to_thread(work, *args)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,34 +155,36 @@ class OpenAIAPI:
         parsed = parse_chat(await request.json())
         if app is None:
             app = self.app_by_model(parsed.model)
-        prompt = app.chat_prompt(parsed.messages) if parsed.messages is not None else parsed.prompt
-        return await self._complete(request, app, parsed, [app.tokenize(prompt)], chat=True, reply=reply)
+        self._check_supported(app, parsed)
+        if parsed.messages is not None:
+            chars = sum(len(message["content"]) for message in parsed.messages)
+            check_prompt_size("messages", chars, app.context_length)
+            prompt = await off_loop(chars, app.chat_prompt, parsed.messages)
+        else:
+            prompt = parsed.prompt
+        check_prompt_size("messages" if parsed.messages is not None else "prompt", len(prompt), app.context_length)
+        tokens = await off_loop(len(prompt), app.tokenize, prompt)
+        return await self._complete(request, app, parsed, [tokens], chat=True, reply=reply)
 
     async def completions(self, request, app=None, reply: ReplyOptions = DEFAULT_REPLY):
         parsed = parse_completion(await request.json())
         if app is None:
             app = self.app_by_model(parsed.model)
-        prompts = [app.tokenize(prompt) for prompt in parsed.prompts]
+        self._check_supported(app, parsed)
+        for prompt in parsed.prompts:
+            check_prompt_size("prompt", len(prompt), app.context_length)
+        prompts = [await off_loop(len(prompt), app.tokenize, prompt) for prompt in parsed.prompts]
         return await self._complete(request, app, parsed, prompts, chat=False, reply=reply)
 
-    def _check(self, app, parsed: CompletionRequest, prompts: list[list[int]]) -> None:
-        params = parsed.params
-        name = unsupported(params, app.supported)
+    @staticmethod
+    def _check_supported(app, parsed: CompletionRequest) -> None:
+        name = unsupported(parsed.params, app.supported)
         if name is not None:
             raise invalid(name, f"'{name}' is not supported by the backend of model `{app.model_id}`.",
                           "unsupported_parameter")
-        longest = max(len(tokens) for tokens in prompts)
-        room = app.context_length - longest
-        if not parsed.max_tokens_given:
-            params.max_tokens = min(app.default_max_tokens, max(room, 1))
-        if longest + params.max_tokens > app.context_length:
-            raise invalid("max_tokens", f"This model's maximum context length is {app.context_length} tokens. "
-                          f"However, you requested {longest + params.max_tokens} tokens ({longest} in the prompt, "
-                          f"{params.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
-                          "context_length_exceeded")
 
     async def _complete(self, request, app, parsed: CompletionRequest, prompts, *, chat: bool, reply: ReplyOptions):
-        self._check(app, parsed, prompts)
+        fit_to_model(parsed, app, max(len(tokens) for tokens in prompts))
         n = parsed.n
         choices = n * len(prompts)
         usage = Usage(sum(len(tokens) for tokens in prompts))
@@ -239,6 +261,12 @@ class OpenAIAPI:
         if type(texts) is not list or not texts or not all(type(text) is str for text in texts):
             raise invalid("input", "Invalid type for 'input': expected a string or a non-empty array of strings.",
                           "invalid_type")
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise invalid("input", f"'input' may hold at most {MAX_EMBEDDING_INPUTS} texts, not {len(texts)}.")
+        context_length = getattr(app, "context_length", None)
+        if context_length:  # each input is one sequence for the encoder
+            for index, text in enumerate(texts):
+                check_prompt_size(f"input[{index}]", len(text), context_length)
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise invalid("encoding_format", "'encoding_format' must be 'float' or 'base64'.")

@@ -10,11 +10,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import HTTPError
-from ...generation import SamplingParams
+from ...generation import ModelApp, SamplingParams
 
+# Bounds every request meets whatever the backend; ``fit_to_model`` adds the backend's
+# own (context length, vocabulary). Each keeps a value from wedging or crashing a model,
+# or one request from holding the event loop (README, "The OpenAI surface").
 MAX_N = 128
-MAX_STOP = 16
+MAX_STOP = 4  # as OpenAI
+MAX_STOP_CHARS = 1024  # per stop string: the held-back text is at most this long
+MAX_STOP_TOKEN_IDS = 256
 MAX_TOP_LOGPROBS = 20
+MAX_SEED = 2**64 - 1  # seeds are 64-bit: [-2**63, 2**64 - 1]
+MIN_SEED = -(2**63)
+# Below these a float32 becomes 0 or a denormal and a sampler divides by it.
+MIN_TEMPERATURE = 1e-3  # or exactly 0: greedy
+MIN_TOP_P = 1e-6
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_TOP_K = 2**31 - 1  # a C int, for a backend whose vocabulary is not fixed
+# A prompt longer than this many characters per token of context can't fit it: it is
+# refused before it is tokenized (no tokenizer makes tokens this long on average).
+MAX_PROMPT_CHARS_PER_TOKEN = 32
+MAX_EMBEDDING_INPUTS = 2048  # as OpenAI
 
 # OpenAI parameters that change what the answer means. Ignoring one silently
 # would hand back something the client did not ask for, so setting one is a 400.
@@ -119,6 +135,10 @@ def _stop(body: dict) -> tuple[str, ...]:
         raise invalid("stop", "Invalid type for 'stop': expected a string or an array of strings.", "invalid_type")
     if len(stop) > MAX_STOP:
         raise invalid("stop", f"'stop' may hold at most {MAX_STOP} strings.")
+    for item in stop:
+        if len(item) > MAX_STOP_CHARS:
+            raise invalid("stop", f"Invalid value for 'stop': a stop string may be at most {MAX_STOP_CHARS} "
+                          f"characters long, not {len(item)}.")
     return tuple(stop)
 
 
@@ -128,6 +148,10 @@ def _int_list(body: dict, name: str) -> tuple[int, ...]:
         return ()
     if type(value) is not list or not all(type(item) is int for item in value):
         raise invalid(name, f"Invalid type for '{name}': expected an array of integers.", "invalid_type")
+    if len(value) > MAX_STOP_TOKEN_IDS:
+        raise invalid(name, f"'{name}' may hold at most {MAX_STOP_TOKEN_IDS} ids.")
+    if any(item < 0 for item in value):
+        raise invalid(name, f"Invalid value for '{name}': token ids are 0 or more.")
     return tuple(value)
 
 
@@ -156,13 +180,17 @@ def _sampling(body: dict) -> tuple[SamplingParams, bool]:
         min_tokens=_typed(body, "min_tokens", int, 0),
     )
     _between("temperature", params.temperature, 0.0, 2.0)
-    _between("top_p", params.top_p, 0.0, 1.0, low_open=True)
-    if params.top_k != -1 and params.top_k < 1:
+    if 0 < params.temperature < MIN_TEMPERATURE:
+        raise invalid("temperature", f"Invalid value for 'temperature': {params.temperature}; use 0 (greedy) or "
+                      f"at least {MIN_TEMPERATURE}.")
+    _between("top_p", params.top_p, MIN_TOP_P, 1.0)
+    if params.top_k != -1 and not 1 <= params.top_k <= MAX_TOP_K:
         raise invalid("top_k", f"Invalid value for 'top_k': {params.top_k}; use -1 (no limit) or a positive integer.")
+    if params.seed is not None:
+        _between("seed", params.seed, MIN_SEED, MAX_SEED)
     _between("presence_penalty", params.presence_penalty, -2.0, 2.0)
     _between("frequency_penalty", params.frequency_penalty, -2.0, 2.0)
-    if params.repetition_penalty <= 0:
-        raise invalid("repetition_penalty", "Invalid value for 'repetition_penalty': it must be greater than 0.")
+    _between("repetition_penalty", params.repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
     if params.no_repeat_ngram_size < 0:
         raise invalid("no_repeat_ngram_size", "Invalid value for 'no_repeat_ngram_size': it must be 0 (off) or more.")
     if params.min_tokens < 0 or (max_tokens is not None and params.min_tokens > max_tokens):
@@ -243,3 +271,41 @@ def parse_completion(body: Any) -> CompletionRequest:
     if body.get("suffix"):
         raise invalid("suffix", "'suffix' is not supported.", "unsupported_parameter")
     return request
+
+
+def fit_to_model(request: CompletionRequest, app: ModelApp, longest_prompt: int) -> None:
+    """The bounds the backend sets (``ModelApp.context_length`` and ``vocab_size``), once
+    the prompts are tokenized; sets the default ``max_tokens``. One place for every
+    backend: a backend declares its limits, it does not check them."""
+    params = request.params
+    context_length = app.context_length
+    vocab_size = getattr(app, "vocab_size", None)  # a backend written before vocab_size: not fixed
+    if not request.max_tokens_given:
+        params.max_tokens = min(app.default_max_tokens, max(context_length - longest_prompt, 1))
+    if longest_prompt + params.max_tokens > context_length:
+        raise invalid("max_tokens", f"This model's maximum context length is {context_length} tokens. "
+                      f"However, you requested {longest_prompt + params.max_tokens} tokens ({longest_prompt} in the "
+                      f"prompt, {params.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                      "context_length_exceeded")
+    if params.min_tokens > params.max_tokens:
+        raise invalid("min_tokens", f"Invalid value for 'min_tokens': {params.min_tokens} is more than max_tokens "
+                      f"({params.max_tokens}).")
+    if params.no_repeat_ngram_size > context_length:
+        raise invalid("no_repeat_ngram_size", f"Invalid value for 'no_repeat_ngram_size': "
+                      f"{params.no_repeat_ngram_size} is more than the model's context length ({context_length}).")
+    if vocab_size is not None:
+        if params.top_k > vocab_size:
+            raise invalid("top_k", f"Invalid value for 'top_k': {params.top_k} is more than the model's vocabulary "
+                          f"size ({vocab_size}).")
+        for token_id in params.stop_token_ids:
+            if token_id >= vocab_size:
+                raise invalid("stop_token_ids", f"Invalid value for 'stop_token_ids': {token_id} is not a token id "
+                              f"of this model (its vocabulary has {vocab_size}).")
+
+
+def check_prompt_size(param: str, chars: int, context_length: int) -> None:
+    """Refuse, before tokenizing it, a prompt too long to fit any context of this length."""
+    limit = context_length * MAX_PROMPT_CHARS_PER_TOKEN
+    if chars > limit:
+        raise invalid(param, f"The prompt is {chars} characters long; this model's context of {context_length} "
+                      f"tokens takes at most {limit}. Please reduce the prompt.", "context_length_exceeded")
