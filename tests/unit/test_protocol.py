@@ -17,6 +17,8 @@ from http import HTTPStatus
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from runnel.errors import HTTPError
 from runnel.http.dates import DateHeader
@@ -25,6 +27,7 @@ from runnel.http.response import Response
 from runnel.http.server_state import ServerState
 from runnel.serializers import NDJSON, Negotiator, ServerSentEvents
 from runnel.testing import error_body as error_envelope
+from runnel.testing import parse_all
 
 T0 = 1000.0  # the fake clock's start
 
@@ -1394,3 +1397,134 @@ def test_cut_off_closes_an_idle_connection(env):
     conn.protocol.cut_off(SHUTTING_DOWN)
     assert conn.events == [("write", HELLO_200), "close"]
 
+
+# --- properties: any split of the bytes, and garbage (hypothesis) --------------------------------------------
+
+_TOKEN_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-!#$%&'*+.^_`|~"
+_PATH_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-._~%!$&'()*+,;=:@/"
+_VALUE_CHARS = "".join(chr(c) for c in range(0x21, 0x7F)) + " \t"
+_RESERVED = {"host", "content-length", "transfer-encoding", "expect", "connection", "x-request-id"}
+
+header_fields = st.lists(
+    st.tuples(
+        st.text(_TOKEN_CHARS, min_size=1, max_size=12).filter(lambda name: name.lower() not in _RESERVED),
+        st.text(_VALUE_CHARS, max_size=20).map(str.strip),
+    ),
+    max_size=4,
+)
+
+
+@st.composite
+def http_requests(draw) -> bytes:
+    """One well-formed request: a method, an origin- or absolute-form target, headers, a framed body."""
+    method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]))
+    path = "/" + draw(st.text(_PATH_CHARS, max_size=20))
+    if draw(st.booleans()):
+        path += "?" + draw(st.text(_PATH_CHARS + "?", max_size=20))
+    if draw(st.integers(0, 9)) == 0:
+        path = "http://example.com" + path
+    version = draw(st.sampled_from(["1.1", "1.1", "1.1", "1.0"]))
+    lines = [f"{method} {path} HTTP/{version}"]
+    if version == "1.1":
+        lines.append("Host: example.com")
+    lines += [f"{name}: {value}" for name, value in draw(header_fields)]
+    if draw(st.integers(0, 5)) == 0:
+        lines.append("Connection: close")
+    body = draw(st.binary(max_size=64))
+    framing = draw(st.sampled_from(["none", "length", "chunked"])) if version == "1.1" else "length"
+    if framing == "none" or (framing == "length" and not body and draw(st.booleans())):
+        encoded = b""
+    elif framing == "length":
+        lines.append(f"Content-Length: {len(body)}")
+        encoded = body
+    else:
+        lines.append("Transfer-Encoding: chunked")
+        cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=3)))
+        pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True) if b > a]
+        extension = b";ext=1" if draw(st.booleans()) else b""
+        encoded = b"".join(b"%x%b\r\n%b\r\n" % (len(piece), extension, piece) for piece in pieces)
+        encoded += b"0\r\n" + (b"X-Trailer: t\r\n" if draw(st.booleans()) else b"") + b"\r\n"
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + encoded
+
+
+def run_pieces(pieces: list[bytes], *, end_after: float = 0.0) -> tuple[list, bytes, list[str]]:
+    """Feed ``pieces`` to a fresh connection: what the dispatcher saw, what was written, and the other calls."""
+    seen = []
+
+    async def record_and_echo(req):
+        body = await req.body()
+        seen.append((req.method, req.target, req.path, req.query, tuple(req.headers), req.http_version, body))
+        return Response(200, b"%d bytes" % len(body), media_type=b"text/plain")
+
+    env = Env()
+    try:
+        conn = Conn(env, record_and_echo, request_ids=counter_ids())
+        for piece in pieces:
+            if conn.transport.is_closing():  # a real transport delivers nothing after close()
+                break
+            conn.protocol.data_received(piece)
+            env.spin()
+        if end_after:
+            env.advance_to(end_after)
+        return seen, conn.transport.written, conn.transport.calls
+    finally:
+        problems = env.close()
+        assert not problems, "the server left unhandled errors behind:\n" + "\n".join(problems)
+
+
+PROPERTY_SETTINGS = settings(max_examples=300, derandomize=True, deadline=None, database=None,
+                             suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY_SETTINGS
+@given(st.lists(http_requests(), min_size=1, max_size=3), st.data())
+def test_requests_parse_the_same_in_any_pieces_as_at_once(requests, data):
+    wire = b"".join(requests)
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, len(wire) - 1)), max_size=12), label="cuts")))
+    pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True) if b > a]
+    at_once = run_pieces([wire])
+    in_pieces = run_pieces(pieces)
+    assert in_pieces[0] == at_once[0]  # the requests the dispatcher saw, bodies included
+    assert in_pieces[1] == at_once[1]  # the bytes written
+    assert ("close" in in_pieces[2]) == ("close" in at_once[2])
+    assert len(at_once[0]) >= 1  # a well-formed request is always served
+
+
+def mutated(wire: bytes, data) -> bytes:
+    """A well-formed request with a few bytes replaced, inserted or deleted."""
+    out = bytearray(wire)
+    for _ in range(data.draw(st.integers(1, 4), label="edits")):
+        position = data.draw(st.integers(0, len(out)), label="position")
+        byte = data.draw(st.sampled_from(b"\x00\r\n :/\t\x7f\xff%?#*0-9aZ"), label="byte")
+        kind = data.draw(st.sampled_from(["replace", "insert", "delete"]), label="kind")
+        if kind == "insert" or position == len(out):
+            out[position:position] = bytes([byte])
+        elif kind == "replace":
+            out[position] = byte
+        else:
+            del out[position]
+    return bytes(out)
+
+
+@PROPERTY_SETTINGS
+@given(st.data())
+def test_garbage_gets_a_4xx_and_a_close_never_an_exception(data):
+    if data.draw(st.booleans(), label="from a request"):
+        garbage = mutated(data.draw(http_requests(), label="request"), data)
+    else:
+        garbage = data.draw(st.binary(min_size=1, max_size=200), label="bytes")
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, len(garbage) - 1)), max_size=4), label="cuts")))
+    pieces = [garbage[a:b] for a, b in zip([0, *cuts], [*cuts, len(garbage)], strict=True) if b > a]
+    _, written, calls = run_pieces(pieces, end_after=1000.0)  # past every deadline
+    assert "close" in calls or "abort" in calls  # the connection ends, whatever came in
+    responses = parse_all(written)
+    statuses = [response.status for response in responses]
+    # A mutation may leave a valid request (or a valid prefix, answered in turn); the first
+    # thing the server cannot serve is answered with a client error, last, and closes.
+    refused = [status for status in statuses if status >= 400]
+    assert refused == statuses[len(statuses) - len(refused):], statuses
+    assert len(refused) <= 1, statuses
+    if refused:
+        # 501 and 505 are what RFC 9112 names for a transfer coding or a version not implemented.
+        assert refused[0] in (400, 408, 413, 431, 501, 505), statuses
+        assert responses[-1].closes
