@@ -89,6 +89,15 @@ class ServerConfig:
     body_timeout: float = 30.0  # a body making no progress this long -> 408
     write_timeout: float = 30.0  # a client that stops reading this long is dropped
     shutdown_grace: float = 30.0  # in-flight requests get this long at shutdown
+    # Hostile clients (issue 10): what one connection, and all of them, may hold.
+    # Connections served at once; past it new ones get 503 + Retry-After and are closed.
+    # 0 = derived from the open-file limit (see runnel.http.open_files), so the process
+    # never runs out of descriptors.
+    max_connections: int = 0
+    # A request body must average this many bytes a second (after body_timeout's grace)
+    # once its handler reads it, or 408: a byte every few seconds cannot hold a connection.
+    # 0 = no floor (body_timeout alone, which each byte restarts).
+    body_min_rate: float = 1024.0
     # Async runs (runnel.runs) and their webhooks.
     runs_path: str = "runnel-runs.sqlite3"  # SQLite file (relative: to the working directory); "" = memory
     runs_retention: float = 1800.0  # finished runs are kept this long, then purged
@@ -279,6 +288,8 @@ _SERVER_RULES: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
     "body_timeout": (float, _above(0)),
     "write_timeout": (float, _above(0)),
     "shutdown_grace": (float, _at_least(0)),
+    "max_connections": (int, _at_least(0)),
+    "body_min_rate": (float, _at_least(0)),
     "runs_path": (str, None),
     "runs_retention": (float, _above(0)),
     "runs_workers": (int, _between(1, 1024)),

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from .auth import ANONYMOUS, Principal
 from .errors import HTTPError
 from .http import Request, Response, json_response
-from .routing import Route, Router
+from .routing import Router
 
 logger = logging.getLogger("runnel.dispatch")
 
@@ -26,7 +26,6 @@ class Dispatcher:
         self._authenticate = authenticate  # the pluggy hook caller (firstresult)
 
     async def __call__(self, request: Request) -> Response | None:
-        route: Route | None = None
         try:
             route, request.path_params = self._router.match(request.method, request.path)
             request.route = route
@@ -42,15 +41,22 @@ class Dispatcher:
                 request.principal = principal
             return await route.handler(request)
         except HTTPError as error:
-            return self._fail(request, route, error)
+            return self.fail(request, error)
         except Exception:
             logger.exception("unhandled error in %s %s (request id %s)", request.method, request.path,
                              request.request_id)
             internal = HTTPError(500, f"Internal server error (request id {request.request_id})", code="internal_error")
-            return self._fail(request, route, internal)
+            return self.fail(request, internal)
 
     @staticmethod
-    def _fail(request: Request, route: Route | None, error: HTTPError) -> Response | None:
+    def fail(request: Request, error: HTTPError) -> Response | None:
+        """``error`` as the answer to ``request``, in its route's shape (the default envelope before a route matched).
+
+        Returns the response to send, or None when the request's stream had started:
+        then the error is that stream's last event, and the stream has ended. The
+        HTTP layer calls it too (``ServerState.fail``), for errors it raises itself.
+        """
+        route = request.route
         body = error.to_dict() if route is None else route.error_body(request, error)
         stream = request.response_stream
         if stream is not None:

@@ -22,7 +22,9 @@ from .access_log import AccessLog
 from .apps import AppRegistry
 from .config import Config, ConfigError
 from .dispatch import Dispatcher
+from .errors import HTTPError
 from .http import HttpProtocol, ServerState
+from .http.open_files import connection_cap, raise_open_file_limit
 from .plugins import make_plugin_manager
 from .routing import Router
 from .runs import Runner
@@ -34,6 +36,10 @@ if TYPE_CHECKING:
     from .serializers import Serializer
 
 logger = logging.getLogger("runnel.server")
+
+# After the shutdown grace, connections cut off get this long to flush their last words
+# (a stream's error event, a 503) before they are aborted.
+CUT_OFF_FLUSH = 1.0
 
 
 def _registry(kind: str, into: dict[Any, Any]) -> Callable[[Any, Any], None]:
@@ -129,8 +135,12 @@ class Server:
         if finished_hook.get_hookimpls():
             def finished(request: Request, status: int, elapsed: float) -> None:
                 finished_hook(request=request, status=status, elapsed=elapsed)
+        # Descriptors first: the connection cap is derived from what the process may open.
+        max_connections = connection_cap(settings.max_connections, raise_open_file_limit())
+        dispatcher = Dispatcher(self.router, pm.hook.runnel_authenticate)
         self._server_state = ServerState(
-            dispatch=Dispatcher(self.router, pm.hook.runnel_authenticate),
+            dispatch=dispatcher,
+            fail=dispatcher.fail,
             negotiate=negotiator,
             max_header_bytes=settings.max_header_bytes,
             max_body_bytes=settings.max_body_bytes,
@@ -138,7 +148,9 @@ class Server:
             header_timeout=settings.header_timeout,
             keepalive_timeout=settings.keepalive_timeout,
             body_timeout=settings.body_timeout,
+            body_min_rate=settings.body_min_rate,
             write_timeout=settings.write_timeout,
+            max_connections=max_connections,
             server_header=settings.server_header.encode("latin-1"),
             finished=finished,
         )
@@ -157,6 +169,7 @@ class Server:
             raise
         # Kept, not looked up, so the address stays known after stop().
         self._address = listener.sockets[0].getsockname()[:2]
+        logger.debug("serving at most %s connections", max_connections or "unlimited")
         self._loading = loop.create_task(self.apps.start_all())
         return self
 
@@ -201,7 +214,12 @@ class Server:
         self._force = True
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting, let in-flight requests finish for ``grace`` seconds, cancel the rest."""
+        """Stop accepting, let in-flight requests finish for ``grace`` seconds, cut off the rest.
+
+        A request still in flight then is ended with a 503 "server is shutting down" in
+        its route's shape (a stream's error event and terminator, or the response) and
+        its handler cancelled; what is not flushed within CUT_OFF_FLUSH is aborted.
+        """
         listener, stopped, loading = self._listener, self._stopped, self._loading
         if listener is None or stopped is None or stopped.is_set():
             return
@@ -215,6 +233,15 @@ class Server:
         deadline = loop.time() + grace
         while connections and loop.time() < deadline and not self._force:
             await asyncio.sleep(0.02)
+        if connections:
+            error = HTTPError(503, "Server is shutting down", code="server_shutting_down",
+                              headers=((b"retry-after", b"1"),))
+            for connection in list(connections):
+                connection.cut_off(error)
+            # Even when forced: a second is what a client's "the server went away" costs.
+            deadline = loop.time() + CUT_OFF_FLUSH
+            while connections and loop.time() < deadline:
+                await asyncio.sleep(0.01)
         for connection in list(connections):
             connection.abort()
         if not loading.done():

@@ -18,10 +18,11 @@ from email.utils import parsedate_to_datetime
 import orjson
 import pytest
 
-from runnel import hookimpl, json_response
+from runnel import Response, hookimpl, json_response
 from runnel.testing import (
     H11Client,
     RawResponse,
+    ResponseReader,
     connect,
     exchange,
     parse_all,
@@ -30,6 +31,7 @@ from runnel.testing import (
     read_until_closed,
     recv_until,
     request,
+    sse_events,
     wait_until,
 )
 
@@ -824,3 +826,265 @@ def test_http_10_echo_stream_is_close_delimited_sse(echo_server):
     assert response.header(b"content-type") == b"text/event-stream"
     assert response.header(b"transfer-encoding") is None
     assert response.body == b"".join(b"data: " + e + b"\n\n" for e in ECHO_EVENTS)
+
+
+# -- 9. hostile clients (issue 10) -----------------------------------------------------------
+
+
+def sample_pending(server, peak: list[int], running: list[bool]) -> None:
+    """Keep peak[0] at the most bytes any connection's transport held, sampled on the server's loop."""
+    def sample(loop) -> None:
+        for connection in list(server.server.connections):
+            peak[0] = max(peak[0], connection.flow.pending_bytes())
+        if running[0]:
+            loop.call_later(0.0005, sample, loop)
+
+    server.call_soon(lambda: sample(asyncio.get_running_loop()))
+
+
+def test_a_client_that_pipelines_and_never_reads_holds_one_response_not_all(start_server):
+    size, total = 1 << 20, 40
+    executed = []
+
+    async def big(request):
+        executed.append(request.request_id)
+        return Response(200, b"%07d\n" % len(executed) * (size // 8), media_type=b"application/octet-stream")
+
+    server = serve(start_server, {"GET /t/big": big})
+    peak, running = [0], [True]
+    sample_pending(server, peak, running)
+    with small_buffer_socket(server.port) as sock:
+        sock.sendall(b"GET /t/big HTTP/1.1\r\nHost: x\r\n\r\n" * total)  # and reads nothing
+        wait_until(lambda: server.call_soon(lambda: any(c.flow.writing_paused for c in server.server.connections)))
+        time.sleep(0.5)
+        stalled_at = len(executed)
+        # What the kernel's socket buffers took, then one response waiting in the transport;
+        # the other requests wait (not executed), however long the client does not read.
+        assert stalled_at < total // 2, stalled_at
+        assert peak[0] <= size + 64 * 1024 + 1024, peak[0]
+        time.sleep(0.3)
+        assert len(executed) == stalled_at
+        # Everyone else is served meanwhile.
+        assert request(server.port, "GET", "/health").status == 200
+        # Once the client reads, it gets every response, in order.
+        reader = ResponseReader(sock)
+        for index in range(1, total + 1):
+            response = reader.read_body(reader.read_head())
+            assert response.status == 200
+            assert response.body == b"%07d\n" % index * (size // 8), index
+    running[0] = False
+    assert len(executed) == total
+    assert peak[0] <= size + 64 * 1024 + 1024, peak[0]
+
+
+async def read_all(request):
+    body = await request.body()
+    return json_response({"received": len(body)})
+
+
+def test_a_body_trickled_byte_by_byte_gets_408_within_the_rate_bound(start_server):
+    server = serve(start_server, {"POST /t/read": read_all}, body_timeout=0.5, body_min_rate=100)
+    with connect(server.port) as sock:
+        sock.sendall(b"POST /t/read HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        started = time.monotonic()
+        sent = 0
+        # A byte every 50 ms is progress ten times within body_timeout; only the rate floor stops it.
+        while not readable(sock, 0.05) and time.monotonic() - started < 10:
+            sock.sendall(b"x")
+            sent += 1
+        elapsed = time.monotonic() - started
+        raw = read_until_closed(sock)
+    # body_timeout plus a second per 100 bytes: ~0.5 s + ~0.1 s, well short of the 50 s it would take.
+    assert elapsed < 2.0, (elapsed, sent)
+    [response] = parse_all(raw)
+    assert response.status == 408
+    assert response.closes
+    assert response.json()["error"]["type"] == "timeout_error"
+    # A body at a decent pace is read in full.
+    assert request(server.port, "POST", "/t/read", body=b"y" * 5000).json() == {"received": 5000}
+
+
+def test_past_max_connections_new_connections_get_503_while_open_ones_are_served(start_server):
+    server = serve(start_server, max_connections=3, keepalive_timeout=30)
+    clients = [H11Client(server.port) for _ in range(3)]
+    try:
+        for client in clients:
+            assert client.request("GET", "/health").status == 200
+        # A fourth connection is answered at once, before it sends anything...
+        with connect(server.port) as sock:
+            [refused] = parse_all(read_until_closed(sock))
+        assert refused.status == 503
+        assert refused.header(b"retry-after") == b"1"
+        assert refused.closes
+        assert refused.json()["error"]["code"] == "too_many_connections"
+        # ...and one that sends its request first still reads the answer, not a reset.
+        with connect(server.port) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            [refused] = parse_all(read_until_closed(sock))
+        assert refused.status == 503
+        # The keep-alive clients within the limit go on being served.
+        for client in clients:
+            assert client.request("GET", "/health").status == 200
+        clients.pop().close()
+        wait_until(lambda: server.call_soon(
+            lambda: len(server.server.connections) - server.server._server_state.refusing) == 2)
+        assert request(server.port, "GET", "/health").status == 200  # room again
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_a_normal_client_is_answered_during_a_trickle_attack(start_server):
+    server = serve(start_server, {"POST /t/read": read_all}, header_timeout=3, body_timeout=3, body_min_rate=100)
+    attackers = []
+    for index in range(300):
+        sock = connect(server.port)
+        if index % 2:
+            sock.sendall(b"POST /t/read HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")  # then a trickled body
+        else:
+            sock.sendall(b"GET /health HTTP/1.1\r\n")  # then a trickled head
+        attackers.append(sock)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.is_set():
+            for sock in attackers:
+                try:
+                    sock.send(b"x")
+                except OSError:
+                    pass
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        latencies = []
+        for _ in range(20):
+            started = time.monotonic()
+            assert request(server.port, "GET", "/health").status == 200
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.05)
+        assert max(latencies) < 1.0, latencies
+        assert connections(server) >= 250  # the attack was on while they were answered
+    finally:
+        stop.set()
+        thread.join()
+        for sock in attackers:
+            sock.close()
+
+
+def test_open_file_limit_is_raised_to_the_hard_limit_at_start_up(start_server):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = min(soft, 512)
+    if hard != resource.RLIM_INFINITY and hard <= lowered:
+        pytest.skip("the hard open-file limit leaves nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        serve(start_server)
+        now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert now > lowered
+        assert now == hard or hard == resource.RLIM_INFINITY
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("line, status", [
+    (b"GET a/b/c/health HTTP/1.1", 400),
+    (b"GET * HTTP/1.1", 400),
+    (b"CONNECT 127.0.0.1:80 HTTP/1.1", 400),
+    (b"GET /health HTTP/2.0", 505),
+    (b"GET /health HTTP/1.2", 505),
+])
+def test_request_lines_the_server_does_not_serve_are_refused_and_closed(start_server, line, status):
+    server = serve(start_server)
+    then = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"  # never read: the connection closes first
+    [response] = parse_all(raw_exchange(server.port, line + b"\r\nHost: x\r\n\r\n" + then))
+    assert response.status == status
+    assert response.closes
+    absolute = b"GET http://127.0.0.1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    assert [r.status for r in parse_all(raw_exchange(server.port, absolute))] == [200]
+
+
+class ShapedRoutes:
+    """A streaming route whose errors render in a shape of its own, as a surface's do."""
+
+    def __init__(self, started: threading.Event, cancelled: threading.Event) -> None:
+        self.started, self.cancelled = started, cancelled
+
+    @hookimpl
+    def runnel_register_routes(self, register, server):
+        async def endless(request):
+            stream = request.stream()
+            try:
+                for index in range(100000):
+                    stream.send({"n": index})
+                    self.started.set()
+                    await asyncio.sleep(0.02)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+
+        async def stuck(request):
+            self.started.set()
+            await asyncio.sleep(60)
+
+        def shaped(request, error):
+            return {"failure": error.message, "status": error.status}
+
+        register("GET", "/t/endless", endless, errors=shaped)
+        register("GET", "/t/stuck", stuck, errors=shaped)
+
+
+def test_a_stream_cut_at_the_end_of_the_shutdown_grace_ends_with_an_error_event_and_the_last_chunk(start_server):
+    started, cancelled = threading.Event(), threading.Event()
+    server = start_server({}, plugins=[ShapedRoutes(started, cancelled)])
+    with connect(server.port) as sock:
+        sock.sendall(b"GET /t/endless HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(started.is_set)
+        began = time.monotonic()
+        server.stop(grace=0.3)  # returns once stopped
+        assert time.monotonic() - began < 3
+        raw = read_until_closed(sock)
+    [response] = parse_all(raw)
+    assert response.status == 200
+    assert response.wire_body.endswith(b"\r\n0\r\n\r\n")  # the chunked terminator: not a cut
+    events = response.body[:-2].split(b"\n\n")
+    assert all(event.startswith(b"data: {\"n\":") for event in events[:-1])
+    assert events[-1] == b'event: error\ndata: {"failure":"Server is shutting down","status":503}'
+    assert cancelled.is_set()
+
+
+def test_a_request_unanswered_at_the_end_of_the_shutdown_grace_gets_503(start_server):
+    started = threading.Event()
+    server = start_server({}, plugins=[ShapedRoutes(started, threading.Event())])
+    with connect(server.port) as sock:
+        sock.sendall(b"GET /t/stuck HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(started.is_set)
+        server.stop(grace=0.2)
+        [response] = parse_all(read_until_closed(sock))
+    assert response.status == 503
+    assert response.header(b"retry-after") == b"1"
+    assert response.closes
+    assert response.json() == {"failure": "Server is shutting down", "status": 503}
+
+
+def test_an_openai_stream_cut_at_shutdown_ends_with_its_error_event(start_server):
+    server = start_server({"apps": {"echo": {"backend": "echo", "pace_ms": 20.0}}})
+    assert server.wait_ready()
+    body = orjson.dumps({"model": "echo", "messages": [{"role": "user", "content": "word " * 500}],
+                         "max_tokens": 500, "stream": True})
+    with connect(server.port) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        first = recv_until(sock, b"data: ")
+        server.stop(grace=0.2)
+        raw = first + read_until_closed(sock)
+    [response] = parse_all(raw)
+    assert response.wire_body.endswith(b"\r\n0\r\n\r\n")
+    payloads = sse_events(response.body)
+    assert b"[DONE]" not in payloads
+    error = orjson.loads(payloads[-1])["error"]
+    assert error["message"] == "Server is shutting down"
+    assert error["code"] == "server_shutting_down"

@@ -17,6 +17,8 @@ from http import HTTPStatus
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from runnel.errors import HTTPError
 from runnel.http.dates import DateHeader
@@ -25,6 +27,7 @@ from runnel.http.response import Response
 from runnel.http.server_state import ServerState
 from runnel.serializers import NDJSON, Negotiator, ServerSentEvents
 from runnel.testing import error_body as error_envelope
+from runnel.testing import parse_all
 
 T0 = 1000.0  # the fake clock's start
 
@@ -72,6 +75,12 @@ class FakeTransport:
 
     def close(self) -> None:
         self.events.append("close")
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.events.append("write_eof")
 
     def abort(self) -> None:
         self.events.append("abort")
@@ -951,7 +960,7 @@ def test_head_deadline_stops_once_the_head_is_in(env):
 
 
 def test_body_timeout_while_the_handler_waits_for_a_stalled_body(env):
-    conn = Conn(env, read_body, body_timeout=30.0)
+    conn = Conn(env, read_body, body_timeout=30.0, body_min_rate=0)  # the progress guard alone
     conn.feed(request(b"POST", b"/", body=b"0123456789")[:-7])  # head and 3 bytes of 10
     env.advance_to(20.0)
     conn.feed(b"345")  # progress moves the deadline to 50
@@ -1166,3 +1175,356 @@ def test_a_non_ascii_x_request_id_still_gets_a_response(env):
     assert response_head.startswith(b"HTTP/1.1 200 OK\r\n")
     # Echoed as sent, or replaced by a fresh id: either way a valid field value.
     assert (b"x-request-id: caf\xe9\r\n" in response_head) or (b"x-request-id: rid\r\n" in response_head)
+
+
+# --- hardening: hostile clients (issue 10) ------------------------------------------------------------------
+
+
+def echo_path(req):
+    async def answer():
+        return Response(200, req.path.encode(), media_type=b"text/plain")
+
+    return answer()
+
+
+def test_a_pipelined_request_waits_until_the_client_reads_the_previous_response(env):
+    conn = Conn(env, echo_path, request_ids=counter_ids())
+    conn.protocol.pause_writing()  # the transport's buffer is over its high-water mark
+    conn.feed(request(b"GET", b"/one") + request(b"GET", b"/two"))
+    # /one is answered; /two is not started while the client takes nothing, and reading stays paused.
+    assert conn.events == ["pause_reading", ("write", plain(200, b"/one", rid=b"id-1"))]
+    env.advance_to(20.0)
+    assert [r.path for r in conn.requests] == ["/one"]
+    assert conn.events == ["pause_reading", ("write", plain(200, b"/one", rid=b"id-1"))]
+    conn.protocol.resume_writing()
+    env.spin()
+    assert conn.events == [
+        "pause_reading",
+        ("write", plain(200, b"/one", rid=b"id-1")),
+        "resume_reading",
+        ("write", plain(200, b"/two", rid=b"id-2")),
+    ]
+    assert [r.path for r in conn.requests] == ["/one", "/two"]
+
+
+def test_a_client_that_pipelines_and_never_reads_is_dropped_at_the_write_timeout(env):
+    conn = Conn(env, echo_path, write_timeout=30.0, keepalive_timeout=5.0)
+    conn.protocol.pause_writing()
+    conn.feed(request(b"GET", b"/one") + request(b"GET", b"/two"))
+    env.advance_to(29.9)  # past the keep-alive timeout: waiting on the client is not idleness
+    assert conn.transport.calls == ["pause_reading"]
+    env.advance_to(30.0)
+    assert conn.transport.calls == ["pause_reading", "abort"]
+    assert [r.path for r in conn.requests] == ["/one"]
+    conn.protocol.connection_lost(None)
+    env.spin()
+
+
+def test_shutdown_while_a_pipelined_request_waits_for_the_client_closes(env):
+    conn = Conn(env, echo_path)
+    conn.protocol.pause_writing()
+    conn.feed(request(b"GET", b"/one") + request(b"GET", b"/two"))
+    conn.protocol.shutdown()
+    conn.protocol.resume_writing()
+    env.spin()
+    assert [r.path for r in conn.requests] == ["/one"]
+    assert conn.transport.calls[-1] == "close"
+
+
+def test_a_body_trickled_a_byte_a_second_gets_408_at_the_minimum_rate_bound(env):
+    conn = Conn(env, read_body, body_timeout=10.0, body_min_rate=100.0)
+    conn.feed(request(b"POST", b"/", body=b"x" * 1000)[:-1000])  # the head; the handler starts reading now
+    for second in range(1, 11):
+        env.advance_to(float(second))
+        conn.feed(b"x")  # each byte is progress: body_timeout alone would never fire
+    # body_timeout plus one second per 100 bytes received: 10 + 10 / 100.
+    env.advance_to(10.09)
+    assert conn.events == []
+    env.advance_to(10.1)
+    assert conn.events == [
+        "pause_reading",
+        ("write", error(408, "Request body was not received in time", type="timeout_error")),
+        "close",
+    ]
+
+
+def test_a_body_at_the_minimum_rate_is_read_to_its_end(env):
+    conn = Conn(env, read_body, body_timeout=10.0, body_min_rate=100.0)
+    conn.feed(request(b"POST", b"/", body=b"x" * 3000)[:-3000])
+    for second in range(1, 31):
+        env.advance_to(float(second))
+        conn.feed(b"x" * 100)
+    assert conn.events == [("write", plain(200, b"got 3000"))]
+
+
+def refused(message: str = "Server is at its connection limit; retry later") -> bytes:
+    body = orjson.dumps({"error": {"message": message, "type": "server_error", "param": None,
+                                   "code": "too_many_connections"}})
+    return head(503, b"content-type: application/json", b"content-length: %d" % len(body), b"retry-after: 1",
+                close=True) + body
+
+
+def test_past_max_connections_a_new_connection_gets_503_and_is_closed(env):
+    first = Conn(env, max_connections=1, header_timeout=10.0)
+    extra = FakeTransport()
+    protocol = HttpProtocol(first.site, env.loop)
+    protocol.connection_made(extra)
+    # Answered before its request is read; the request is then read and dropped (so the
+    # close does not reset the connection under the answer), for at most a second.
+    assert extra.events == [("write", refused()), "write_eof"]
+    protocol.data_received(GET)
+    env.spin()
+    assert extra.events == [("write", refused()), "write_eof"]
+    first.feed(GET)  # the connection within the limit is served meanwhile
+    assert first.events == [("write", HELLO_200)]
+    env.advance_to(1.0)
+    assert extra.events == [("write", refused()), "write_eof", "close"]
+    protocol.connection_lost(None)
+    assert first.site.refusing == 0
+    assert first.site.connections == {first.protocol}
+
+
+def test_a_refused_connection_does_not_count_against_max_connections(env):
+    first = Conn(env, max_connections=2)
+    refused_one = HttpProtocol(first.site, env.loop)
+    second, third = FakeTransport(), FakeTransport()
+    HttpProtocol(first.site, env.loop).connection_made(second)  # the second of two: served
+    refused_one.connection_made(third)
+    assert third.events[0] == ("write", refused())
+    late = FakeTransport()
+    first.protocol.connection_lost(None)  # one served connection leaves: room for one more
+    HttpProtocol(first.site, env.loop).connection_made(late)
+    assert late.events == []
+
+
+NOT_A_PATH = "the request target must be a path starting with '/' or an absolute http(s) URI"
+
+
+@pytest.mark.parametrize("target, reason", [
+    (b"a/b/c/health", NOT_A_PATH),
+    (b"health", NOT_A_PATH),
+    (b"*", "the request target '*' is only for OPTIONS"),
+    (b"example.com:443", NOT_A_PATH),
+    (b"http://user@example.com/health", NOT_A_PATH),
+    (b"http:///health", NOT_A_PATH),
+    (b"ftp://example.com/health", NOT_A_PATH),
+    (b"http://example.com/health#top", NOT_A_PATH),
+])
+def test_a_target_in_no_form_the_server_serves_is_400(env, target, reason):
+    conn = Conn(env)
+    conn.feed(request(b"GET", target) + GET)
+    assert conn.events == [("write", error(400, f"Invalid request target: {reason}")), "close"]
+    assert conn.requests == []
+
+
+def test_absolute_form_targets_use_their_path_and_query(env):
+    seen = []
+
+    async def handler(req):
+        seen.append((req.path, req.query))
+        return await hello(req)
+
+    conn = Conn(env, handler)
+    conn.feed(request(b"GET", b"HTTPS://Example.com:8443/a/b?x=1"), request(b"GET", b"http://example.com?y=2"),
+              request(b"GET", b"http://[::1]:80/v6"), request(b"OPTIONS", b"*"))
+    assert seen == [("/a/b", "x=1"), ("/", "y=2"), ("/v6", ""), ("*", "")]
+    assert conn.transport.writes == [HELLO_200] * 4
+
+
+@pytest.mark.parametrize("version", [b"2.0", b"1.2", b"0.9", b"3.0"])
+def test_an_http_version_other_than_1_0_and_1_1_is_505(env, version):
+    conn = Conn(env)
+    conn.feed(b"GET / HTTP/%b\r\nHost: x\r\n\r\n" % version)
+    message = f"HTTP/{version.decode()} is not supported; use HTTP/1.1"
+    assert conn.events == [("write", error(505, message, type="server_error")), "close"]
+    assert conn.requests == []
+
+
+SHUTTING_DOWN = HTTPError(503, "Server is shutting down", code="server_shutting_down",
+                          headers=((b"retry-after", b"1"),))
+
+
+def test_cut_off_ends_an_open_stream_with_an_error_event_and_the_last_chunk(env):
+    log = []
+
+    async def handler(req):
+        stream = req.stream()
+        stream.send({"a": 1})
+        try:
+            await env.loop.create_future()  # a stream that would go on for ever
+        except asyncio.CancelledError:
+            log.append("cancelled")
+            stream.send({"after": "cut"})  # ended: dropped
+            raise
+
+    conn = Conn(env, handler)
+    conn.feed(GET)
+    conn.protocol.cut_off(SHUTTING_DOWN)
+    env.spin()
+    event = b"event: error\ndata: " + orjson.dumps(SHUTTING_DOWN.to_dict()) + b"\n\n"
+    assert conn.events == [
+        ("write", SSE_HEAD),
+        ("write", b'f\r\ndata: {"a":1}\n\n\r\n'),
+        ("write", b"%x\r\n%b\r\n" % (len(event), event)),
+        ("write", b"0\r\n\r\n"),
+        "close",
+    ]
+    assert log == ["cancelled"]
+
+
+def test_cut_off_answers_a_request_not_answered_yet_with_the_error(env):
+    release = env.loop.create_future()
+
+    async def handler(req):
+        try:
+            await release
+        except asyncio.CancelledError:
+            return await hello(req)  # a handler that answers anyway: too late, nothing is written
+
+    conn = Conn(env, handler)
+    conn.feed(GET)
+    conn.protocol.cut_off(SHUTTING_DOWN)
+    env.spin()
+    body = orjson.dumps(SHUTTING_DOWN.to_dict())
+    response = head(503, b"content-type: application/json", b"content-length: %d" % len(body), b"retry-after: 1",
+                    close=True) + body
+    assert conn.events == [("write", response), "close"]
+
+
+def test_cut_off_closes_an_idle_connection(env):
+    conn = Conn(env)
+    conn.feed(GET)
+    conn.protocol.cut_off(SHUTTING_DOWN)
+    assert conn.events == [("write", HELLO_200), "close"]
+
+
+# --- properties: any split of the bytes, and garbage (hypothesis) --------------------------------------------
+
+_TOKEN_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-!#$%&'*+.^_`|~"
+_PATH_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-._~%!$&'()*+,;=:@/"
+_VALUE_CHARS = "".join(chr(c) for c in range(0x21, 0x7F)) + " \t"
+_RESERVED = {"host", "content-length", "transfer-encoding", "expect", "connection", "x-request-id"}
+
+header_fields = st.lists(
+    st.tuples(
+        st.text(_TOKEN_CHARS, min_size=1, max_size=12).filter(lambda name: name.lower() not in _RESERVED),
+        st.text(_VALUE_CHARS, max_size=20).map(str.strip),
+    ),
+    max_size=4,
+)
+
+
+@st.composite
+def http_requests(draw) -> bytes:
+    """One well-formed request: a method, an origin- or absolute-form target, headers, a framed body."""
+    method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]))
+    path = "/" + draw(st.text(_PATH_CHARS, max_size=20))
+    if draw(st.booleans()):
+        path += "?" + draw(st.text(_PATH_CHARS + "?", max_size=20))
+    if draw(st.integers(0, 9)) == 0:
+        path = "http://example.com" + path
+    version = draw(st.sampled_from(["1.1", "1.1", "1.1", "1.0"]))
+    lines = [f"{method} {path} HTTP/{version}"]
+    if version == "1.1":
+        lines.append("Host: example.com")
+    lines += [f"{name}: {value}" for name, value in draw(header_fields)]
+    if draw(st.integers(0, 5)) == 0:
+        lines.append("Connection: close")
+    body = draw(st.binary(max_size=64))
+    framing = draw(st.sampled_from(["none", "length", "chunked"])) if version == "1.1" else "length"
+    if framing == "none" or (framing == "length" and not body and draw(st.booleans())):
+        encoded = b""
+    elif framing == "length":
+        lines.append(f"Content-Length: {len(body)}")
+        encoded = body
+    else:
+        lines.append("Transfer-Encoding: chunked")
+        cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=3)))
+        pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True) if b > a]
+        extension = b";ext=1" if draw(st.booleans()) else b""
+        encoded = b"".join(b"%x%b\r\n%b\r\n" % (len(piece), extension, piece) for piece in pieces)
+        encoded += b"0\r\n" + (b"X-Trailer: t\r\n" if draw(st.booleans()) else b"") + b"\r\n"
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + encoded
+
+
+def run_pieces(pieces: list[bytes], *, end_after: float = 0.0) -> tuple[list, bytes, list[str]]:
+    """Feed ``pieces`` to a fresh connection: what the dispatcher saw, what was written, and the other calls."""
+    seen = []
+
+    async def record_and_echo(req):
+        body = await req.body()
+        seen.append((req.method, req.target, req.path, req.query, tuple(req.headers), req.http_version, body))
+        return Response(200, b"%d bytes" % len(body), media_type=b"text/plain")
+
+    env = Env()
+    try:
+        conn = Conn(env, record_and_echo, request_ids=counter_ids())
+        for piece in pieces:
+            if conn.transport.is_closing():  # a real transport delivers nothing after close()
+                break
+            conn.protocol.data_received(piece)
+            env.spin()
+        if end_after:
+            env.advance_to(end_after)
+        return seen, conn.transport.written, conn.transport.calls
+    finally:
+        problems = env.close()
+        assert not problems, "the server left unhandled errors behind:\n" + "\n".join(problems)
+
+
+PROPERTY_SETTINGS = settings(max_examples=300, derandomize=True, deadline=None, database=None,
+                             suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY_SETTINGS
+@given(st.lists(http_requests(), min_size=1, max_size=3), st.data())
+def test_requests_parse_the_same_in_any_pieces_as_at_once(requests, data):
+    wire = b"".join(requests)
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, len(wire) - 1)), max_size=12), label="cuts")))
+    pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True) if b > a]
+    at_once = run_pieces([wire])
+    in_pieces = run_pieces(pieces)
+    assert in_pieces[0] == at_once[0]  # the requests the dispatcher saw, bodies included
+    assert in_pieces[1] == at_once[1]  # the bytes written
+    assert ("close" in in_pieces[2]) == ("close" in at_once[2])
+    assert len(at_once[0]) >= 1  # a well-formed request is always served
+
+
+def mutated(wire: bytes, data) -> bytes:
+    """A well-formed request with a few bytes replaced, inserted or deleted."""
+    out = bytearray(wire)
+    for _ in range(data.draw(st.integers(1, 4), label="edits")):
+        position = data.draw(st.integers(0, len(out)), label="position")
+        byte = data.draw(st.sampled_from(b"\x00\r\n :/\t\x7f\xff%?#*0-9aZ"), label="byte")
+        kind = data.draw(st.sampled_from(["replace", "insert", "delete"]), label="kind")
+        if kind == "insert" or position == len(out):
+            out[position:position] = bytes([byte])
+        elif kind == "replace":
+            out[position] = byte
+        else:
+            del out[position]
+    return bytes(out)
+
+
+@PROPERTY_SETTINGS
+@given(st.data())
+def test_garbage_gets_a_4xx_and_a_close_never_an_exception(data):
+    if data.draw(st.booleans(), label="from a request"):
+        garbage = mutated(data.draw(http_requests(), label="request"), data)
+    else:
+        garbage = data.draw(st.binary(min_size=1, max_size=200), label="bytes")
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, len(garbage) - 1)), max_size=4), label="cuts")))
+    pieces = [garbage[a:b] for a, b in zip([0, *cuts], [*cuts, len(garbage)], strict=True) if b > a]
+    _, written, calls = run_pieces(pieces, end_after=1000.0)  # past every deadline
+    assert "close" in calls or "abort" in calls  # the connection ends, whatever came in
+    responses = parse_all(written)
+    statuses = [response.status for response in responses]
+    # A mutation may leave a valid request (or a valid prefix, answered in turn); the first
+    # thing the server cannot serve is answered with a client error, last, and closes.
+    refused = [status for status in statuses if status >= 400]
+    assert refused == statuses[len(statuses) - len(refused):], statuses
+    assert len(refused) <= 1, statuses
+    if refused:
+        # 501 and 505 are what RFC 9112 names for a transfer coding or a version not implemented.
+        assert refused[0] in (400, 408, 413, 431, 501, 505), statuses
+        assert responses[-1].closes

@@ -22,9 +22,16 @@ its invariants the same way, next to the state):
 - One deadline at a time, in ``_deadline`` with its kind in ``_deadline_kind``:
   ``_IDLE`` between requests (keep-alive), ``_HEAD`` from a head's first byte
   until it is complete (never extended: slowloris), ``_BODY`` while a handler
-  waits for body bytes (each arrival extends it), 0 while the handler works or
-  the response is written. A write stall has its own timer (``_stall_timer``),
-  armed only while the transport is paused.
+  waits for body bytes (each arrival extends it, but never past what the minimum
+  body rate allows since the handler began to read: ``_body_since``), 0 while the
+  handler works or the response is written. A write stall has its own timer
+  (``_stall_timer``), armed only while the transport is paused.
+- ``_drain_first``: a response ended while the transport's buffer was over its
+  high-water mark, so the next request waits (reading paused, no deadline but the
+  write stall's) until ``resume_writing``: a client that pipelines requests and
+  never reads costs one response beyond the transport's buffer, not one per request.
+- ``_refused``: accepted past ``max_connections`` and answered 503 at once; what the
+  client sends is discarded until it closes or the short linger deadline passes.
 - ``_closing`` is sticky: once set, the response in flight is the last and the
   transport closes after it. ``flow.lost`` is set by ``connection_lost`` only;
   after it nothing is written and the handler task has been cancelled.
@@ -65,6 +72,10 @@ _NO_BODY = frozenset((204, 304))
 # What the single connection deadline is guarding at the moment.
 _IDLE, _HEAD, _BODY = 1, 2, 3
 
+# How long a refused connection (over max_connections) is kept open after its 503, so
+# the client reads the answer instead of a reset caused by closing on its unread request.
+REFUSED_LINGER = 1.0
+
 
 class HttpProtocol(asyncio.Protocol):
     __slots__ = (
@@ -85,6 +96,9 @@ class HttpProtocol(asyncio.Protocol):
         "_timer",
         "_keep_alive",
         "_server_field",
+        "_body_since",
+        "_drain_first",
+        "_refused",
     )
 
     def __init__(self, server_state: ServerState, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -107,6 +121,9 @@ class HttpProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._keep_alive = True
         self._server_field = b"server: %b\r\n" % server_state.server_header if server_state.server_header else b""
+        self._body_since = 0.0
+        self._drain_first = False
+        self._refused = False
 
     def _new_h11(self) -> h11.Connection:
         # h11 bounds only a head that has not fully arrived; check_head bounds complete
@@ -118,18 +135,41 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport = cast(asyncio.Transport, transport)  # a stream server's transport
         self.flow = FlowControl(transport, self.loop)
         self.peer = transport.get_extra_info("peername")
-        self.server_state.connections.add(self)
-        self._set_deadline(self.server_state.keepalive_timeout, _IDLE)
+        state = self.server_state
+        if state.max_connections and len(state.connections) - state.refusing >= state.max_connections:
+            self._refuse_connection()
+            return
+        state.connections.add(self)
+        self._set_deadline(state.keepalive_timeout, _IDLE)
+
+    def _refuse_connection(self) -> None:
+        """Past max_connections: answer 503 with Retry-After before reading anything, then close.
+
+        Answering costs the descriptor for at most REFUSED_LINGER seconds, and the client
+        learns why (and when to come back) instead of waiting on a full accept queue.
+        """
+        state = self.server_state
+        self._refused = self._closing = True
+        state.connections.add(self)  # so stop() closes it too
+        state.refusing += 1
+        error = HTTPError(503, "Server is at its connection limit; retry later", code="too_many_connections",
+                          headers=((b"retry-after", b"1"),))
+        body = orjson.dumps(error.to_dict())
+        fields = b"content-type: %b\r\ncontent-length: %d\r\n%b" % (JSON, len(body), encode_fields(error.headers))
+        self.transport.write(self._head(None, 503, fields) + body)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the client sees the end of the answer; its request is read and dropped
+        self._set_deadline(min(REFUSED_LINGER, state.header_timeout), _IDLE)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         if self._request is None:
             if not self._head_started:
                 # The head deadline runs from the first byte and is never extended,
                 # so trickling bytes (slowloris) cannot keep a connection forever.
                 self._head_started = True
                 self._set_deadline(self.server_state.header_timeout, _HEAD)
-        elif self._deadline_kind == _BODY:
-            self._deadline = self.loop.time() + self.server_state.body_timeout
         self.conn.receive_data(data)
         checker = self._chunk_checker
         if checker is not None:
@@ -139,6 +179,8 @@ class HttpProtocol(asyncio.Protocol):
             if checker.done:
                 self._chunk_checker = None
         self._process()
+        if self._deadline_kind == _BODY:  # still waiting for body bytes: these were progress
+            self._body_progress()
 
     def eof_received(self) -> bool:
         # A client that closes its side has gone: HTTP clients do not half-close
@@ -154,6 +196,9 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.flow.connection_lost()
         self.server_state.connections.discard(self)
+        if self._refused:
+            self._refused = False
+            self.server_state.refusing -= 1
         self._deadline_kind = 0
         if self._timer is not None:
             self._timer.cancel()
@@ -177,6 +222,9 @@ class HttpProtocol(asyncio.Protocol):
             self._stall_timer.cancel()
             self._stall_timer = None
         self.flow.resume_writing()
+        if self._drain_first:
+            self._drain_first = False
+            self._next_cycle()
 
     # -- parsing ---------------------------------------------------------------
     def _process(self) -> None:
@@ -222,6 +270,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def _on_request(self, event: h11.Request) -> bool:
         self._deadline_kind = 0
+        self._body_since = 0.0
+        if event.http_version != b"1.1" and event.http_version != b"1.0":
+            # h11 takes any digit.digit; HTTP/2 has its own framing, and a "1.x"
+            # no client sends is more likely a probe than a client to serve.
+            self._refuse(505, f"HTTP/{event.http_version.decode('ascii')} is not supported; use HTTP/1.1")
+            return False
         content_length = None
         chunked = False
         request_id = None
@@ -236,7 +290,12 @@ class HttpProtocol(asyncio.Protocol):
             elif name == b"connection" and b"close" in [token.strip() for token in value.lower().split(b",")]:
                 keep_alive = False
         body = RequestBody(self.loop, self)
-        request = Request(self, event.method.decode("ascii"), event.target, event.headers, event.http_version, body)
+        try:
+            request = Request(self, event.method.decode("ascii"), event.target, event.headers, event.http_version,
+                              body)
+        except ValueError as exc:  # a request-target in no form this server serves
+            self._refuse(400, f"Invalid request target: {exc}")
+            return False
         if request_id is not None and _REQUEST_ID.fullmatch(request_id):
             request.request_id = request_id.decode("ascii")
         else:
@@ -292,7 +351,24 @@ class HttpProtocol(asyncio.Protocol):
             request.status = 100  # once only
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if not request.incoming.done:
-            self._set_deadline(self.server_state.body_timeout, _BODY)
+            if not self._body_since:
+                self._body_since = self.loop.time()
+            self._body_progress()
+
+    def _body_progress(self) -> None:
+        """Move the body deadline: body_timeout from now, but no later than the minimum rate allows.
+
+        Each arrival is progress, so a body sent a byte at a time would otherwise
+        never time out; the rate bound gives the body body_timeout plus one second
+        per body_min_rate bytes received, counted from when the handler began to read.
+        """
+        state = self.server_state
+        delay = state.body_timeout
+        request = self._request
+        if state.body_min_rate and request is not None:
+            allowed = self._body_since + state.body_timeout + request.incoming.received / state.body_min_rate
+            delay = min(delay, allowed - self.loop.time())
+        self._set_deadline(delay, _BODY)
 
     def body_consumed(self) -> None:
         if self.flow.reading_paused and self.conn.their_state is h11.SEND_BODY:
@@ -305,7 +381,7 @@ class HttpProtocol(asyncio.Protocol):
         except Exception:
             self.server_state.logger.exception("dispatch failed for request %s", request.request_id)
             response = error_response(HTTPError(500, f"Internal server error (request id {request.request_id})"))
-        if self.flow.lost:
+        if self.flow.lost or self._request is not request:  # gone, or answered already (cut_off)
             return
         stream = request.response_stream
         if stream is not None:
@@ -392,12 +468,26 @@ class HttpProtocol(asyncio.Protocol):
         self._report_finished(request)
         self._request = None
         self._task = None
-        conn = self.conn
-        if self._closing or conn.their_state is not h11.DONE:
+        if self._closing or self.conn.their_state is not h11.DONE:
+            self.transport.close()
+            return
+        if self.flow.writing_paused:
+            # The client has not taken this response yet: the next one waits, so one
+            # that pipelines requests and never reads holds one response, not all of them.
+            # The write stall timer (armed while paused) drops it if it never reads.
+            self._drain_first = True
+            self._deadline_kind = 0
+            self.flow.pause_reading()
+            return
+        self._next_cycle()
+
+    def _next_cycle(self) -> None:
+        if self._closing:  # shut down while waiting for the client to read
             self.transport.close()
             return
         # Responses never go through h11, so its side of the cycle never reaches
         # DONE; a fresh connection object fed the leftover bytes is the next cycle.
+        conn = self.conn
         leftover, closed = conn.trailing_data
         self.conn = conn = self._new_h11()
         if leftover:
@@ -435,6 +525,34 @@ class HttpProtocol(asyncio.Protocol):
         """Finish the request in flight, if any, then close; close an idle connection now."""
         self._closing = True
         if self._request is None and self.transport is not None:
+            self.transport.close()
+
+    def cut_off(self, error: HTTPError) -> None:
+        """End the request in flight with ``error`` now (the shutdown grace is over), then close.
+
+        The handler is cancelled. A stream ends with ``error`` as its error event and
+        its terminator, a request not answered yet gets ``error`` as its response, both
+        in the route's shape (``ServerState.fail``): a client can tell a cut from a
+        finish. The transport closes once that is flushed.
+        """
+        self._closing = True
+        task, request = self._task, self._request
+        if task is not None and not task.done():
+            task.cancel()
+        if request is not None and not self.lost:
+            try:
+                response = self.server_state.fail(request, error)
+            except Exception:
+                self.server_state.logger.exception("rendering the shutdown error failed")
+                response = None if request.response_stream is not None else error_response(error)
+            stream = request.response_stream
+            if stream is not None:
+                stream.fail(error.to_dict())  # a no-op when the route's renderer ended it
+            elif response is not None and request.status < 200:
+                self.send_response(request, response)
+        # Ending the request closed the transport (after the flush; stop() aborts a client
+        # that never takes it); an idle connection is closed here.
+        if self.transport is not None and (request is None or self._request is request):
             self.transport.close()
 
     def abort(self) -> None:

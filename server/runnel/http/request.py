@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -20,6 +21,34 @@ if TYPE_CHECKING:
 
 
 _UNREAD = object()
+
+# RFC 9112 3.2.2 absolute-form for http(s): an authority (host and optional port; no
+# userinfo, RFC 9110 4.2.4), then the path and query; a fragment is never part of a target.
+_ABSOLUTE_FORM = re.compile(
+    rb"(?i:https?)://(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._~%!$&'()*+,;=]+)(?::[0-9]*)?"
+    rb"(?P<path>/[^?#]*)?(?:\?(?P<query>[^#]*))?"
+)
+
+
+def split_target(method: str, target: bytes) -> tuple[bytes, bytes]:
+    """The path and query of a request-target (RFC 9112 3.2); ValueError for any other form.
+
+    Origin-form (``/path?query``) is what clients send to a server; absolute-form
+    (``http://host/path``, what a proxy is sent) must be accepted too, and its path
+    is used; ``*`` is the target of ``OPTIONS`` only. Anything else (``a/b/health``,
+    CONNECT's ``host:port``) is refused rather than guessed at.
+    """
+    if target[:1] == b"/":  # origin-form: nearly every request
+        path, _, query = target.partition(b"?")
+        return path, query
+    if target == b"*":
+        if method != "OPTIONS":
+            raise ValueError("the request target '*' is only for OPTIONS")
+        return target, b""
+    absolute = _ABSOLUTE_FORM.fullmatch(target)
+    if absolute is None:
+        raise ValueError("the request target must be a path starting with '/' or an absolute http(s) URI")
+    return absolute["path"] or b"/", absolute["query"] or b""
 
 
 class Request:
@@ -60,9 +89,7 @@ class Request:
         self._protocol = protocol
         self.method = method
         self.target = target
-        path, _, query = target.partition(b"?")
-        if not path.startswith(b"/"):  # absolute-form: http://host/path
-            path = b"/" + path.split(b"/", 3)[3] if path.count(b"/") >= 3 else b"/"
+        path, query = split_target(method, target)  # ValueError: a target this server does not serve
         self.path = path.decode("latin-1")
         self.query = query.decode("latin-1")
         self.headers = headers
