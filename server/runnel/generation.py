@@ -89,6 +89,10 @@ class ModelApp(Protocol):
     # sends can wedge or crash the backend (runnel.surfaces.openai.params.fit_to_model):
     context_length: int  # prompt + max_tokens; also bounds no_repeat_ngram_size
     vocab_size: int | None  # ids are 0..vocab_size-1 (top_k, stop_token_ids); None: not fixed
+    # The most choices (prompts x n) one request may ask for: what the backend can hold at
+    # once (its queue). More can never fit, so it is a 400, not a 429 a client would retry
+    # forever. None (or absent, for older backends): no such limit.
+    max_choices: int | None
 
     def tokenize(self, text: str) -> list[int]:
         """The prompt's token ids. Large prompts are tokenized on a worker thread: thread-safe."""

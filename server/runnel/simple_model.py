@@ -113,6 +113,7 @@ class SimpleModel:
     supported: frozenset[str] = frozenset({"stop"})
     threads = 8  # sync generators running at once
     vocab_size: int | None = None  # the vocabulary grows as text is seen: no fixed bound
+    max_choices: int | None = None  # choices one request may ask for (runnel.generation.ModelApp)
 
     def __init__(self, name: str, *, served_model_name: str | None = None, context_length: int = 4096,
                  default_max_tokens: int = 16) -> None:

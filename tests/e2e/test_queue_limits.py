@@ -168,5 +168,10 @@ def test_echo_generations_past_max_generations_get_429_and_n_that_never_fits_is_
     wait_until(lambda: generating() == 0)
     reply = complete(n=3, max_tokens=1)  # could never fit: a 400, not a 429 to retry forever
     assert reply.status == 400, reply.body
-    assert (reply.json()["error"]["param"], reply.json()["error"]["code"]) == ("n", "n_too_large")
+    assert (reply.json()["error"]["param"], reply.json()["error"]["code"]) == ("n", "too_many_choices")
     assert complete(n=2, max_tokens=1).status == 200
+    # Two prompts x n=2 is four choices: never fits either, refused before any generation starts.
+    body = {"model": "echo", "prompt": ["a", "b"], "max_tokens": 1, "n": 2}
+    reply = post(server.port, "/v1/completions", body)
+    assert reply.status == 400 and reply.json()["error"]["code"] == "too_many_choices", reply.body
+    assert generating() == 0

@@ -152,6 +152,11 @@ class GeneratorApp:
 
     # -- runnel.generation.ModelApp ---------------------------------------------------
     @property
+    def max_choices(self) -> int:
+        """Choices one request may ask for: no more than the scheduler's queue holds."""
+        return self.max_queue
+
+    @property
     def vocab_size(self) -> int | None:
         """What top_k and stop_token_ids are checked against (CTranslate2 fails on more)."""
         return self.tokenizer.vocab_size if self.tokenizer is not None else None

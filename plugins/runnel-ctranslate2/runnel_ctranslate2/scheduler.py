@@ -209,6 +209,9 @@ class BatchScheduler:
     # -- generations -------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, n: int, sink) -> BatchedGeneration:
         # The queue slot is taken (or refused) before any generation work starts.
+        if n > self.max_queue:  # the surface refuses this first (ModelApp.max_choices); never a 429
+            raise HTTPError(400, f"n={n} is more than this model's queue holds ({self.max_queue})", param="n",
+                            code="too_many_choices")
         queued = sum(not row.done for row in self.waiting)
         if queued + n > self.max_queue:
             raise HTTPError(429, f"The server is busy: {queued} requests are waiting. Retry shortly.",

@@ -42,6 +42,7 @@ class EchoApp(SimpleModel):
                  max_generations: int = 10_000, **settings) -> None:
         super().__init__(name, **settings)
         self.max_generations = max_generations  # choices generating at once; one more is a 429
+        self.max_choices = max_generations  # so a request for more is a 400 (runnel.generation.ModelApp)
         self.generating = 0
         self.pace = pace
         self.load_seconds = load_seconds
@@ -65,11 +66,8 @@ class EchoApp(SimpleModel):
             yield spaced[i % len(words)]
 
     def generate(self, prompt_tokens, params, n, sink):
-        """As SimpleModel's, bounded: ``max_generations`` choices at once, a 429 past it, a 400
-        for a request that could never fit (retrying it would never help)."""
-        if n > self.max_generations:
-            raise HTTPError(400, f"n={n} is more than app '{self.name}' generates at once ({self.max_generations})",
-                            param="n", code="n_too_large")
+        """As SimpleModel's, bounded: ``max_generations`` choices at once, a 429 past it. A request
+        that could never fit is refused by the surface first (``max_choices``), with a 400."""
         if self.generating + n > self.max_generations:
             raise HTTPError(429, f"App '{self.name}' is busy ({self.generating} choices generating); try again "
                             "shortly", code="queue_full", headers=((b"retry-after", BUSY_RETRY_AFTER),))

@@ -184,7 +184,7 @@ class OpenAIAPI:
                           "unsupported_parameter")
 
     async def _complete(self, request, app, parsed: CompletionRequest, prompts, *, chat: bool, reply: ReplyOptions):
-        fit_to_model(parsed, app, max(len(tokens) for tokens in prompts))
+        fit_to_model(parsed, app, max(len(tokens) for tokens in prompts), len(prompts))
         n = parsed.n
         choices = n * len(prompts)
         usage = Usage(sum(len(tokens) for tokens in prompts))

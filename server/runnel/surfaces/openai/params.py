@@ -273,13 +273,18 @@ def parse_completion(body: Any) -> CompletionRequest:
     return request
 
 
-def fit_to_model(request: CompletionRequest, app: ModelApp, longest_prompt: int) -> None:
+def fit_to_model(request: CompletionRequest, app: ModelApp, longest_prompt: int, prompts: int = 1) -> None:
     """The bounds the backend sets (``ModelApp.context_length`` and ``vocab_size``), once
     the prompts are tokenized; sets the default ``max_tokens``. One place for every
     backend: a backend declares its limits, it does not check them."""
     params = request.params
     context_length = app.context_length
     vocab_size = getattr(app, "vocab_size", None)  # a backend written before vocab_size: not fixed
+    max_choices = getattr(app, "max_choices", None)
+    choices = request.n * prompts
+    if max_choices is not None and choices > max_choices:
+        raise invalid("n", f"This request asks for {choices} choices ({prompts} prompt(s) x n={request.n}); "
+                      f"model `{app.model_id}` holds at most {max_choices} at once.", "too_many_choices")
     if not request.max_tokens_given:
         params.max_tokens = min(app.default_max_tokens, max(context_length - longest_prompt, 1))
     if longest_prompt + params.max_tokens > context_length:
