@@ -13,6 +13,7 @@ it, so that object is never destroyed mid-finalization.
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import threading
 from collections.abc import Callable
@@ -20,65 +21,135 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+_Done = Callable[[], None] | None
 
-def _settle(future: asyncio.Future[Any], ok: bool, outcome: Any) -> None:
-    if future.done():  # cancelled meanwhile: nobody waits for it
-        return
-    if ok:
-        future.set_result(outcome)
-    else:
-        future.set_exception(outcome)
+
+class _Job:
+    __slots__ = ("loop", "future", "call", "done", "skip_cancelled", "taken")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], call: Callable[[], Any],
+                 done: _Done, skip_cancelled: bool) -> None:
+        self.loop = loop
+        self.future = future
+        self.call: Callable[[], Any] | None = call
+        self.done = done
+        self.skip_cancelled = skip_cancelled
+        # Whoever sets this first owns the job: a thread (runs it), a cancel before
+        # that (a skip_cancelled job: skipped), or close(drop_queued=True) (dropped).
+        self.taken = False
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, outcome: Any, done: _Done) -> None:
+    if not future.done():  # else cancelled meanwhile: nobody waits for it
+        if ok:
+            future.set_result(outcome)
+        else:
+            future.set_exception(outcome)
+    if done is not None:
+        done()
+
+
+def _drop(future: asyncio.Future[Any], done: _Done) -> None:
+    future.cancel()
+    if done is not None:
+        done()
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        pass
 
 
 class DaemonThreads:
     """``count`` daemon threads taking calls in order; started on first use."""
 
-    __slots__ = ("name", "count", "_jobs", "_threads", "_closed")
+    __slots__ = ("name", "count", "_jobs", "_threads", "_closed", "_taking")
 
     def __init__(self, count: int, name: str) -> None:
         self.name = name
         self.count = count
-        self._jobs: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[], Any]] | None]
-        self._jobs = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self._taking = threading.Lock()  # guards _Job.taken
 
-    def run(self, call: Callable[[], T]) -> asyncio.Future[T]:
+    def run(self, call: Callable[[], T], *, skip_cancelled: bool = False, done: _Done = None) -> asyncio.Future[T]:
         """Run ``call()`` on one of the threads; its result or exception comes back on
-        the loop. Cancelling the future does not stop the call."""
+        the loop. Cancelling the future does not stop the call.
+
+        ``skip_cancelled``: a call whose future is cancelled before a thread takes it up
+        is not run at all (one already running still runs to its end). ``done``: called
+        on the loop once the threads are done with the call (it returned or raised; or,
+        at once, it was skipped or dropped by ``close(drop_queued=True)``), whether or
+        not its future was cancelled meanwhile: what a caller needs to free what the
+        call holds only when no thread holds it any more.
+        """
         if self._closed:
             raise RuntimeError(f"{self.name}: closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((loop, future, call))
+        job = _Job(loop, future, call, done, skip_cancelled)
+        if skip_cancelled:
+            future.add_done_callback(functools.partial(self._cancelled, job))
+        self._jobs.put(job)
         if len(self._threads) < self.count:
             thread = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True)
             thread.start()
             self._threads.append(thread)
         return future
 
+    def _take(self, job: _Job) -> bool:
+        with self._taking:
+            if job.taken:
+                return False
+            job.taken = True
+            return True
+
+    def _cancelled(self, job: _Job, future: asyncio.Future[Any]) -> None:
+        """(On the loop) a skip_cancelled job's future is done: if cancelled before a thread took the job, skip it."""
+        if future.cancelled() and self._take(job):
+            job.call = None
+            if job.done is not None:
+                job.done()
+
     def _work(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            loop, future, call = job
+            if job.skip_cancelled and not self._take(job):
+                continue  # cancelled while queued (its done was called then), or dropped
+            loop, future, call, done = job.loop, job.future, job.call, job.done
             del job
+            assert call is not None
             try:
                 outcome: tuple[bool, Any] = (True, call())
             except BaseException as error:  # handed to the loop, as an executor would
                 outcome = (False, error)
             # Drop the call (and what it holds, a model) before waiting for the next one.
             del call
-            try:
-                loop.call_soon_threadsafe(_settle, future, *outcome)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-            del future, outcome
+            _call_on(loop, _settle, future, *outcome, done)
+            del future, outcome, done
 
-    def close(self) -> None:
-        """Let idle threads end; a thread still in a call ends after it (or with the process)."""
+    def close(self, *, drop_queued: bool = False) -> None:
+        """Let idle threads end; a thread still in a call ends after it (or with the process).
+
+        ``drop_queued``: calls no thread has taken up yet are not run; their futures are
+        cancelled (and their ``done`` called). Otherwise they still run first.
+        """
         self._closed = True
+        if drop_queued:
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                # (None: a previous close's, put back below; one taken already was skipped when cancelled)
+                if job is not None and self._take(job):
+                    job.call = None
+                    _call_on(job.loop, _drop, job.future, job.done)
         for _ in self._threads:
             self._jobs.put(None)
 

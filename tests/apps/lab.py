@@ -6,7 +6,8 @@ STATE is read by the tests through the loaded module (each app loads its own cop
 import asyncio
 import time
 
-STATE = {"async_closed": False, "sync_closed": False, "sync_pulled": 0, "flood": 0, "flood_closed": False}
+STATE = {"async_closed": False, "sync_closed": False, "sync_pulled": 0, "flood": 0, "flood_closed": False,
+         "slow_pulling": False, "slow_closed": False}
 
 
 async def forever():
@@ -26,6 +27,18 @@ def sync_forever():
             time.sleep(0.005)
     finally:
         STATE["sync_closed"] = True
+
+
+def sync_slow_pull(hold: float = 0.5):
+    """Its second next() takes ``hold`` seconds: a client can leave while it runs."""
+    try:
+        yield "first"
+        STATE["slow_pulling"] = True
+        time.sleep(hold)
+        STATE["slow_pulling"] = False
+        yield "second"
+    finally:
+        STATE["slow_closed"] = True
 
 
 async def flood(size: int = 65536):

@@ -12,9 +12,10 @@ from pathlib import Path
 import h11
 import pytest
 
-from runnel.testing import H11Client, free_port, request, wait_until
+from runnel.testing import H11Client, connect, free_port, recv_until, request, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
+STUCK = REPO / "tests" / "apps" / "stuck.py"
 
 
 def clean_env(**extra) -> dict:
@@ -289,6 +290,40 @@ def test_second_signal_during_grace_stops_now(tmp_path, second):
         log = serve.log
     assert returncode == 0, log
     assert f"second {second.name}: stopping now" in log
+    assert "Traceback" not in log
+
+
+def test_sigterm_exits_0_past_sync_functions_that_never_return(tmp_path):
+    # Threads cannot be stopped: at the end of the grace period the server abandons the
+    # calls still in its python app's threads, and the process exits all the same
+    # (before issue 10 the interpreter joined those threads at exit: it never did).
+    port, grace = free_port(), 1.0
+    config = tmp_path / "stuck.toml"
+    config.write_text(f'[server]\nport = {port}\nshutdown_grace = {grace}\n\n'
+                      f'[apps.stuck]\nbackend = "python"\nmodule = "{STUCK}"\nworkers = 2\n')
+
+    def post(function: str, accept: bytes = b"application/json") -> socket.socket:
+        sock = connect(port)
+        sock.sendall(b"POST /v4/p/stuck/%b HTTP/1.1\r\nhost: x\r\naccept: %b\r\ncontent-length: 2\r\n\r\n{}"
+                     % (function.encode(), accept))
+        return sock
+
+    with Serve(tmp_path, "--config", config, name="stuck") as serve:
+        serve.wait_healthy(port)
+        calls = [post("hang"), post("hang_stream", b"text/event-stream")]
+        # The stream's second next() never returns: both threads are stuck; one more call waits for them.
+        assert b"data: first\n\n" in recv_until(calls[1], b"data: first\n\n")
+        calls.append(post("hang"))
+        wait_until(lambda: request(port, "GET", "/stats").json()["apps"]["stuck"]["pool_calls"] == 3)
+        serve.proc.send_signal(signal.SIGTERM)
+        try:
+            returncode = serve.proc.wait(timeout=grace + 10)
+        finally:
+            for sock in calls:
+                sock.close()
+        log = serve.log
+    assert returncode == 0, log
+    assert "runnel stopped" in log
     assert "Traceback" not in log
 
 

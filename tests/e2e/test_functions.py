@@ -7,6 +7,7 @@ model app; clients are raw h11, raw sockets and the openai SDK.
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 from pathlib import Path
@@ -319,6 +320,21 @@ def test_disconnect_stops_pulling_a_sync_generator(lab):
     sock.close()
     # Closed (its finally ran), so it will never be pulled again.
     wait_until(lambda: state["sync_closed"])
+
+
+def test_disconnect_during_a_sync_next_closes_the_generator_after_it(lab, caplog):
+    # A generator closed while its next() runs in another thread raises ValueError
+    # ("generator already executing") and is left unclosed: the close must wait for it.
+    caplog.set_level(logging.ERROR, logger="runnel.functions")
+    state = module_of(lab, "lab").STATE
+    sock, data = open_stream(lab.port, "sync_slow_pull")
+    assert b"data: first\n\n" in recv_until(sock, b"data: first\n\n", data)
+    wait_until(lambda: state["slow_pulling"])
+    sock.close()  # while that next() sleeps in its thread
+    wait_until(lambda: state["slow_closed"])
+    assert not state["slow_pulling"]  # closed after the next() ended, not during it
+    wait_until(lambda: request(lab.port, "GET", "/stats").json()["apps"]["lab"]["pool_calls"] == 0)
+    assert [r.getMessage() for r in caplog.records if r.name == "runnel.functions"] == []
 
 
 def test_a_slow_reader_holds_the_generator_back(lab):

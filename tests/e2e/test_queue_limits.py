@@ -13,6 +13,7 @@ The calls are held by tests/apps/gated.py until the test creates its gate file.
 from __future__ import annotations
 
 import contextlib
+import socket
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import orjson
 
-from runnel.testing import request, wait_until
+from runnel.testing import connect, request, wait_until
 
 GATED = Path(__file__).resolve().parents[1] / "apps" / "gated.py"
 
@@ -76,6 +77,29 @@ def test_sync_calls_past_max_queue_get_429_at_once_and_held_calls_finish(start_s
     wait_until(lambda: pool_calls(server.port, "gated") == 0)
     reply = post(server.port, "/v4/p/gated/quick", {"tag": "again"})
     assert (reply.status, reply.json()["result"]) == (200, "again")
+
+
+def test_a_caller_that_leaves_frees_its_slot_only_once_no_thread_holds_its_call(start_server, tmp_path):
+    gate = tmp_path / "gate"
+    server = start_server({"apps": {"gated": gated_app(workers=1, max_queue=1)}})
+
+    def leave_after_sending(body: dict) -> socket.socket:
+        data = orjson.dumps(body)
+        sock = connect(server.port)
+        sock.sendall(b"POST /v4/p/gated/hold HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%b" % (len(data), data))
+        return sock
+
+    running = leave_after_sending({"gate": str(gate), "tag": "running"})
+    wait_until(lambda: pool_calls(server.port, "gated") == 1)
+    waiting = leave_after_sending({"gate": str(gate), "tag": "waiting"})
+    wait_until(lambda: pool_calls(server.port, "gated") == 2)
+    waiting.close()  # its call had no thread yet: it is never run, and its slot is free at once
+    wait_until(lambda: pool_calls(server.port, "gated") == 1)
+    running.close()  # its call goes on in its thread, which it still holds
+    time.sleep(0.3)
+    assert pool_calls(server.port, "gated") == 1
+    gate.write_text("")
+    wait_until(lambda: pool_calls(server.port, "gated") == 0)
 
 
 def test_max_queue_is_validated(start_server):

@@ -30,12 +30,15 @@ The module is imported (in a worker thread) and its setup function run in
 How a function runs:
 
 - ``async def``: awaited on the event loop; cancelling the caller cancels it.
-- ``def``: called in the app's thread pool (``workers`` threads). A thread cannot be
-  stopped: cancelling the caller abandons the call, which still runs to its end.
+- ``def``: called in the app's threads (``workers`` daemon threads,
+  ``runnel.workers.DaemonThreads``). A thread cannot be stopped: cancelling the caller
+  abandons the call, which still runs to its end (a call still waiting for a thread is
+  not run). ``close()`` drops the waiting calls and abandons the running ones: the
+  process exits even past a function that never returns.
 - ``async def`` with ``yield``: an async generator, pulled on the loop; cancelling or
   ``aclose()`` ends it (its ``finally`` runs).
-- ``def`` with ``yield``: a generator; each ``next()`` runs in the pool. ``aclose()``
-  stops pulling and closes it in the pool (after a ``next()`` still running there).
+- ``def`` with ``yield``: a generator; each ``next()`` runs in the app's threads. ``aclose()``
+  stops pulling and closes it in the app's threads (after a ``next()`` still running there).
 - A function that returns a generator, an async iterator or an awaitable (e.g. a plain
   ``def run(stream=False)`` returning a generator only when asked to stream) is handled
   the same way, so ``invoke``'s result, not ``is_streaming``, is what tells.
@@ -51,8 +54,6 @@ bounded elsewhere (async runs: ``runs_workers``) pass ``bounded=False``; they st
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextvars
 import functools
 import importlib
@@ -62,12 +63,12 @@ import logging
 import os
 import re
 import sys
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ..errors import HTTPError
 from ..hookspecs import hookimpl
+from ..workers import DaemonThreads
 
 logger = logging.getLogger("runnel.functions")
 
@@ -183,55 +184,62 @@ class _AsyncStream(FunctionStream):
             await close()
 
 
+def _in_context(call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call`` run in a copy of the caller's context (contextvars), as ``run_in_executor`` would."""
+    return functools.partial(contextvars.copy_context().run, call)
+
+
 class _ThreadStream(FunctionStream):
-    """A sync generator pulled one ``next()`` at a time in a thread pool."""
+    """A sync generator pulled one ``next()`` at a time in the app's threads.
 
-    __slots__ = ("_generator", "_pool", "_pending", "_closed", "_release")
+    Invariant: at most one thread touches the generator at a time (a generator used
+    while it runs raises ValueError): a ``next()`` is only asked for once the previous
+    one is done with it (``_running``), and the generator is closed only when no
+    ``next()`` is running or waiting for a thread.
+    """
 
-    def __init__(self, generator, pool: ThreadPoolExecutor, release) -> None:
+    __slots__ = ("_generator", "_threads", "_running", "_closed", "_release")
+
+    def __init__(self, generator, threads: DaemonThreads, release: Callable[[], None]) -> None:
         self._generator = generator
-        self._pool = pool
-        self._pending: concurrent.futures.Future[Any] | None = None  # the future of a next() in flight
+        self._threads = threads
+        self._running = False  # a next() is in a thread or waiting for one
         self._closed = False
-        self._release = release  # called once, when the stream is closed: its pool slot is free
+        self._release = release  # called once, when the stream is closed: its slot is free
 
     async def __anext__(self) -> Any:
         if self._closed:
             raise StopAsyncIteration
-        context = contextvars.copy_context()
-        # (mypy cannot choose among next()'s overloads through Context.run)
-        self._pending = future = self._pool.submit(context.run, next, self._generator, _DONE)  # type: ignore[arg-type]
-        value = await asyncio.wrap_future(future)
-        self._pending = None
+        self._running = True
+        pull = functools.partial(next, self._generator, _DONE)
+        value = await self._threads.run(_in_context(pull), skip_cancelled=True, done=self._pulled)
         if value is _DONE:
             self._closed = True
             self._release()
             raise StopAsyncIteration
         return value
 
+    def _pulled(self) -> None:
+        """(On the loop) a thread is done with a next(): it returned, raised or was skipped."""
+        self._running = False
+        if self._closed:  # aclose() came meanwhile and left the closing to this
+            self._close()
+
     async def aclose(self) -> None:
         # Never awaits: this runs in finally blocks of cancelled tasks. The generator
-        # is closed in a worker thread, after a next() that is still running there.
+        # is closed in a thread, after a next() that is still running there.
         if self._closed:
             return
         self._closed = True
         self._release()
-        pending, self._pending = self._pending, None
-        if pending is not None and not pending.cancel() and not pending.done():
-            pending.add_done_callback(lambda _: _close_generator(self._generator))
-            return
+        if not self._running:
+            self._close()
+
+    def _close(self) -> None:
         try:
-            self._pool.submit(_close_generator, self._generator)
-        except RuntimeError:  # the pool is shut down: the app is closing
+            self._threads.run(functools.partial(_close_generator, self._generator))
+        except RuntimeError:  # the threads are closed: the app is closing
             _close_generator(self._generator)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, callback) -> None:
-    """``callback`` on ``loop`` from a pool thread; nothing once the loop is closed (the server is gone)."""
-    try:
-        loop.call_soon_threadsafe(callback)
-    except RuntimeError:
-        pass
 
 
 def _close_generator(generator) -> None:
@@ -262,13 +270,12 @@ class FunctionApp:
         self.module = None
         self.functions: dict[str, Function] = {}
         self.calls = 0  # invocations so far
-        self._pool: ThreadPoolExecutor | None = None
+        self._threads: DaemonThreads | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"runnel-{self.name}")
-        module = await loop.run_in_executor(self._pool, self._import)
+        self._threads = threads = DaemonThreads(self.workers, f"runnel-{self.name}")
+        module = await threads.run(self._import)
         setup = getattr(module, self.setup_name, None) if self.setup_name else None
         if setup is not None and not callable(setup):
             logger.warning("app %r: %s.%s is not callable; no setup is run", self.name, module.__name__,
@@ -288,7 +295,7 @@ class FunctionApp:
             if _marked(setup, inspect.iscoroutinefunction):
                 result = await setup()
             else:
-                result = await loop.run_in_executor(self._pool, contextvars.copy_context().run, setup)
+                result = await threads.run(_in_context(setup))
             if inspect.isawaitable(result):
                 await result
         self.module = module
@@ -319,10 +326,11 @@ class FunctionApp:
         return module
 
     async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            # Running threads cannot be stopped; queued calls are dropped.
-            pool.shutdown(wait=False, cancel_futures=True)
+        threads, self._threads = self._threads, None
+        if threads is not None:
+            # Running calls cannot be stopped: they are abandoned (daemon threads, so the
+            # process still exits); queued calls are dropped.
+            threads.close(drop_queued=True)
 
     def stats(self) -> dict:
         return {"functions": list(self.functions), "workers": self.workers, "calls": self.calls,
@@ -356,35 +364,33 @@ class FunctionApp:
         function = self.function(name)
         kwargs = function.arguments(kwargs, run_id)
         kind = function.kind
-        pool = self._pool
-        assert pool is not None  # made by start(); only a started app is called
+        threads = self._threads
+        assert threads is not None  # made by start(); only a started app is called
         if kind == "async_generator":
             self.calls += 1
             return _AsyncStream(function.fn(**kwargs))
         if kind == "generator":
             self._admit(bounded)
             self.calls += 1
-            return _ThreadStream(function.fn(**kwargs), pool, self._release)
+            return _ThreadStream(function.fn(**kwargs), threads, self._release)
         if kind == "async":
             self.calls += 1
             result = await function.fn(**kwargs)
         else:
             self._admit(bounded)
             self.calls += 1
-            loop = asyncio.get_running_loop()
-            call = functools.partial(function.fn, **kwargs)
+            call = _in_context(functools.partial(function.fn, **kwargs))
             try:
-                future = pool.submit(contextvars.copy_context().run, call)
-            except BaseException:  # the pool is shut down: the app is closing
+                # Free the slot when the thread is done with the call, not when the caller
+                # stops waiting: an abandoned call still holds its thread.
+                future = threads.run(call, skip_cancelled=True, done=self._release)
+            except BaseException:  # the threads are closed: the app is closing
                 self._release()
                 raise
-            # Free the slot when the thread is done with the call, not when the caller
-            # stops waiting: an abandoned call still holds its thread.
-            future.add_done_callback(lambda _: _call_soon(loop, self._release))
-            result = await asyncio.wrap_future(future)
+            result = await future
             if inspect.isawaitable(result):
                 result = await result
-        return self._wrap(result, pool)
+        return self._wrap(result, threads)
 
     def _admit(self, bounded: bool) -> None:
         if bounded and self.pool_calls >= self.workers + self.max_queue:
@@ -396,10 +402,10 @@ class FunctionApp:
     def _release(self) -> None:
         self.pool_calls -= 1
 
-    def _wrap(self, result: Any, pool: ThreadPoolExecutor) -> Any:
+    def _wrap(self, result: Any, threads: DaemonThreads) -> Any:
         if inspect.isgenerator(result):
             self._admit(False)  # the call was admitted already; its values are part of it
-            return _ThreadStream(result, pool, self._release)
+            return _ThreadStream(result, threads, self._release)
         if isinstance(result, AsyncIterator) and not isinstance(result, FunctionStream):
             return _AsyncStream(result)
         return result
