@@ -373,20 +373,21 @@ async def crash_loop(server: Server, kills: int, seconds_between: float) -> dict
 SERVER_PORT = 0
 
 
-def mb(n: int) -> str:
-    return f"{n / 1048576:.1f}"
+def mb(n: float) -> str:
+    return f"{n / 1048576:.1f}" if n >= 104858 or n == 0 else f"{n / 1048576:.3f}"
 
 
 async def main_async(quick: bool) -> str:
     global SERVER_PORT
     seconds = 6.0 if quick else 15.0
     rows = []
+    lorises, bodies = (300, 100) if quick else (800, 300)
     phases = [
         ("baseline (no attack)", None, 1),
-        ("slowloris", slowloris(300 if quick else 800), 1),
-        ("slow bodies", slow_bodies(100 if quick else 300), 1),
-        ("stalled streams", stalled_streams(20), 20),
-        ("pipelining, never read", pipelining(10, 400), 10),
+        (f"slowloris ({lorises} connections)", slowloris(lorises), lorises),
+        (f"slow bodies ({bodies} connections)", slow_bodies(bodies), bodies),
+        ("stalled streams (20)", stalled_streams(20), 20),
+        ("pipelining, never read (10 connections)", pipelining(10, 400), 10),
     ]
     for name, attack, units in phases:
         # A fresh server for each attack: RSS the previous one left in the allocator's
@@ -402,7 +403,7 @@ async def main_async(quick: bool) -> str:
         growth = (figures["rss_peak"] - figures["rss_before"]) / units
         rows.append(f"| {name} | {figures['probes']} | {figures['failed']} | {figures['p50_ms']:.1f} | "
                     f"{figures['p99_ms']:.1f} | {mb(figures['rss_before'])} | {mb(figures['rss_peak'])} | "
-                    f"{mb(figures['rss_after'])} | {mb(int(growth))} |")
+                    f"{mb(figures['rss_after'])} | {mb(growth)} |")
     with tempfile.TemporaryDirectory(prefix="runnel-stress-") as tmp:
         server = Server(Path(tmp))
         SERVER_PORT = server.port
