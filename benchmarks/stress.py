@@ -188,14 +188,17 @@ async def probe(port: int, results: list, stop: trio.Event) -> None:
         await stream.aclose()
 
 
-async def hold(port: int, payload: bytes, pace: float, until: float) -> None:
-    """Send ``payload`` one byte every ``pace`` seconds until ``until`` (or the server closes), never reading."""
+async def hold(port: int, payload: bytes, pace: float, until: float, prefix: bytes = b"") -> None:
+    """Send ``prefix`` at once, then ``payload`` one byte every ``pace`` seconds until ``until``
+    (or the server closes), never reading."""
     try:
         stream = await trio.open_tcp_stream(HOST, port)
     except OSError:
         return
     async with stream:
         try:
+            if prefix:
+                await stream.send_all(prefix)
             for byte in payload:
                 if trio.current_time() >= until:
                     return
@@ -281,26 +284,9 @@ def slow_bodies(count: int):
                    b"Content-Length: %d\r\n\r\n" % len(body))
         async with trio.open_nursery() as nursery:
             for _ in range(count):
-                nursery.start_soon(flood_then_trickle, request, body, until)
+                nursery.start_soon(hold, SERVER_PORT, body, 2.0, until, request)
                 await trio.sleep(0.002)
     return attack
-
-
-async def flood_then_trickle(head: bytes, body: bytes, until: float) -> None:
-    try:
-        stream = await trio.open_tcp_stream(HOST, SERVER_PORT)
-    except OSError:
-        return
-    async with stream:
-        try:
-            await stream.send_all(head)
-            for byte in body:
-                if trio.current_time() >= until:
-                    return
-                await stream.send_all(bytes([byte]))
-                await trio.sleep(2.0)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return
 
 
 def stalled_streams(count: int):
