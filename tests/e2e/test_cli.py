@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -336,3 +337,83 @@ def test_serve_port_taken_exits_1(tmp_path):
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1].startswith("runnel: ")
     assert "Traceback" not in result.stderr
+
+
+# -- a new user's first hour (issue 11) ---------------------------------------------------
+
+HELLO = REPO / "examples" / "hello" / "main.py"
+
+
+def function_app_config(tmp_path: Path, name: str = "runnel.toml") -> Path:
+    config = tmp_path / name
+    config.write_text(f'[apps.hello]\nbackend = "python"\nmodule = "{HELLO}"\n\n'
+                      '[apps.hello.functions]\npublic = true\n')
+    return config
+
+
+def submit_run(port: int):
+    return request(port, "POST", "/v4/p/hello/greet?async=true", body=b'{"name": "x"}')
+
+
+def test_two_servers_from_one_directory_both_start_and_take_runs(tmp_path):
+    # Each server's run store defaults to its own file in the per-user data directory,
+    # never the working directory (tests/conftest.py points XDG_DATA_HOME at a temp dir).
+    data_home = tmp_path / "data"
+    env = clean_env(XDG_DATA_HOME=str(data_home))
+    config = function_app_config(tmp_path)
+    ports = free_port(), free_port()
+    with Serve(tmp_path, "--config", config, "--port", ports[0], env=env, name="a") as a, \
+            Serve(tmp_path, "--config", config, "--port", ports[1], env=env, name="b") as b:
+        for serve, port in ((a, ports[0]), (b, ports[1])):
+            serve.wait_healthy(port)
+            assert submit_run(port).status == 202, serve.log
+        # Two servers with no config (no apps): no store at all.
+        no_config = free_port(), free_port()
+        with Serve(tmp_path, "--port", no_config[0], env=env, name="c") as c, \
+                Serve(tmp_path, "--port", no_config[1], env=env, name="d") as d:
+            c.wait_healthy(no_config[0])
+            d.wait_healthy(no_config[1])
+    stores = sorted(p.name for p in (data_home / "runnel").glob("*.sqlite3"))
+    assert len(stores) == 2 and all(name.startswith("runs-runnel-") for name in stores), stores
+    assert not list(tmp_path.glob("*.sqlite3*"))  # nothing in the working directory
+
+
+def test_a_busy_run_store_names_the_path_the_setting_and_the_variable(tmp_path):
+    path = tmp_path / "runs.sqlite3"
+    env = clean_env(RUNNEL_RUNS_PATH=str(path))
+    config = function_app_config(tmp_path)
+    port = free_port()
+    with Serve(tmp_path, "--config", config, "--port", port, env=env) as serve:
+        serve.wait_healthy(port)
+        assert submit_run(port).status == 202  # makes (and locks) the file
+        result = runnel("serve", "--config", config, "--port", free_port(), env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == (f"runnel: config error: environment: RUNNEL_RUNS_PATH: {path} is in use by another "
+                             "runnel server; give this one its own run store with [server] runs_path or the "
+                             "RUNNEL_RUNS_PATH environment variable\n")
+
+
+def test_a_short_key_in_the_environment_is_blamed_on_the_variable(tmp_path):
+    config = tmp_path / "runnel.toml"
+    config.write_text('[apps.echo]\nbackend = "echo"\n')
+    result = runnel("check-config", config, env=clean_env(RUNNEL_API_KEYS="good-key-1,short"))
+    assert result.returncode == 2
+    assert result.stderr == ("runnel: config error: environment: RUNNEL_API_KEYS: "
+                             "every API key must be at least 8 characters long\n")
+
+
+def test_serve_without_a_config_warns_and_says_which_config_serves_the_model(tmp_path):
+    port = free_port()
+    with Serve(tmp_path, "--port", port) as serve:
+        serve.wait_healthy(port)
+        wait_until(lambda: "conf/runnel.toml" in serve.log)
+        assert "WARNING" in serve.log and "serving no apps" in serve.log and "builtin:tiny" in serve.log
+
+
+def test_version_and_serve_help():
+    result = runnel("--version")
+    assert result.returncode == 0 and re.fullmatch(r"runnel \d+\.\d+\.\d+\S*\n", result.stdout), result.stdout
+    text = " ".join(runnel("serve", "--help").stdout.split())  # argparse wraps lines
+    for option, default in (("--host", "127.0.0.1"), ("--port", "8000"), ("--log-level", "info")):
+        assert option in text and f"else {default})" in text
+    assert "$RUNNEL_CONFIG" in text and "$RUNNEL_PORT" in text
