@@ -121,6 +121,24 @@ BAD_CONFIGS = [
     ('[auth]\nkind = "kerberos"\n', "auth.kind", "unknown auth kind 'kerberos'; installed: api_key, "),
     ('[auth]\nkind = "api_key"\nkeys_file = "missing-keys.txt"\n', "auth.keys_file", "cannot read {dir}/missing-keys.txt: "
      "No such file or directory"),
+    # Every per-app surface table refuses typos and wrong types (issue 11).
+    ('[apps.m]\nbackend = "echo"\n[apps.m.openai]\nowned = "x"\n', "apps.m.openai.owned",
+     "unknown key 'owned' (did you mean 'owned_by'?)"),
+    ('[apps.m]\nbackend = "echo"\n[apps.m.openai]\nowned_by = 5\n', "apps.m.openai.owned_by",
+     "expected a string, got integer 5"),
+    ('[apps.m]\nbackend = "echo"\n[apps.m.runpod]\nendpoint = "x"\n', "apps.m.runpod.endpoint",
+     "unknown key 'endpoint' (did you mean 'endpoint_id'?)"),
+    ('[apps.m]\nbackend = "echo"\n[apps.m.baseten]\nmodel_id = "x"\nproduct = true\n', "apps.m.baseten.product",
+     "unknown key 'product' (did you mean 'production'?)"),
+    ('[apps.m]\nbackend = "echo"\n[apps.m.functions]\npublik = true\n', "apps.m.functions.publik",
+     "unknown key 'publik' (did you mean 'public'?)"),
+    ('[apps.m]\nbackend = "echo"\n[apps.m.functions]\npublic = "yes"\n', "apps.m.functions.public",
+     "expected a boolean, got string 'yes'"),
+    # A model path that cannot load is refused at check-config (and at start-up: same build()).
+    ('[apps.m]\nbackend = "ctranslate2"\nmodel = "no-such-model"\n', "apps.m.model",
+     "no such model directory: {dir}/no-such-model"),
+    ('[apps.m]\nbackend = "ctranslate2"\nmodel = "."\n', "apps.m.model",
+     "not a CTranslate2 model directory: no model.bin in {dir}"),
 ]
 
 
@@ -417,3 +435,19 @@ def test_version_and_serve_help():
     for option, default in (("--host", "127.0.0.1"), ("--port", "8000"), ("--log-level", "info")):
         assert option in text and f"else {default})" in text
     assert "$RUNNEL_CONFIG" in text and "$RUNNEL_PORT" in text
+
+
+def test_a_model_directory_without_a_tokenizer_stops_serve_before_it_listens(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.bin").write_bytes(b"")
+    config = tmp_path / "runnel.toml"
+    port = free_port()
+    config.write_text(f'[server]\nport = {port}\n\n[apps.m]\nbackend = "ctranslate2"\nmodel = "model"\n')
+    expected = (f"runnel: config error: {config}: apps.m.model: no tokenizer in {model}: expected tokenizer.model "
+                "(sentencepiece) or tokenizer.json (Hugging Face tokenizers)\n")
+    checked = runnel("check-config", config)
+    assert (checked.returncode, checked.stderr) == (2, expected)
+    served = runnel("serve", "--config", config, cwd=tmp_path)
+    assert (served.returncode, served.stderr) == (2, expected)
+    assert refused(port)
