@@ -369,6 +369,10 @@ def function_app_config(tmp_path: Path, name: str = "runnel.toml") -> Path:
     return config
 
 
+class Reply503:
+    status = 503
+
+
 def submit_run(port: int):
     return request(port, "POST", "/v4/p/hello/greet?async=true", body=b'{"name": "x"}')
 
@@ -383,8 +387,9 @@ def test_two_servers_from_one_directory_both_start_and_take_runs(tmp_path):
     with Serve(tmp_path, "--config", config, "--port", ports[0], env=env, name="a") as a, \
             Serve(tmp_path, "--config", config, "--port", ports[1], env=env, name="b") as b:
         for serve, port in ((a, ports[0]), (b, ports[1])):
-            serve.wait_healthy(port)
-            assert submit_run(port).status == 202, serve.log
+            wait_until(lambda port=port: (health(port) or Reply503).status == 200, timeout=30)  # apps loaded
+            reply = submit_run(port)
+            assert reply.status == 202, (reply.body, serve.log)
         # Two servers with no config (no apps): no store at all.
         no_config = free_port(), free_port()
         with Serve(tmp_path, "--port", no_config[0], env=env, name="c") as c, \
@@ -402,7 +407,7 @@ def test_a_busy_run_store_names_the_path_the_setting_and_the_variable(tmp_path):
     config = function_app_config(tmp_path)
     port = free_port()
     with Serve(tmp_path, "--config", config, "--port", port, env=env) as serve:
-        serve.wait_healthy(port)
+        wait_until(lambda: (health(port) or Reply503).status == 200, timeout=30)  # apps loaded
         assert submit_run(port).status == 202  # makes (and locks) the file
         result = runnel("serve", "--config", config, "--port", free_port(), env=env, cwd=tmp_path)
     assert result.returncode == 2
