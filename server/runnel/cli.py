@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
 import signal
 import sys
 
-from .config import Config, ConfigError, apply_environment, load_config, override_server
+from .config import LOG_LEVELS, Config, ConfigError, ServerConfig, apply_environment, load_config, override_server
 from .plugins import describe_plugins, make_plugin_manager
 from .server import Server
 
@@ -26,8 +27,23 @@ def run(coro):
         return runner.run(coro)
 
 
+# What `runnel serve` with no config says: where a config that serves the built-in model is.
+NO_CONFIG_HINT = (
+    "no config given (--config or $RUNNEL_CONFIG): serving no apps. To serve the built-in model, "
+    "start `runnel serve --config conf/runnel.toml` from a runnel checkout, or write a config with "
+    "[apps.tiny] backend = \"ctranslate2\", model = \"builtin:tiny\" (see conf/examples/openai.toml)"
+)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("runnel")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
 def _load(path: str | None, args=None) -> Config:
-    path = path or os.environ.get("RUNNEL_CONFIG")
+    path = path or os.environ.get("RUNNEL_CONFIG", "").strip() or None
     config = load_config(path) if path else Config()
     config = apply_environment(config, os.environ)
     if args is not None:
@@ -61,6 +77,8 @@ def cmd_serve(args) -> int:
     logging.basicConfig(
         level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if config.source is None and not config.apps:
+        logger.warning("%s", NO_CONFIG_HINT)
     server = Server(config)
     server.build()  # config mistakes are reported before anything binds
     run(_serve(server))
@@ -82,12 +100,21 @@ def cmd_plugins(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="runnel", description="A self-hosted inference HTTP server.")
+    parser.add_argument("--version", action="version", version=f"runnel {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the server")
-    serve.add_argument("--config", help="TOML config file (default: $RUNNEL_CONFIG, else built-in defaults)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    defaults = ServerConfig()
+    serve = commands.add_parser(
+        "serve", help="run the server", description="Run the server until SIGTERM or SIGINT.",
+        epilog="Precedence: built-in defaults, then the config file, then RUNNEL_* variables, then these flags.",
+    )
+    serve.add_argument("--config", metavar="FILE",
+                       help="TOML config file (default: $RUNNEL_CONFIG; with neither, no apps are served)")
+    serve.add_argument("--host", help=f"address to listen on (default: $RUNNEL_HOST, else [server] host, "
+                       f"else {defaults.host})")
+    serve.add_argument("--port", type=int, help=f"port to listen on, 0 = any free one (default: $RUNNEL_PORT, "
+                       f"else [server] port, else {defaults.port})")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help=f"log verbosity (default: $RUNNEL_LOG_LEVEL, "
+                       f"else [server] log_level, else {defaults.log_level})")
     serve.set_defaults(func=cmd_serve)
     check = commands.add_parser("check-config", help="validate a config file and the plugins it names")
     check.add_argument("file")

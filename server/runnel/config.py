@@ -99,7 +99,10 @@ class ServerConfig:
     # 0 = no floor (body_timeout alone, which each byte restarts).
     body_min_rate: float = 1024.0
     # Async runs (runnel.runs) and their webhooks.
-    runs_path: str = "runnel-runs.sqlite3"  # SQLite file (relative: to the working directory); "" = memory
+    # SQLite file of async runs, opened only when an app can take runs (a python function app).
+    # None: one per server in the per-user data directory (runnel.runs.default_runs_path);
+    # relative: to the working directory; "" = memory (runs are lost with the process).
+    runs_path: str | None = None
     runs_retention: float = 1800.0  # finished runs are kept this long, then purged
     runs_workers: int = 8  # background runs executing at once
     runs_max_queued: int = 10000  # runs waiting in the store; past it a new run is refused (429)
@@ -135,10 +138,18 @@ class Config:
     apps: Mapping[str, AppConfig] = field(default_factory=dict)  # in file order
     source: str | None = None  # the file it came from, for error messages
     base_dir: str | None = None  # relative paths in plugin tables resolve against this (None: cwd)
+    # Settings that a later layer set, by config key ("server.port", "auth.keys"): the
+    # (key, source) an error about them must name instead, e.g. ("RUNNEL_PORT", "environment").
+    origins: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
     def table(self, key: str, data: Mapping[str, Any]) -> Table:
-        """A :class:`Table` over a plugin's options whose errors name this config's file."""
-        return Table(data, key=key, source=self.source)
+        """A :class:`Table` over a plugin's options whose errors name this config's file
+        (or the variable or flag that set a value)."""
+        return Table(data, key=key, source=self.source, origins=self.origins)
+
+    def origin(self, key: str) -> tuple[str, str | None]:
+        """(key, source) that set the setting ``key``, for errors about it found later."""
+        return self.origins.get(key, (key, self.source))
 
 
 # --- value checking shared by the core and by Table ---------------------------------
@@ -410,6 +421,7 @@ _ENV_SERVER = {
     "RUNNEL_PORT": "port",
     "RUNNEL_LOG_LEVEL": "log_level",
     "RUNNEL_ACCESS_LOG": "access_log",
+    "RUNNEL_RUNS_PATH": "runs_path",
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -438,12 +450,14 @@ def apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
     means "no override" rather than "port ''".
     """
     server = {}
+    origins = dict(config.origins)
     for var, name in _ENV_SERVER.items():
         text = environ.get(var, "").strip()
         if text:
             value = _from_env_string(var, text, _SERVER_RULES[name][0])
             server[name] = _server_value(name, value, key=var, source=_ENV)
-    config = dataclasses.replace(config, server=dataclasses.replace(config.server, **server))
+            origins[f"server.{name}"] = (var, _ENV)
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server, **server), origins=origins)
 
     text = environ.get("RUNNEL_API_KEYS", "").strip()
     if text:
@@ -454,7 +468,8 @@ def apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
         # protected, so keys without an auth kind switch on api_key auth.
         kind = "api_key" if config.auth.kind == "none" else config.auth.kind
         auth = AuthConfig(kind=kind, options={**config.auth.options, "keys": keys})
-        config = dataclasses.replace(config, auth=auth)
+        # The auth plugin checks the keys: its errors about them must name the variable.
+        config = dataclasses.replace(config, auth=auth, origins={**origins, "auth.keys": ("RUNNEL_API_KEYS", _ENV)})
     return config
 
 
@@ -466,7 +481,9 @@ def override_server(config: Config, **fields: Any) -> Config:
     """
     given = {name: value for name, value in fields.items() if value is not None}
     server = _server_from(config.server, given, prefix="server", source="command line")
-    return dataclasses.replace(config, server=server)
+    origins = {**config.origins, **{f"server.{name}": (f"--{name.replace('_', '-')}", "command line")
+                                    for name in given}}
+    return dataclasses.replace(config, server=server, origins=origins)
 
 
 # --- plugin tables ----------------------------------------------------------------------
@@ -476,14 +493,21 @@ class Table:
     """A plugin's config table (an app's or auth's options): every read is typed, unread keys are errors.
     Backends use it so their errors name the key and the file just like the core's."""
 
-    def __init__(self, data: Mapping[str, Any], *, key: str, source: str | None = None):
+    def __init__(self, data: Mapping[str, Any], *, key: str, source: str | None = None,
+                 origins: Mapping[str, tuple[str, str]] | None = None):
         self.key = key
         self.source = source
+        self._origins = origins or {}  # Config.origins: values a variable or flag set
         self._data = dict(_typed(data, dict, key=key, source=source))
         self._asked: list[str] = []  # names the plugin asked for, in order: the valid keys
 
     def _key(self, name: str) -> str:
         return f"{self.key}.{name}" if name else self.key
+
+    def _where(self, name: str) -> tuple[str, str | None]:
+        """(key, source) for an error about ``name``: the variable or flag that set it, if one did."""
+        key = self._key(name)
+        return self._origins.get(key, (key, self.source))
 
     def _lookup(self, name: str, default: Any) -> tuple[bool, Any]:
         """(found, value); raises if missing and required. Marks ``name`` as read."""
@@ -499,16 +523,19 @@ class Table:
         """The value of ``name``, of ``kind`` (an int is accepted, as a float, where float is asked).
         ``default`` is returned as is when the key is absent."""
         found, value = self._lookup(name, default)
-        return _typed(value, kind, key=self._key(name), source=self.source) if found else value
+        if not found:
+            return value
+        key, source = self._where(name)
+        return _typed(value, kind, key=key, source=source)
 
     def get_list(self, name: str, item_kind: type, default: Any = REQUIRED) -> list:
         """A list whose every item is of ``item_kind``; a new list, so callers may keep it."""
         found, value = self._lookup(name, default)
         if not found:
             return value
-        key = self._key(name)
-        value = _typed(value, list, key=key, source=self.source)
-        return [_typed(item, item_kind, key=f"{key}[{i}]", source=self.source) for i, item in enumerate(value)]
+        key, source = self._where(name)
+        value = _typed(value, list, key=key, source=source)
+        return [_typed(item, item_kind, key=f"{key}[{i}]", source=source) for i, item in enumerate(value)]
 
     def path(self, name: str, base_dir: str | None, default: Any = REQUIRED) -> str | None:
         """A file path; a relative one is made absolute against ``base_dir`` (None: the
@@ -517,7 +544,8 @@ class Table:
         found, value = self._lookup(name, default)
         if not found:
             return value
-        value = _typed(value, str, key=self._key(name), source=self.source)
+        key, source = self._where(name)
+        value = _typed(value, str, key=key, source=source)
         if not value.strip():
             raise self.error(name, "must not be empty")
         value = os.path.expanduser(value)
@@ -525,7 +553,8 @@ class Table:
 
     def error(self, name: str, message: str) -> ConfigError:
         """A ConfigError for ``name`` in this table, for checks only the plugin knows."""
-        return ConfigError(message, key=self._key(name), source=self.source)
+        key, source = self._where(name)
+        return ConfigError(message, key=key, source=source)
 
     def finish(self) -> None:
         """Raise for the first key that was never read: most likely a typo."""

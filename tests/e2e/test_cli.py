@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -120,6 +121,24 @@ BAD_CONFIGS = [
     ('[auth]\nkind = "kerberos"\n', "auth.kind", "unknown auth kind 'kerberos'; installed: api_key, "),
     ('[auth]\nkind = "api_key"\nkeys_file = "missing-keys.txt"\n', "auth.keys_file", "cannot read {dir}/missing-keys.txt: "
      "No such file or directory"),
+    # Every per-app surface table refuses typos and wrong types (issue 11).
+    ('[apps.m]\nbackend = "echo"\n[apps.m.openai]\nowned = "x"\n', "apps.m.openai.owned",
+     "unknown key 'owned' (did you mean 'owned_by'?)"),
+    ('[apps.m]\nbackend = "echo"\n[apps.m.openai]\nowned_by = 5\n', "apps.m.openai.owned_by",
+     "expected a string, got integer 5"),
+    ('[apps.m]\nbackend = "echo"\n[apps.m.runpod]\nendpoint = "x"\n', "apps.m.runpod.endpoint",
+     "unknown key 'endpoint' (did you mean 'endpoint_id'?)"),
+    ('[apps.m]\nbackend = "echo"\n[apps.m.baseten]\nmodel_id = "x"\nproduct = true\n', "apps.m.baseten.product",
+     "unknown key 'product' (did you mean 'production'?)"),
+    ('[apps.m]\nbackend = "echo"\n[apps.m.functions]\npublik = true\n', "apps.m.functions.publik",
+     "unknown key 'publik' (did you mean 'public'?)"),
+    ('[apps.m]\nbackend = "echo"\n[apps.m.functions]\npublic = "yes"\n', "apps.m.functions.public",
+     "expected a boolean, got string 'yes'"),
+    # A model path that cannot load is refused at check-config (and at start-up: same build()).
+    ('[apps.m]\nbackend = "ctranslate2"\nmodel = "no-such-model"\n', "apps.m.model",
+     "no such model directory: {dir}/no-such-model"),
+    ('[apps.m]\nbackend = "ctranslate2"\nmodel = "."\n', "apps.m.model",
+     "not a CTranslate2 model directory: no model.bin in {dir}"),
 ]
 
 
@@ -336,3 +355,104 @@ def test_serve_port_taken_exits_1(tmp_path):
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1].startswith("runnel: ")
     assert "Traceback" not in result.stderr
+
+
+# -- a new user's first hour (issue 11) ---------------------------------------------------
+
+HELLO = REPO / "examples" / "hello" / "main.py"
+
+
+def function_app_config(tmp_path: Path, name: str = "runnel.toml") -> Path:
+    config = tmp_path / name
+    config.write_text(f'[apps.hello]\nbackend = "python"\nmodule = "{HELLO}"\n\n'
+                      '[apps.hello.functions]\npublic = true\n')
+    return config
+
+
+class Reply503:
+    status = 503
+
+
+def submit_run(port: int):
+    return request(port, "POST", "/v4/p/hello/greet?async=true", body=b'{"name": "x"}')
+
+
+def test_two_servers_from_one_directory_both_start_and_take_runs(tmp_path):
+    # Each server's run store defaults to its own file in the per-user data directory,
+    # never the working directory (tests/conftest.py points XDG_DATA_HOME at a temp dir).
+    data_home = tmp_path / "data"
+    env = clean_env(XDG_DATA_HOME=str(data_home))
+    config = function_app_config(tmp_path)
+    ports = free_port(), free_port()
+    with Serve(tmp_path, "--config", config, "--port", ports[0], env=env, name="a") as a, \
+            Serve(tmp_path, "--config", config, "--port", ports[1], env=env, name="b") as b:
+        for serve, port in ((a, ports[0]), (b, ports[1])):
+            wait_until(lambda port=port: (health(port) or Reply503).status == 200, timeout=30)  # apps loaded
+            reply = submit_run(port)
+            assert reply.status == 202, (reply.body, serve.log)
+        # Two servers with no config (no apps): no store at all.
+        no_config = free_port(), free_port()
+        with Serve(tmp_path, "--port", no_config[0], env=env, name="c") as c, \
+                Serve(tmp_path, "--port", no_config[1], env=env, name="d") as d:
+            c.wait_healthy(no_config[0])
+            d.wait_healthy(no_config[1])
+    stores = sorted(p.name for p in (data_home / "runnel").glob("*.sqlite3"))
+    assert len(stores) == 2 and all(name.startswith("runs-runnel-") for name in stores), stores
+    assert not list(tmp_path.glob("*.sqlite3*"))  # nothing in the working directory
+
+
+def test_a_busy_run_store_names_the_path_the_setting_and_the_variable(tmp_path):
+    path = tmp_path / "runs.sqlite3"
+    env = clean_env(RUNNEL_RUNS_PATH=str(path))
+    config = function_app_config(tmp_path)
+    port = free_port()
+    with Serve(tmp_path, "--config", config, "--port", port, env=env) as serve:
+        wait_until(lambda: (health(port) or Reply503).status == 200, timeout=30)  # apps loaded
+        assert submit_run(port).status == 202  # makes (and locks) the file
+        result = runnel("serve", "--config", config, "--port", free_port(), env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == (f"runnel: config error: environment: RUNNEL_RUNS_PATH: {path} is in use by another "
+                             "runnel server; give this one its own run store with [server] runs_path or the "
+                             "RUNNEL_RUNS_PATH environment variable\n")
+
+
+def test_a_short_key_in_the_environment_is_blamed_on_the_variable(tmp_path):
+    config = tmp_path / "runnel.toml"
+    config.write_text('[apps.echo]\nbackend = "echo"\n')
+    result = runnel("check-config", config, env=clean_env(RUNNEL_API_KEYS="good-key-1,short"))
+    assert result.returncode == 2
+    assert result.stderr == ("runnel: config error: environment: RUNNEL_API_KEYS: "
+                             "every API key must be at least 8 characters long\n")
+
+
+def test_serve_without_a_config_warns_and_says_which_config_serves_the_model(tmp_path):
+    port = free_port()
+    with Serve(tmp_path, "--port", port) as serve:
+        serve.wait_healthy(port)
+        wait_until(lambda: "conf/runnel.toml" in serve.log)
+        assert "WARNING" in serve.log and "serving no apps" in serve.log and "builtin:tiny" in serve.log
+
+
+def test_version_and_serve_help():
+    result = runnel("--version")
+    assert result.returncode == 0 and re.fullmatch(r"runnel \d+\.\d+\.\d+\S*\n", result.stdout), result.stdout
+    text = " ".join(runnel("serve", "--help").stdout.split())  # argparse wraps lines
+    for option, default in (("--host", "127.0.0.1"), ("--port", "8000"), ("--log-level", "info")):
+        assert option in text and f"else {default})" in text
+    assert "$RUNNEL_CONFIG" in text and "$RUNNEL_PORT" in text
+
+
+def test_a_model_directory_without_a_tokenizer_stops_serve_before_it_listens(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.bin").write_bytes(b"")
+    config = tmp_path / "runnel.toml"
+    port = free_port()
+    config.write_text(f'[server]\nport = {port}\n\n[apps.m]\nbackend = "ctranslate2"\nmodel = "model"\n')
+    expected = (f"runnel: config error: {config}: apps.m.model: no tokenizer in {model}: expected tokenizer.model "
+                "(sentencepiece) or tokenizer.json (Hugging Face tokenizers)\n")
+    checked = runnel("check-config", config)
+    assert (checked.returncode, checked.stderr) == (2, expected)
+    served = runnel("serve", "--config", config, cwd=tmp_path)
+    assert (served.returncode, served.stderr) == (2, expected)
+    assert refused(port)

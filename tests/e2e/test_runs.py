@@ -229,8 +229,12 @@ def test_one_server_per_run_store(start_server, tmp_path):
     with pytest.raises(ConfigError) as caught:
         start_server(config)
     assert caught.value.key == "server.runs_path" and "in use by another runnel server" in caught.value.message
+    # The error says how to give the second server its own store.
+    assert str(path) in caught.value.message and "RUNNEL_RUNS_PATH" in caught.value.message
+    # A server with no app that takes runs opens no store: it starts on the same path.
+    assert start_server({"server": {"runs_path": str(path)}, "apps": {"echo": {"backend": "echo"}}}).port
     with pytest.raises(ConfigError) as caught:
-        start_server({"server": {"runs_path": str(tmp_path / "absent" / "runs.sqlite3")}})
+        start_server({"server": {"runs_path": str(tmp_path / "absent" / "runs.sqlite3")}, "apps": {"hello": hello_app()}})
     assert caught.value.key == "server.runs_path" and "no such directory" in caught.value.message
 
 

@@ -99,8 +99,11 @@ def test_every_example_loads():
 def test_server_example_covers_every_key_at_its_default():
     import tomllib
 
-    data = tomllib.loads((EXAMPLES / "server.toml").read_text(encoding="utf-8"))
-    assert set(data["server"]) == {f.name for f in dataclasses.fields(ServerConfig)}
+    text = (EXAMPLES / "server.toml").read_text(encoding="utf-8")
+    data = tomllib.loads(text)
+    # runs_path's default (unset: the per-user default) has no TOML spelling: it is shown commented out.
+    assert set(data["server"]) == {f.name for f in dataclasses.fields(ServerConfig)} - {"runs_path"}
+    assert "\n# runs_path = " in text
     assert load_config(EXAMPLES / "server.toml").server == ServerConfig()
 
 
@@ -228,7 +231,8 @@ def test_range_edges_are_allowed():
 
 def test_run_and_webhook_defaults():
     server = ServerConfig()
-    assert (server.runs_path, server.runs_retention, server.runs_workers) == ("runnel-runs.sqlite3", 1800.0, 8)
+    # None: the per-user default, runnel.runs.default_runs_path (tests/unit/test_run_store_path.py).
+    assert (server.runs_path, server.runs_retention, server.runs_workers) == (None, 1800.0, 8)
     assert (server.webhook_allowed_hosts, server.webhook_secret, server.webhook_retry_delay) == ((), "", 2.0)
     assert server.runsync_timeout == 90.0
 

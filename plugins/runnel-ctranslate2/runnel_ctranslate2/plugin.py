@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+
 from runnel import hookimpl
 
 from .apps import DeviceSettings, EncoderApp, GeneratorApp
@@ -50,10 +52,24 @@ def _at_least_zero(table, name: str, default: float) -> float:
     return value
 
 
+def _check_model_dir(table, path: str) -> None:
+    """Refuse a model path that cannot load, now: a server that starts anyway keeps the app
+    (and /health) failed for good. Loading itself (a corrupt model.bin) can still fail later."""
+    if not os.path.isdir(path):
+        raise table.error("model", f"no such model directory: {path} (a converted CTranslate2 model "
+                          "directory, or \"builtin:tiny\")")
+    if not os.path.isfile(os.path.join(path, "model.bin")):
+        raise table.error("model", f"not a CTranslate2 model directory: no model.bin in {path}")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.model", "tokenizer.json")):
+        raise table.error("model", f"no tokenizer in {path}: expected tokenizer.model (sentencepiece) "
+                          "or tokenizer.json (Hugging Face tokenizers)")
+
+
 def make_app(app_config, table, server):
     model = table.get("model", str)
     if not model.startswith("builtin:"):
         model = table.path("model", server.config.base_dir)
+        _check_model_dir(table, model)
     task = table.get("task", str, default="generate")
     served = table.get("served_model_name", str, default=None)
     device = _device(table)

@@ -7,6 +7,7 @@ in this process with ``ctranslate2.Generator.generate_batch`` (see ct2_reference
 from __future__ import annotations
 
 import contextlib
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -251,9 +252,15 @@ def test_model_is_listed_only_when_ready_and_released_on_stop(start_server, tiny
     assert server.server.apps.get("tiny") is None
 
 
-def test_a_model_that_fails_to_load_is_never_listed(start_server, tmp_path):
-    (tmp_path / "empty").mkdir()
-    server = start_server(tiny_config(tmp_path / "empty"), ready=False)
+def test_a_model_that_fails_to_load_is_never_listed(start_server, tmp_path, tiny_dir):
+    # A directory that looks like a model (an empty dir is refused at start-up) but does not load.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.bin").write_bytes(b"not a model")
+    for tokenizer in ("tokenizer.model", "tokenizer.json"):
+        if (tiny_dir / tokenizer).is_file():
+            shutil.copy(tiny_dir / tokenizer, broken / tokenizer)
+    server = start_server(tiny_config(broken), ready=False)
     assert server.wait_ready() is False
     health = request(server.port, "GET", "/health")
     assert health.status == 503

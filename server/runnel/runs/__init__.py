@@ -2,8 +2,9 @@
 
     store.py     what a run is, its states and claims, and ``RunStore``: the interface
                  every store implements (local, or shared by several servers)
-    sqlite.py    ``SQLiteRunStore``: the default store, one file per host
-                 (``[server] runs_path``)
+    sqlite.py    ``SQLiteRunStore``: the default store, one file per server
+                 (``[server] runs_path``, ``RUNNEL_RUNS_PATH``, else ``default_runs_path``),
+                 opened only when an app can take runs
     idempotency.py  ``Idempotency-Key``: a retried request finds the run its first try made
     runner.py    ``Runner``: queues, claims and executes runs, recovers dead runners'
                  claims, purges; ``RunView``: how a surface's runs are called and shown
@@ -17,7 +18,7 @@ register a ``RunView`` on it; they never make or start one.
 from __future__ import annotations
 
 from .idempotency import Idempotency, idempotency_of
-from .runner import Runner, RunView, ValueStream, store_for
+from .runner import Runner, RunView, ValueStream, default_runs_path, store_for
 from .sqlite import SQLiteRunStore
 from .store import (
     ANYONE,
@@ -39,5 +40,6 @@ from .webhooks import Webhooks, check_target
 __all__ = [
     "ANYONE", "CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "TERMINAL", "TIMED_OUT",
     "Idempotency", "QueueFull", "Recovered", "Run", "RunStore", "RunView", "Runner", "SQLiteRunStore",
-    "StoreUnavailable", "ValueStream", "Webhooks", "check_target", "idempotency_of", "store_for",
+    "StoreUnavailable", "ValueStream", "Webhooks", "check_target", "default_runs_path", "idempotency_of",
+    "store_for",
 ]

@@ -36,16 +36,19 @@ the task running each run this runner holds, and a running generator's values so
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
+from ..backends.python import is_function_app
 from ..config import ConfigError
 from ..errors import HTTPError
 from .idempotency import Idempotency
@@ -122,17 +125,38 @@ class _Outcome:
     run_time_ms: int | None = None
 
 
-def store_for(settings) -> RunStore:
-    """The store ``[server]`` names: the SQLite file ``runs_path`` ("" is memory)."""
-    path = settings.runs_path
-    return SQLiteRunStore(os.path.abspath(os.path.expanduser(path)) if path else "")
+def default_runs_path(config, environ: Mapping[str, str] = os.environ) -> str:
+    """Where a server keeps its runs when ``runs_path`` is not set: in the per-user data
+    directory (``$XDG_DATA_HOME/runnel``, else ``~/.local/share/runnel``), one file per
+    (config file, port). A server restarted with the same config on the same port finds
+    its runs again, as the clients that submitted them (to that address) expect; two
+    servers started from different configs, or on different ports, never share a file."""
+    data_home = environ.get("XDG_DATA_HOME", "")
+    if not os.path.isabs(data_home):  # the XDG spec: a relative value is to be ignored
+        data_home = os.path.join(os.path.expanduser("~"), ".local", "share")
+    source = os.path.abspath(config.source) if config.source else ""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(os.path.basename(source))[0]) or "default"
+    port = config.server.port
+    digest = hashlib.sha256(f"{source}\0{port}".encode()).hexdigest()[:10]
+    return os.path.join(data_home, "runnel", f"runs-{stem}-{port}-{digest}.sqlite3")
+
+
+def store_for(config) -> RunStore:
+    """The store ``[server] runs_path`` names: that SQLite file ("" is memory; relative is
+    to the working directory), else the per-user default (``default_runs_path``)."""
+    path = config.server.runs_path
+    key, _ = config.origin("server.runs_path")
+    if path is None:
+        return SQLiteRunStore(default_runs_path(config), key=key, make_directory=True)
+    return SQLiteRunStore(os.path.abspath(os.path.expanduser(path)) if path else "", key=key)
 
 
 class Runner:
     def __init__(self, config, apps, *, store: RunStore | None = None) -> None:
         """No I/O here: ``start()`` opens the store."""
         settings = config.server
-        self.store = store if store is not None else store_for(settings)
+        self.store = store if store is not None else store_for(config)
+        self._source = config.origin("server.runs_path")[1]  # where the store's path was set, for errors
         self.apps = apps  # runnel.apps.AppRegistry
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"  # this runner's claims
         self.lease = LEASE
@@ -160,10 +184,21 @@ class Runner:
         return self.views.get(run.surface) or RunView()
 
     # -- lifecycle -------------------------------------------------------------------
+    @property
+    def in_use(self) -> bool:
+        """Whether any app can take runs. Only then is the store opened: a server with no
+        such app has no store at all (no file, no lock), so it never keeps another server
+        using the same one from starting."""
+        return any(is_function_app(app) for _, app in self.apps.items())  # runs call app.invoke
+
     async def start(self) -> None:
-        """Open the store, recover what a previous process left, start the workers.
-        ConfigError when the store cannot be used."""
+        """Open the store, recover what a previous process left, start the workers; none
+        of it when no app can take runs (``in_use``). ConfigError when the store cannot
+        be used."""
         if self._state != "new":
+            return
+        if not self.in_use:
+            self._state = "unused"
             return
         self._state = "started"
         try:
@@ -173,7 +208,7 @@ class Runner:
             self._state = "closed"
             await self.store.close()
             if isinstance(exc, StoreUnavailable):
-                raise ConfigError(str(exc), key=exc.key) from None
+                raise ConfigError(str(exc), key=exc.key, source=self._source) from None
             raise
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._work()) for _ in range(self.workers)]
@@ -219,6 +254,8 @@ class Runner:
                   created_at=time.time(), principal=principal,
                   idempotency_key=None if idempotency is None else idempotency.key,
                   request_hash=None if idempotency is None else idempotency.request_hash)
+        if self._state != "started":  # surfaces submit only for apps that take runs
+            raise RuntimeError(f"the runner is {self._state}: no run can be submitted")
         try:
             if not self.store.is_open:
                 await self.store.open(create=True)

@@ -75,11 +75,14 @@ class SQLiteRunStore:
 
     ``path`` "" keeps them in memory (gone with the process; for tests). A file is
     created on first use, so a server that never takes a run leaves nothing behind.
-    ``key`` is the setting that named the path, for errors.
+    ``key`` is the setting that named the path, for errors. With ``make_directory``
+    the file's directory is made when the file is (the per-user default's); else it
+    must exist.
     """
 
-    def __init__(self, path: str, *, key: str = "server.runs_path") -> None:
+    def __init__(self, path: str, *, key: str = "server.runs_path", make_directory: bool = False) -> None:
         self.path = path
+        self.make_directory = make_directory
         self.name = path or "(memory)"
         self.key = key
         self._conn: sqlite3.Connection | None = None
@@ -110,6 +113,10 @@ class SQLiteRunStore:
             return True
         if self.path:
             directory = os.path.dirname(self.path)
+            if self.make_directory and not os.path.isdir(directory):
+                if not create:
+                    return False  # nothing to recover
+                os.makedirs(directory, mode=0o700, exist_ok=True)
             if not os.path.isdir(directory):
                 raise StoreUnavailable(f"no such directory: {directory}", key=self.key)
             if not create and not os.path.exists(self.path):
@@ -149,7 +156,9 @@ class SQLiteRunStore:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise StoreUnavailable(f"{self.path} is in use by another runnel server", key=self.key) from None
+            raise StoreUnavailable(
+                f"{self.path} is in use by another runnel server; give this one its own run store with "
+                "[server] runs_path or the RUNNEL_RUNS_PATH environment variable", key=self.key) from None
         self._lock_fd = fd
 
     def _unlock(self) -> None:

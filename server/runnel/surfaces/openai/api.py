@@ -99,6 +99,13 @@ class OpenAIAPI:
             model_id = getattr(app, "model_id", None)
             if model_id and (is_model_app(app) or can_embed(app)):
                 self.by_model.setdefault(model_id, name)
+        # [apps.NAME.openai], read (and its typos refused) once, when the server is built.
+        self.owned_by: dict[str, str | None] = {}
+        config = server.config
+        for name, app_config in config.apps.items():
+            table = config.table(f"apps.{name}.openai", app_config.surfaces.get("openai", {}))
+            self.owned_by[name] = table.get("owned_by", str, default=None)
+            table.finish()
 
     # -- choosing the app ---------------------------------------------------------
     def app_by_model(self, model: str | None, *, need=is_model_app):
@@ -129,9 +136,9 @@ class OpenAIAPI:
 
     # -- /v1/models -----------------------------------------------------------------
     def model_card(self, app, name: str) -> dict:
-        options = self.server.config.apps[name].surfaces.get("openai", {})
+        owned_by = self.owned_by.get(name)
         return {"id": app.model_id, "object": "model", "created": int(getattr(app, "created", self.created)),
-                "owned_by": options.get("owned_by", getattr(app, "owned_by", "runnel"))}
+                "owned_by": owned_by if owned_by is not None else getattr(app, "owned_by", "runnel")}
 
     async def models(self, request):
         data = []
