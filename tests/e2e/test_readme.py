@@ -38,6 +38,7 @@ COMMAND_SECONDS = 10  # each command's deadline: a README example answers in wel
 RETRY_SECONDS = 5  # how long a command without a body is retried until it shows what is shown
 
 MODEL_WORDS = ("content", "text")  # keys whose values are the model's words
+ENDINGS = ("stop", "length")  # where a reply ends is the model's choice too
 TIMINGS = ("created", "run_time_ms", "delayTime", "executionTime")
 JSON_STRING = r'"(?:[^"\\]|\\.)*"'
 ANY_STRING_BODY = r'(?:[^"\\]|\\.)*'
@@ -129,6 +130,8 @@ def _string(literal: str, before: str, bound: dict[str, str], groups: dict[str, 
     value = literal[1:-1]
     if any(before.endswith(re.escape(f'"{key}":')) for key in MODEL_WORDS):
         return JSON_STRING
+    if before.endswith(re.escape('"finish_reason":')) and value in ENDINGS:
+        return '"(?:' + "|".join(ENDINGS) + ')"'
     if ID_PLACEHOLDER.fullmatch(value):
         if value in bound:
             return re.escape(f'"{bound[value]}"')
@@ -259,6 +262,9 @@ def test_matcher_checks_structure_not_words():
     assert matches(shown, '{"id":"chatcmpl-1f","choices":[{"message":{"text":"Bye."}}],"usage":{"n":1}}', {}) is None
     assert matches(['{"result":"Hello, Ada!","run_time_ms":0}'], '{"result":"Hello, Bob!","run_time_ms":7}', {}) is None
     assert matches(['{"result":"Hello, Ada!","run_time_ms":0}'], '{"result":"Hello, Ada!","run_time_ms":7}', {}) == {}
+    shown = ['{"finish_reason":"stop"}']
+    assert matches(shown, '{"finish_reason":"length"}', {}) == {}
+    assert matches(shown, '{"finish_reason":null}', {}) is None
 
 
 def test_matcher_binds_ids_and_elides_lines():
