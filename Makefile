@@ -8,11 +8,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install serve test clean bench
 
+# pip shows its progress (the first install takes about a minute). PYTHONWARNINGS reaches
+# the setuptools build that pip runs for each editable install and drops only its
+# "Editable installation." notice, a warning banner about nothing that is wrong here.
 $(STAMP): pyproject.toml plugins/runnel-echo/pyproject.toml plugins/runnel-ctranslate2/pyproject.toml
+	@echo "==> Setting up $(VENV): runnel, its test tools and both plugins, as editable installs"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]' -e plugins/runnel-echo -e plugins/runnel-ctranslate2
+	$(BIN)/pip install --upgrade pip
+	PYTHONWARNINGS='ignore:Editable installation' \
+	  $(BIN)/pip install -e '.[test]' -e plugins/runnel-echo -e plugins/runnel-ctranslate2
 	touch $(STAMP)
+	@echo "==> $(VENV) is ready"
 
 install: $(STAMP)
 
