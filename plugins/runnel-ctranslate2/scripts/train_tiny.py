@@ -7,7 +7,8 @@ What it does, all from fixed seeds and with no downloaded data:
 
 1. generates a corpus of simple English: short sentences and stories, and chat exchanges
    written exactly as the "plain" chat template renders them
-   (``<s>User: ...\\nAssistant: ...``), every example ending with ``</s>``;
+   (``<s>User: ...\\nAssistant: ...</s>``: every assistant turn ends with ``</s>``, the
+   end of turn the server stops on), every example ending with ``</s>``;
 2. trains a sentencepiece BPE vocabulary on it (byte fallback, identity normalization:
    the same trainer settings as the random built-in model);
 3. trains a small Llama-style decoder with CPU torch (RMSNorm, rotary positions in Hugging
@@ -332,7 +333,7 @@ def make_corpus(seed: int, examples: int, chat_share: float = 0.5) -> list[str]:
     """Training texts, each one sequence as the server will see it, ``<s>`` ... ``</s>``.
 
     Completions are what a raw prompt continues into (the server adds ``<s>``); chats are
-    rendered with the model's own chat template, followed by ``</s>``.
+    rendered with the model's own chat template, which ends each assistant turn with ``</s>``.
     """
     rng = random.Random(seed)
     writer = _Writer(rng)
@@ -340,10 +341,13 @@ def make_corpus(seed: int, examples: int, chat_share: float = 0.5) -> list[str]:
     out = []
     for _ in range(examples):
         if rng.random() < chat_share:
-            messages = writer.chat()
-            prompt = template.render(messages[:-1], add_generation_prompt=True)
-            # The template ends with "Assistant:"; the reply follows after one space.
-            out.append(f"{prompt} {messages[-1]['content']}</s>")
+            # The whole conversation as the template writes it: every assistant turn,
+            # earlier ones too, ends with </s>, so the model learns to end its turn there
+            # (and never that a user line follows a reply). The template's newline after
+            # the last </s> is no part of the sequence.
+            text = template.render(writer.chat(), add_generation_prompt=False)
+            assert text.endswith("</s>\n")
+            out.append(text[:-1])
         else:
             out.append(f"<s>{writer.text()}</s>")
     return out
