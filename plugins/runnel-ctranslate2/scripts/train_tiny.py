@@ -8,7 +8,8 @@ What it does, all from fixed seeds and with no downloaded data:
 1. generates a corpus of simple English: short sentences and stories, and chat exchanges
    written exactly as the "plain" chat template renders them
    (``<s>User: ...\\nAssistant: ...</s>``: every assistant turn ends with ``</s>``, the
-   end of turn the server stops on), every example ending with ``</s>``;
+   end of turn the server stops on), every example ending with ``</s>``; some exchanges
+   ask what the model cannot know, and are answered with "I do not know";
 2. trains a sentencepiece BPE vocabulary on it (byte fallback, identity normalization:
    the same trainer settings as the random built-in model);
 3. trains a small Llama-style decoder with CPU torch (RMSNorm, rotary positions in Hugging
@@ -186,6 +187,24 @@ _CHAT_FIXED = [
     (["What is runnel?", "What is Runnel?"],
      ["Runnel is a small server that runs language models."]),
 ]
+# Questions the model cannot answer, and the turn it ends with instead of making one up
+# (without them it answers an unfamiliar prompt with a question of its own, then a turn).
+_UNKNOWN_TOPICS = [
+    "astronomy", "the stock market", "taxes", "the history of Rome", "chess",
+    "climate change", "the internet", "politics", "mathematics", "cooking", "football",
+    "the capital of Spain", "black holes", "my homework", "love", "money", "the news",
+]
+_UNKNOWN_QUESTIONS = [
+    "Explain {t}.", "What do you know about {t}?", "Tell me everything about {t}.",
+    "Can you help me with {t}?", "What is your opinion on {t}?", "Write an essay about {t}.",
+    "Tell me something funny.", "What should I wear today?", "What is 5 + 3?", "I am tired.",
+    "Write a poem.", "Translate this into German.", "Describe the city.",
+    "What will happen tomorrow?", "Why?", "Is it true?", "What do you think?",
+]
+_UNKNOWN_ANSWERS = [
+    "I am sorry, I do not know. I am only a tiny model.",
+    "I do not know much about that. I can answer simple questions.",
+]
 _SYSTEM_PROMPTS = [
     "You are a helpful assistant.", "You are Runnel, a friendly assistant.",
     "You are a helpful assistant. Answer in short sentences.", "Be kind and brief.",
@@ -280,6 +299,9 @@ class _Writer:
     def exchange(self) -> tuple[str, str]:
         """One (user, assistant) turn."""
         rng = self.rng
+        if rng.random() < 0.06:
+            q = self.choice(_UNKNOWN_QUESTIONS).format(t=self.choice(_UNKNOWN_TOPICS))
+            return q, self.choice(_UNKNOWN_ANSWERS)
         r = rng.random()
         if r < 0.45:
             questions, answers = self.choice(_CHAT_FIXED)
