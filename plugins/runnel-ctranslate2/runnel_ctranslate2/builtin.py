@@ -21,7 +21,7 @@ import numpy as np
 from .chat_template import BUILTIN_TEMPLATES
 
 # Bump when the builder's output changes, so caches built by older code are not reused.
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: the chat template ends assistant turns with </s>
 
 KNOWN_MODELS = ("tiny",)
 

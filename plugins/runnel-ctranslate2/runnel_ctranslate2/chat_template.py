@@ -49,10 +49,13 @@ BUILTIN_TEMPLATES: dict[str, str] = {
         "{% endfor %}"
     ),
     # "Role: content" lines, then "Assistant:" to prompt a reply (the built-in model's).
+    # Each assistant turn ends with the eos token: the model learns to end its turn with
+    # it, and generation stops there, rather than going on to write the user's next line.
     "plain": (
         "{{ bos_token }}"
         "{% for message in messages %}"
-        "{{ message['role'] | capitalize }}: {{ message['content'] | trim }}\n"
+        "{{ message['role'] | capitalize }}: {{ message['content'] | trim }}"
+        "{{ eos_token if message['role'] == 'assistant' else '' }}\n"
         "{% endfor %}"
         "{% if add_generation_prompt %}Assistant:{% endif %}"
     ),

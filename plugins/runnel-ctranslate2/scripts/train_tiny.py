@@ -7,7 +7,9 @@ What it does, all from fixed seeds and with no downloaded data:
 
 1. generates a corpus of simple English: short sentences and stories, and chat exchanges
    written exactly as the "plain" chat template renders them
-   (``<s>User: ...\\nAssistant: ...``), every example ending with ``</s>``;
+   (``<s>User: ...\\nAssistant: ...</s>``: every assistant turn ends with ``</s>``, the
+   end of turn the server stops on), every example ending with ``</s>``; some exchanges
+   ask what the model cannot know, and are answered with "I do not know";
 2. trains a sentencepiece BPE vocabulary on it (byte fallback, identity normalization:
    the same trainer settings as the random built-in model);
 3. trains a small Llama-style decoder with CPU torch (RMSNorm, rotary positions in Hugging
@@ -185,6 +187,24 @@ _CHAT_FIXED = [
     (["What is runnel?", "What is Runnel?"],
      ["Runnel is a small server that runs language models."]),
 ]
+# Questions the model cannot answer, and the turn it ends with instead of making one up
+# (without them it answers an unfamiliar prompt with a question of its own, then a turn).
+_UNKNOWN_TOPICS = [
+    "astronomy", "the stock market", "taxes", "the history of Rome", "chess",
+    "climate change", "the internet", "politics", "mathematics", "cooking", "football",
+    "the capital of Spain", "black holes", "my homework", "love", "money", "the news",
+]
+_UNKNOWN_QUESTIONS = [
+    "Explain {t}.", "What do you know about {t}?", "Tell me everything about {t}.",
+    "Can you help me with {t}?", "What is your opinion on {t}?", "Write an essay about {t}.",
+    "Tell me something funny.", "What should I wear today?", "What is 5 + 3?", "I am tired.",
+    "Write a poem.", "Translate this into German.", "Describe the city.",
+    "What will happen tomorrow?", "Why?", "Is it true?", "What do you think?",
+]
+_UNKNOWN_ANSWERS = [
+    "I am sorry, I do not know. I am only a tiny model.",
+    "I do not know much about that. I can answer simple questions.",
+]
 _SYSTEM_PROMPTS = [
     "You are a helpful assistant.", "You are Runnel, a friendly assistant.",
     "You are a helpful assistant. Answer in short sentences.", "Be kind and brief.",
@@ -279,6 +299,9 @@ class _Writer:
     def exchange(self) -> tuple[str, str]:
         """One (user, assistant) turn."""
         rng = self.rng
+        if rng.random() < 0.06:
+            q = self.choice(_UNKNOWN_QUESTIONS).format(t=self.choice(_UNKNOWN_TOPICS))
+            return q, self.choice(_UNKNOWN_ANSWERS)
         r = rng.random()
         if r < 0.45:
             questions, answers = self.choice(_CHAT_FIXED)
@@ -332,7 +355,7 @@ def make_corpus(seed: int, examples: int, chat_share: float = 0.5) -> list[str]:
     """Training texts, each one sequence as the server will see it, ``<s>`` ... ``</s>``.
 
     Completions are what a raw prompt continues into (the server adds ``<s>``); chats are
-    rendered with the model's own chat template, followed by ``</s>``.
+    rendered with the model's own chat template, which ends each assistant turn with ``</s>``.
     """
     rng = random.Random(seed)
     writer = _Writer(rng)
@@ -340,10 +363,13 @@ def make_corpus(seed: int, examples: int, chat_share: float = 0.5) -> list[str]:
     out = []
     for _ in range(examples):
         if rng.random() < chat_share:
-            messages = writer.chat()
-            prompt = template.render(messages[:-1], add_generation_prompt=True)
-            # The template ends with "Assistant:"; the reply follows after one space.
-            out.append(f"{prompt} {messages[-1]['content']}</s>")
+            # The whole conversation as the template writes it: every assistant turn,
+            # earlier ones too, ends with </s>, so the model learns to end its turn there
+            # (and never that a user line follows a reply). The template's newline after
+            # the last </s> is no part of the sequence.
+            text = template.render(writer.chat(), add_generation_prompt=False)
+            assert text.endswith("</s>\n")
+            out.append(text[:-1])
         else:
             out.append(f"<s>{writer.text()}</s>")
     return out

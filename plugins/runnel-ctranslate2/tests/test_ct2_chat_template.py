@@ -57,6 +57,12 @@ def test_builtin_templates():
     assert plain.render(CONVERSATION, add_generation_prompt=False) == (
         "<s>System: You are terse.\nUser: Hi there!\n"
     )
+    # An assistant turn ends with the eos token: the built-in model's end of turn.
+    plain = ChatTemplate(BUILTIN_TEMPLATES["plain"], bos_token="<s>", eos_token="</s>")
+    turns = [*CONVERSATION, {"role": "assistant", "content": " Hello. "}, {"role": "user", "content": "Bye."}]
+    assert plain.render(turns) == (
+        "<s>System: You are terse.\nUser: Hi there!\nAssistant: Hello.</s>\nUser: Bye.\nAssistant:"
+    )
 
 
 def test_raise_exception_and_sandbox():
