@@ -115,6 +115,10 @@ class Choice:
                 self.pending_text.append(rest)
         self.emit()
         self.stop()
+        if self.stops.stopped:
+            on_stop_string = getattr(self.sink, "on_stop_string", None)
+            if on_stop_string is not None:
+                on_stop_string(self.index, self.stops.matched)
         self.sink.on_finish(self.index, reason, self.count)
 
     def stop(self) -> None:

@@ -73,6 +73,11 @@ class TokenSink(Protocol):
         """The generation failed; no more calls follow."""
 
 
+# A sink may also have ``on_stop_string(index, stop)``: called just before
+# ``on_finish(index, "stop", ...)`` when the stop string ``stop`` ended the choice
+# (Anthropic's answer names it); optional, so sinks without it are unchanged.
+
+
 class Generation(Protocol):
     def cancel(self) -> None:
         """Stop generating (client gone). Safe to call at any time, more than once."""
@@ -118,7 +123,7 @@ class StopStrings:
     some stop, and text before it was ruled out once and is never looked at again.
     """
 
-    __slots__ = ("_stops", "_longest", "_by_first", "_pending", "stopped")
+    __slots__ = ("_stops", "_longest", "_by_first", "_pending", "stopped", "matched")
 
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = tuple(stop for stop in stops if stop)
@@ -129,6 +134,7 @@ class StopStrings:
         self._by_first = tuple((first, tuple(group)) for first, group in by_first.items())
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text, once stopped
 
     def push(self, text: str) -> str:
         """The text that is now safe to release. Sets ``stopped`` when a stop string completes."""
@@ -142,6 +148,7 @@ class StopStrings:
             found = buffer.find(stop)
             if found != -1 and (cut == -1 or found < cut):
                 cut = found
+                self.matched = stop
         if cut != -1:
             self.stopped = True
             self._pending = ""

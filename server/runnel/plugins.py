@@ -17,6 +17,7 @@ DEFAULT_PLUGINS = (
     "runnel.backends.python",
     "runnel.surfaces.health",
     "runnel.surfaces.openai",
+    "runnel.surfaces.anthropic",
     "runnel.surfaces.runpod",
     "runnel.surfaces.baseten",
     "runnel.surfaces.functions",

@@ -11,7 +11,8 @@ from . import Principal, bearer_token
 
 
 class ApiKeyAuth:
-    """``kind = "api_key"``: ``Authorization: Bearer <key>`` must be one of the keys.
+    """``kind = "api_key"``: ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, as
+    Anthropic's clients send it) must be one of the keys.
 
     Keys are kept only as SHA-256 digests and every digest is compared in
     constant time, so neither a key nor which one matched leaks through timing.
@@ -23,7 +24,7 @@ class ApiKeyAuth:
 
     @hookimpl
     def runnel_authenticate(self, request, route):
-        token = bearer_token(request)
+        token = bearer_token(request) or request.header(b"x-api-key")
         if token is None:
             raise HTTPError(401, "Missing API key: send 'Authorization: Bearer <key>'",
                             code="invalid_api_key", headers=self._challenge)

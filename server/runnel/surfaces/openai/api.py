@@ -31,7 +31,15 @@ from .params import (
     parse_chat,
     parse_completion,
 )
-from .sinks import ChatStream, Collector, CompletionStream, IndexShift, Usage, chat_logprobs, completion_logprobs
+from .sinks import (
+    ChatStream,
+    Collector,
+    CompletionStream,
+    Usage,
+    chat_logprobs,
+    completion_logprobs,
+    run_generations,
+)
 
 
 class OpenAIEvents(ServerSentEvents):
@@ -213,22 +221,11 @@ class OpenAIAPI:
                 sink = stream = CompletionStream(logprobs=parsed.params.logprobs, echo=echo, **common)
         else:
             sink = collector = Collector(choices, usage)
-        generations = []
-        try:
-            for number, tokens in enumerate(prompts):
-                target = IndexShift(sink, number * n) if number else sink
-                generations.append(app.generate(tokens, parsed.params, n, target))
-            if stream is not None:
-                # Backends push from loop callbacks, never inside generate(): nothing
-                # has been missed, and a refused generate() above was still a plain error.
-                stream.open(request.stream(serializer=SSE if reply.sse else NDJSON, headers=NO_CACHE))
-            await sink.done
-        except BaseException:
-            # The client went away (cancellation), or part of the work failed: stop all of it.
-            # (Not `if not sink.done.done()`: cancelling this task cancels sink.done too.)
-            for generation in generations:
-                generation.cancel()
-            raise
+        opened = None
+        if stream is not None:
+            serializer = SSE if reply.sse else NDJSON
+            opened = lambda: stream.open(request.stream(serializer=serializer, headers=NO_CACHE))  # noqa: E731
+        await run_generations(app, prompts, parsed.params, n, sink, opened)
         if stream is not None:
             stream.stream.end()
             return None

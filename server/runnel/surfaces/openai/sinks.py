@@ -14,13 +14,13 @@ or as the stream's last event once the stream has started.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from ...errors import HTTPError
-from ...generation import TokenLogprob, TokenSink
+from ...generation import SamplingParams, TokenLogprob, TokenSink
 
 if TYPE_CHECKING:
     from ...http import ResponseStream
@@ -85,6 +85,10 @@ class _Sink:
         self.usage = usage
         self.remaining = choices
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_tokens(self, index: int, text: str, token_ids: Sequence[int],
+                  logprobs: Sequence[TokenLogprob] | None) -> None:
+        raise NotImplementedError
 
     def finish(self, index: int, reason: str) -> None:
         """Choice ``index`` ended with ``reason``: recorded, or sent."""
@@ -248,3 +252,28 @@ class IndexShift:
 
     def on_error(self, error: BaseException) -> None:
         self.sink.on_error(error)
+
+
+async def run_generations(app, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int, sink: _Sink,
+                          opened: Callable[[], None] | None = None) -> None:
+    """Generate ``n`` choices for each prompt into ``sink`` (prompt k's at index k*n)
+    until every choice is done; ``opened`` (a stream's start) runs once all are admitted.
+
+    Any failure or cancellation (the client went away) cancels all of the work. Every
+    surface that generates text runs its generations through here.
+    """
+    generations = []
+    try:
+        for number, tokens in enumerate(prompts):
+            target = IndexShift(sink, number * n) if number else sink
+            generations.append(app.generate(tokens, params, n, target))
+        if opened is not None:
+            # Backends push from loop callbacks, never inside generate(): nothing
+            # has been missed, and a refused generate() above was still a plain error.
+            opened()
+        await sink.done
+    except BaseException:
+        # (Not `if not sink.done.done()`: cancelling this task cancels sink.done too.)
+        for generation in generations:
+            generation.cancel()
+        raise
