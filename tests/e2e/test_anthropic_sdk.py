@@ -11,14 +11,26 @@ import anthropic
 import orjson
 import pytest
 
-from runnel.testing import request
+from runnel.testing import connect, parse_all, read_until_closed, recv_until, request
 
 TINY = {"apps": {"tiny": {"backend": "ctranslate2", "model": "builtin:tiny", "device": "cpu"}}}
 
 
+_open_clients: list[anthropic.Anthropic] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients():
+    yield
+    while _open_clients:
+        _open_clients.pop().close()
+
+
 def client(server, **kwargs) -> anthropic.Anthropic:
     kwargs.setdefault("api_key", "test")
-    return anthropic.Anthropic(base_url=server.url, max_retries=0, timeout=30, **kwargs)
+    api = anthropic.Anthropic(base_url=server.url, max_retries=0, timeout=30, **kwargs)
+    _open_clients.append(api)  # closed after the test, so no socket is left to the GC
+    return api
 
 
 def post(server, body: dict):
@@ -147,3 +159,21 @@ def test_builtin_tiny(start_server):
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text == final.content[0].text == message.content[0].text
+
+
+def test_error_mid_stream_is_anthropics_error_event(start_server):
+    server = start_server({"apps": {"echo": {"backend": "echo", "pace_ms": 20.0}}})
+    body = orjson.dumps({"model": "echo", "messages": user("word " * 500), "max_tokens": 500, "stream": True})
+    with connect(server.port) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        first = recv_until(sock, b"event: content_block_delta")
+        server.stop(grace=0.2)
+        raw = first + read_until_closed(sock)
+    [response] = parse_all(raw)
+    assert response.wire_body.endswith(b"\r\n0\r\n\r\n")  # ended, not cut
+    last = response.body[:-2].split(b"\n\n")[-1]
+    assert last.startswith(b"event: error\ndata: "), last
+    assert orjson.loads(last[len(b"event: error\ndata: "):]) == {
+        "type": "error", "error": {"type": "overloaded_error", "message": "Server is shutting down"}}
+    assert b"message_stop" not in response.body
