@@ -169,6 +169,10 @@ class GeneratorApp:
         add_bos = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
         return tokenizer.encode(text, add_bos=add_bos)
 
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids`` (runnel.generation.ModelApp's optional detokenizer); thread-safe."""
+        return self.tokenizer.decode(token_ids)
+
     def chat_prompt(self, messages: list[dict]) -> str:
         if self.template is None:
             from runnel import HTTPError

@@ -73,6 +73,7 @@ class CompletionRequest:
     model: str | None
     prompt: str | None = None  # raw prompt (completions, or chat with `prompt`)
     prompts: list[str] = field(default_factory=list)  # completions: one or more prompts
+    prompt_ids: list[list[int]] | None = None  # completions: prompts given as token ids instead
     messages: list[dict] | None = None  # chat: [{"role", "content": str}]
     params: SamplingParams = field(default_factory=SamplingParams)
     max_tokens_given: bool = False
@@ -255,8 +256,7 @@ def parse_completion(body: Any) -> CompletionRequest:
     elif type(prompt) is list and prompt and all(type(item) is str for item in prompt):
         request.prompts = list(prompt)
     else:
-        raise invalid("prompt", "Invalid type for 'prompt': expected a string or a non-empty array of strings.",
-                      "invalid_type")
+        request.prompt_ids = token_id_lists("prompt", prompt)
     _common(body, request)
     request.echo = _typed(body, "echo", bool, False)
     logprobs = _typed(body, "logprobs", int)
@@ -271,6 +271,31 @@ def parse_completion(body: Any) -> CompletionRequest:
     if body.get("suffix"):
         raise invalid("suffix", "'suffix' is not supported.", "unsupported_parameter")
     return request
+
+
+def token_id_lists(param: str, value: Any) -> list[list[int]]:
+    """Token-id input: an array of ids, or an array of such arrays (as the openai SDKs send
+    them); the ids are checked against the model by ``check_token_ids``."""
+    if type(value) is list and value and all(type(item) is int for item in value):
+        return [value]
+    if (type(value) is list and value
+            and all(type(row) is list and row and all(type(item) is int for item in row) for row in value)):
+        return value
+    raise invalid(param, f"Invalid type for '{param}': expected a string, a non-empty array of strings, a "
+                  "non-empty array of token ids, or a non-empty array of such arrays.", "invalid_type")
+
+
+def check_token_ids(param: str, rows: list[list[int]], app: Any) -> None:
+    """Every id names a token of the model: ``vocab_size`` bounds them where the vocabulary is
+    fixed, else ``known_tokens`` (a vocabulary that grows: the ids handed out so far)."""
+    limit = getattr(app, "vocab_size", None)
+    if limit is None:
+        limit = getattr(app, "known_tokens", None)
+    for row in rows:
+        for token_id in row:
+            if token_id < 0 or (limit is not None and token_id >= limit):
+                raise invalid(param, f"Invalid value for '{param}': {token_id} is not a token id of model "
+                              f"`{app.model_id}`" + (f" (its vocabulary has {limit})." if limit is not None else "."))
 
 
 def fit_to_model(request: CompletionRequest, app: ModelApp, longest_prompt: int, prompts: int = 1) -> None:

@@ -1,0 +1,92 @@
+"""Compatibility gaps found with real clients (issue 12, section 4), driven by the openai SDK:
+token-id inputs, against the echo backend (its ids are handed out as words are first
+seen) and the built-in CTranslate2 model (a fixed vocabulary)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from runnel.testing import ServerThread, server_config
+
+
+def sdk(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="test", max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def client(echo_server):
+    with sdk(echo_server) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = {"apps": {"tiny": {"backend": "ctranslate2", "model": "builtin:tiny", "device": "cpu",
+                                "inter_threads": 1, "intra_threads": 1}}}
+    server = ServerThread(server_config(config)).start()
+    assert server.wait_ready()
+    yield server
+    server.stop()
+
+
+# -- token-id inputs ----------------------------------------------------------------------
+def test_completion_prompt_as_token_ids_matches_the_text_prompt(client):
+    text = client.completions.create(model="echo", prompt="alpha beta gamma", echo=True)
+    # The echo model's first ids are handed out in order: a fresh server's words are 0, 1, 2.
+    ids = client.completions.create(model="echo", prompt=[0, 1, 2], echo=True)
+    assert ids.choices[0].text == text.choices[0].text == "alpha beta gammaalpha beta gamma"
+    assert ids.usage.prompt_tokens == 3 and ids.usage.completion_tokens == 3
+
+
+def test_completion_prompt_as_lists_of_token_ids(client):
+    client.completions.create(model="echo", prompt="one two three")  # ids 0, 1, 2
+    reply = client.completions.create(model="echo", prompt=[[0, 1], [2]], n=2)
+    texts = sorted((choice.index, choice.text) for choice in reply.choices)
+    assert texts == [(0, "one two"), (1, "one two"), (2, " three"), (3, " three")]
+    assert reply.usage.prompt_tokens == 3
+
+
+@pytest.mark.parametrize("prompt", [[-1], [10**6], [[0], [10**6]]])
+def test_completion_token_ids_not_in_the_vocabulary_are_refused(client, prompt):
+    client.completions.create(model="echo", prompt="one two three")
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="echo", prompt=prompt)
+    assert raised.value.body["param"] == "prompt"
+
+
+@pytest.mark.parametrize("prompt", [[], [[]], [[0], "text"], [0.5], [True]])
+def test_completion_malformed_token_prompts_are_refused(client, prompt):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="echo", prompt=prompt)
+    assert raised.value.body["param"] == "prompt"
+
+
+def test_embeddings_of_token_ids_equal_those_of_their_text(client):
+    texts = client.embeddings.create(model="echo", input=["red green", "blue"])
+    ids = client.embeddings.create(model="echo", input=[[0, 1], [2]])  # the words above, as first seen
+    assert [item.embedding for item in ids.data] == [item.embedding for item in texts.data]
+    single = client.embeddings.create(model="echo", input=[0, 1])
+    assert single.data[0].embedding == texts.data[0].embedding
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.embeddings.create(model="echo", input=[[0, 99999]])
+    assert raised.value.body["param"] == "input"
+
+
+def test_tiny_completion_from_token_ids(tiny):
+    with sdk(tiny) as client:
+        text = client.completions.create(model="tiny", prompt="The cat", max_tokens=5, temperature=0)
+        prompt_ids = [int(token) for token in _tokenize(tiny, "The cat")]
+        ids = client.completions.create(model="tiny", prompt=prompt_ids, max_tokens=5, temperature=0)
+        assert ids.choices[0].text == text.choices[0].text
+        assert ids.usage.prompt_tokens == text.usage.prompt_tokens
+        echoed = client.completions.create(model="tiny", prompt=prompt_ids, max_tokens=1, echo=True)
+        assert echoed.choices[0].text.startswith("The cat")
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.completions.create(model="tiny", prompt=[prompt_ids[0], 10**7], max_tokens=1)
+        assert raised.value.body["param"] == "prompt" and "vocabulary" in raised.value.body["message"]
+
+
+def _tokenize(server, text: str) -> list[int]:
+    app = server.server.apps.get("tiny")
+    return app.tokenize(text)
