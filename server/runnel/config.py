@@ -110,6 +110,10 @@ class ServerConfig:
     webhook_secret: str = ""  # signs webhooks (HMAC-SHA256); "" = unsigned
     webhook_retry_delay: float = 2.0  # seconds between webhook attempts
     runsync_timeout: float = 90.0  # RunPod /runsync waits this long for a result
+    # Client compatibility (issue 12).
+    # Unknown fields in an OpenAI request body: False = a 400 naming the field (as OpenAI);
+    # True = accepted and ignored, for clients that send vendor extras.
+    ignore_unknown_fields: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +313,7 @@ _SERVER_RULES: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
     "webhook_secret": (str, None),
     "webhook_retry_delay": (float, _at_least(0)),
     "runsync_timeout": (float, _above(0)),
+    "ignore_unknown_fields": (bool, None),
 }
 _SERVER_KEYS = tuple(_SERVER_RULES)
 

@@ -90,3 +90,58 @@ def test_tiny_completion_from_token_ids(tiny):
 def _tokenize(server, text: str) -> list[int]:
     app = server.server.apps.get("tiny")
     return app.tokenize(text)
+
+
+# -- unknown request fields -----------------------------------------------------------------
+USER = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.mark.parametrize("call", [
+    lambda c, extra: c.chat.completions.create(model="echo", messages=USER, extra_body=extra),
+    lambda c, extra: c.completions.create(model="echo", prompt="hello", extra_body=extra),
+    lambda c, extra: c.embeddings.create(model="echo", input="hello", extra_body=extra),
+], ids=["chat", "completions", "embeddings"])
+def test_an_unknown_field_is_a_400_naming_it(client, call):
+    with pytest.raises(openai.BadRequestError) as raised:
+        call(client, {"foo": 1})
+    assert raised.value.body["param"] == "foo"
+    assert raised.value.body["code"] == "unknown_parameter"
+    assert raised.value.body["type"] == "invalid_request_error"
+
+
+def test_openai_bookkeeping_fields_are_accepted(client):
+    reply = client.chat.completions.create(
+        model="echo", messages=USER, user="u1", metadata={"k": "v"}, store=False, service_tier="auto",
+        parallel_tool_calls=True, stream=True, stream_options={"include_usage": True},
+        extra_body={"safety_identifier": "s", "prompt_cache_key": "p"})
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in reply if chunk.choices) == "hello there"
+    text = client.completions.create(model="echo", prompt="hi", user="u1", echo=False, best_of=1, suffix="")
+    assert text.choices[0].text == "hi"
+
+
+def test_ignore_unknown_fields_accepts_vendor_extras(start_server):
+    server = start_server({"server": {"ignore_unknown_fields": True}, "apps": {"echo": {"backend": "echo"}}})
+    with sdk(server) as client:
+        extra = {"foo": 1, "chat_template_kwargs": {"x": 1}}
+        reply = client.chat.completions.create(model="echo", messages=USER, extra_body=extra)
+        assert reply.choices[0].message.content == "hello there"
+        assert client.embeddings.create(model="echo", input="hi", extra_body=extra).data
+        # Known fields are still checked.
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.completions.create(model="echo", prompt="hi", temperature="hot", extra_body=extra)
+        assert raised.value.body["param"] == "temperature"
+
+
+def test_baseten_field_is_known_on_the_bridge_only(start_server):
+    server = start_server({"apps": {"echo": {"backend": "echo", "baseten": {"model_id": "m1"}}}})
+    bridge = openai.OpenAI(base_url=server.url + "/v1/direct", api_key="test", max_retries=0, timeout=30)
+    with bridge, sdk(server) as client:
+        reply = bridge.chat.completions.create(model="x", messages=USER, extra_body={"baseten": {"model_id": "m1"}})
+        assert reply.choices[0].message.content == "hello there"
+        with pytest.raises(openai.BadRequestError) as raised:
+            bridge.chat.completions.create(model="x", messages=USER,
+                                           extra_body={"baseten": {"model_id": "m1"}, "foo": 1})
+        assert raised.value.body["param"] == "foo"
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.chat.completions.create(model="echo", messages=USER, extra_body={"baseten": {"model_id": "m1"}})
+        assert raised.value.body["param"] == "baseten"

@@ -572,3 +572,10 @@ def test_table_does_not_see_later_changes_to_data():
     data["b"] = 2
     table.get("a", int)
     table.finish()
+
+
+def test_ignore_unknown_fields_is_a_boolean():
+    assert config_from_dict({"server": {"ignore_unknown_fields": True}}).server.ignore_unknown_fields is True
+    assert config_from_dict({}).server.ignore_unknown_fields is False
+    error = raises_config_error(config_from_dict, {"server": {"ignore_unknown_fields": "yes"}})
+    assert error.key == "server.ignore_unknown_fields"

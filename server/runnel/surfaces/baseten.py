@@ -21,6 +21,7 @@ from ..hookspecs import hookimpl
 from .openai import OpenAIAPI, ReplyOptions, invalid
 
 BASETEN_REPLY = ReplyOptions(uuid_ids=True)
+BASETEN_FIELDS = frozenset({"baseten"})  # the bridge's own field, beside OpenAI's
 
 
 class BasetenBridge:
@@ -70,7 +71,7 @@ class BasetenBridge:
             what = f"model {model_id!r}" + (f" deployment {deployment_id!r}" if deployment_id else "")
             raise HTTPError(404, f"No Baseten {what} is served here.", type="invalid_request_error",
                             param="baseten", code="model_not_found")
-        return await self.api.chat(request, self.api.app_by_name(name), BASETEN_REPLY)
+        return await self.api.chat(request, self.api.app_by_name(name), BASETEN_REPLY, BASETEN_FIELDS)
 
 
 @hookimpl

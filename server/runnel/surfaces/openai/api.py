@@ -23,8 +23,12 @@ from ...http.response import JSON
 from ...serializers import NDJSON as NDJSONFraming
 from ...serializers import ServerSentEvents
 from .params import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    EMBEDDING_FIELDS,
     MAX_EMBEDDING_INPUTS,
     CompletionRequest,
+    check_fields,
     check_prompt_size,
     check_token_ids,
     fit_to_model,
@@ -114,6 +118,7 @@ class OpenAIAPI:
         # [apps.NAME.openai], read (and its typos refused) once, when the server is built.
         self.owned_by: dict[str, str | None] = {}
         config = server.config
+        self.ignore_unknown_fields = config.server.ignore_unknown_fields
         for name, app_config in config.apps.items():
             table = config.table(f"apps.{name}.openai", app_config.surfaces.get("openai", {}))
             self.owned_by[name] = table.get("owned_by", str, default=None)
@@ -170,8 +175,18 @@ class OpenAIAPI:
         return json_response(self.model_card(app, name))
 
     # -- completions ------------------------------------------------------------------
-    async def chat(self, request, app=None, reply: ReplyOptions = DEFAULT_REPLY):
-        parsed = parse_chat(await request.json())
+    async def body(self, request, known: frozenset[str], extra: frozenset[str]) -> Any:
+        """The request's JSON, its fields checked against what the endpoint knows (plus the
+        surface's own ``extra``) unless the server ignores unknown fields."""
+        body = await request.json()
+        if type(body) is not dict:
+            raise invalid(None, "The request body must be a JSON object.", "invalid_type")
+        if not self.ignore_unknown_fields:
+            check_fields(body, known, extra)
+        return body
+
+    async def chat(self, request, app=None, reply: ReplyOptions = DEFAULT_REPLY, extra: frozenset[str] = frozenset()):
+        parsed = parse_chat(await self.body(request, CHAT_FIELDS, extra))
         if app is None:
             app = self.app_by_model(parsed.model)
         self._check_supported(app, parsed)
@@ -185,8 +200,9 @@ class OpenAIAPI:
         tokens = await off_loop(len(prompt), app.tokenize, prompt)
         return await self._complete(request, app, parsed, [tokens], chat=True, reply=reply)
 
-    async def completions(self, request, app=None, reply: ReplyOptions = DEFAULT_REPLY):
-        parsed = parse_completion(await request.json())
+    async def completions(self, request, app=None, reply: ReplyOptions = DEFAULT_REPLY,
+                          extra: frozenset[str] = frozenset()):
+        parsed = parse_completion(await self.body(request, COMPLETION_FIELDS, extra))
         if app is None:
             app = self.app_by_model(parsed.model)
         self._check_supported(app, parsed)
@@ -275,10 +291,8 @@ class OpenAIAPI:
         return Response(200, orjson.dumps(body), media_type=JSON)
 
     # -- embeddings -------------------------------------------------------------------
-    async def embeddings(self, request, app=None):
-        body = await request.json()
-        if type(body) is not dict:
-            raise invalid(None, "The request body must be a JSON object.", "invalid_type")
+    async def embeddings(self, request, app=None, extra: frozenset[str] = frozenset()):
+        body = await self.body(request, EMBEDDING_FIELDS, extra)
         if app is None:
             app = self.app_by_model(body.get("model") if type(body.get("model")) is str else None, need=can_embed)
         texts = body.get("input")
@@ -315,6 +329,7 @@ class OpenAIAPI:
         else:
             vectors, tokens = await app.embed(texts)
         data = []
+        value: str | list[float]
         for index, vector in enumerate(vectors):
             if encoding == "base64":  # little-endian float32, as OpenAI sends them
                 value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()

@@ -38,6 +38,27 @@ _UNSUPPORTED_FEATURES = ("tools", "tool_choice", "functions", "function_call", "
                          "web_search_options", "logit_bias")
 
 
+# Every field a request may carry; anything else is a 400 naming it, as OpenAI does, unless
+# [server] ignore_unknown_fields. The no-ops are OpenAI's bookkeeping, which the openai SDKs
+# pass through from callers and which cannot change an answer here.
+_NO_OP_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls",
+                           "safety_identifier", "prompt_cache_key"})
+_SAMPLING_FIELDS = frozenset({"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+                              "stop", "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                              "no_repeat_ngram_size", "ignore_eos", "min_tokens", "n", "stream", "stream_options",
+                              "response_format", *_UNSUPPORTED_FEATURES}) | _NO_OP_FIELDS
+CHAT_FIELDS = _SAMPLING_FIELDS | {"messages", "prompt", "logprobs", "top_logprobs"}
+COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt", "echo", "logprobs", "best_of", "suffix"}
+EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
+
+
+def check_fields(body: dict, known: frozenset[str], extra: frozenset[str] = frozenset()) -> None:
+    """A 400 naming the first field that is neither ``known`` nor one of the surface's ``extra``."""
+    for name in body:
+        if name not in known and name not in extra:
+            raise invalid(name, f"Unrecognized request argument supplied: {name}", "unknown_parameter")
+
+
 def invalid(param: str | None, message: str, code: str = "invalid_value") -> HTTPError:
     return HTTPError(400, message, type="invalid_request_error", param=param, code=code)
 
