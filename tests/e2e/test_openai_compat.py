@@ -5,9 +5,10 @@ seen) and the built-in CTranslate2 model (a fixed vocabulary)."""
 from __future__ import annotations
 
 import openai
+import orjson
 import pytest
 
-from runnel.testing import ServerThread, server_config
+from runnel.testing import ServerThread, request, server_config
 
 
 def sdk(server) -> openai.OpenAI:
@@ -145,3 +146,46 @@ def test_baseten_field_is_known_on_the_bridge_only(start_server):
         with pytest.raises(openai.BadRequestError) as raised:
             client.chat.completions.create(model="echo", messages=USER, extra_body={"baseten": {"model_id": "m1"}})
         assert raised.value.body["param"] == "baseten"
+
+
+# -- /tokenize and /detokenize ----------------------------------------------------------------
+def post(port: int, path: str, body: dict):
+    return request(port, "POST", path, headers=[("content-type", "application/json")], body=orjson.dumps(body))
+
+
+def test_tokenize_and_detokenize_round_trip_on_echo(echo_server):
+    port = echo_server.port
+    reply = post(port, "/tokenize", {"model": "echo", "prompt": "one two one"})
+    assert reply.status == 200
+    assert reply.json() == {"count": 3, "max_model_len": 4096, "tokens": [0, 1, 2]}
+    assert post(port, "/detokenize", {"model": "echo", "tokens": [2, 0]}).json() == {"prompt": " oneone"}
+    chat = post(port, "/tokenize", {"messages": [{"role": "user", "content": "two"}]}).json()  # echo's template
+    assert chat["tokens"] == [3] and chat["count"] == 1
+    with sdk(echo_server) as client:  # the ids /tokenize hands out are the ones completions take
+        assert client.completions.create(model="echo", prompt=[0, 1]).choices[0].text == "one two"
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/tokenize", {"model": "echo"}, "prompt"),
+    ("/tokenize", {"model": "echo", "prompt": 5}, "prompt"),
+    ("/tokenize", {"model": "echo", "prompt": "a", "foo": 1}, "foo"),
+    ("/detokenize", {"model": "echo"}, "tokens"),
+    ("/detokenize", {"model": "echo", "tokens": ["a"]}, "tokens"),
+    ("/detokenize", {"model": "echo", "tokens": [12345]}, "tokens"),
+    ("/detokenize", {"model": "nope", "tokens": [0]}, "model"),
+])
+def test_tokenize_mistakes_name_the_parameter(echo_server, path, body, param):
+    reply = post(echo_server.port, path, body)
+    assert reply.status in (400, 404)
+    assert reply.json()["error"]["param"] == param
+
+
+def test_tokenize_and_detokenize_on_the_builtin_model(tiny):
+    reply = post(tiny.port, "/tokenize", {"model": "tiny", "prompt": "The cat sat."}).json()
+    app = tiny.server.apps.get("tiny")
+    assert reply["tokens"] == app.tokenize("The cat sat.") and reply["count"] == len(reply["tokens"])
+    assert reply["max_model_len"] == app.context_length
+    assert post(tiny.port, "/detokenize", {"model": "tiny", "tokens": reply["tokens"]}).json()["prompt"].endswith(
+        "The cat sat.")
+    too_big = post(tiny.port, "/detokenize", {"model": "tiny", "tokens": [app.vocab_size]})
+    assert too_big.status == 400 and "vocabulary" in too_big.json()["error"]["message"]
