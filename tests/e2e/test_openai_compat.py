@@ -4,11 +4,15 @@ seen) and the built-in CTranslate2 model (a fixed vocabulary)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import openai
 import orjson
 import pytest
 
 from runnel.testing import ServerThread, request, server_config
+
+APPS = Path(__file__).resolve().parents[1] / "apps"
 
 
 def sdk(server) -> openai.OpenAI:
@@ -189,3 +193,37 @@ def test_tokenize_and_detokenize_on_the_builtin_model(tiny):
         "The cat sat.")
     too_big = post(tiny.port, "/detokenize", {"model": "tiny", "tokens": [app.vocab_size]})
     assert too_big.status == 400 and "vocabulary" in too_big.json()["error"]["message"]
+
+
+# -- platform paths: RunPod embeddings, Cerebrium-style models and completions ---------------------------
+def test_runpod_paths_serve_embeddings(start_server):
+    server = start_server({"apps": {"echo": {"backend": "echo", "runpod": {"endpoint_id": "ep1"}}}})
+    with openai.OpenAI(base_url=server.url + "/v2/ep1/openai/v1", api_key="x", max_retries=0, timeout=30) as client:
+        reply = client.embeddings.create(model="echo", input=["red green", "blue"])
+        with sdk(server) as plain:
+            direct = plain.embeddings.create(model="echo", input=["red green", "blue"])
+        assert [item.embedding for item in reply.data] == [item.embedding for item in direct.data]
+        assert [model.id for model in client.models.list()] == ["echo"]
+        with pytest.raises(openai.NotFoundError):
+            client.embeddings.create(model="other", input="x")
+
+
+def test_function_base_url_serves_models_and_completions(start_server):
+    server = start_server({"apps": {"echo": {"backend": "echo"}}})
+    base = server.url + "/v4/p-123/echo/run"
+    with openai.OpenAI(base_url=base, api_key="x", max_retries=0, timeout=30) as client:
+        assert [model.id for model in client.models.list()] == ["echo"]
+        reply = client.completions.create(model="echo", prompt="one two three", max_tokens=2)
+        assert reply.choices[0].text == "one two" and reply.choices[0].finish_reason == "length"
+        streamed = client.completions.create(model="echo", prompt="one two", stream=True)
+        assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == "one two"
+    unknown = request(server.port, "GET", "/v4/p-123/nope/run/models")
+    assert unknown.status == 404 and unknown.json()["error"]["param"] == "app"
+
+
+def test_function_completions_of_a_python_app(start_server):
+    server = start_server({"apps": {"fn": {"backend": "python", "module": str(APPS / "lab.py")}}})
+    with openai.OpenAI(base_url=server.url + "/v4/p/fn/complete", api_key="x", max_retries=0, timeout=30) as client:
+        assert client.models.list().data == []
+        reply = client.completions.create(model="m", prompt="hi")
+        assert reply.choices[0].text == "hi!"
