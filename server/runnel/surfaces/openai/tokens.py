@@ -45,10 +45,9 @@ class TokenEndpoints:
             raise invalid("tokens", "Missing required parameter: 'tokens'.", "missing_required_parameter")
         if type(tokens) is not list or not all(type(token) is int for token in tokens):
             raise invalid("tokens", "Invalid type for 'tokens': expected an array of token ids.", "invalid_type")
-        ids: list[int] = tokens
-        check_token_ids("tokens", [ids], app)
+        check_token_ids("tokens", [tokens], app)
         decode = detokenizer(app, "tokens")
-        return json_response({"prompt": await off_loop(len(ids), decode, ids)})
+        return json_response({"prompt": await off_loop(len(tokens), decode, tokens)})
 
 
 def _model(body: dict) -> str | None:
