@@ -227,3 +227,56 @@ def test_function_completions_of_a_python_app(start_server):
         assert client.models.list().data == []
         reply = client.completions.create(model="m", prompt="hi")
         assert reply.choices[0].text == "hi!"
+
+
+# -- CORS -------------------------------------------------------------------------------------------
+APP_ORIGIN = "https://app.example.com"
+CORS_CONFIG = {"server": {"cors_allow_origins": [APP_ORIGIN]}, "auth": {"kind": "api_key", "keys": ["key-0123456789"]},
+               "apps": {"echo": {"backend": "echo"}}}
+
+
+def test_cors_preflight_for_any_route_before_auth(start_server):
+    server = start_server(CORS_CONFIG)
+    for path in ("/v1/chat/completions", "/v4/p/echo/run/models", "/no/such/route"):
+        reply = request(server.port, "OPTIONS", path, headers=[
+            ("origin", APP_ORIGIN), ("access-control-request-method", "POST"),
+            ("access-control-request-headers", "authorization, content-type")])
+        assert reply.status == 204, path
+        head = reply.headers
+        assert head[b"access-control-allow-origin"] == APP_ORIGIN.encode()
+        assert head[b"access-control-allow-methods"] == b"POST"
+        assert head[b"access-control-allow-headers"] == b"authorization, content-type"
+        assert head[b"vary"] == b"origin" and b"access-control-max-age" in head
+    # Another origin gets no preflight: routing answers as without CORS, with no CORS headers.
+    other = request(server.port, "OPTIONS", "/v1/chat/completions", headers=[
+        ("origin", "https://evil.example"), ("access-control-request-method", "POST")])
+    assert other.status == 405 and b"access-control-allow-origin" not in other.headers
+
+
+def test_cors_headers_on_answers_errors_and_streams(start_server):
+    server = start_server(CORS_CONFIG)
+    auth = [("authorization", "Bearer key-0123456789"), ("content-type", "application/json")]
+    body = orjson.dumps({"model": "echo", "messages": USER, "stream": True})
+    streamed = request(server.port, "POST", "/v1/chat/completions", headers=[("origin", APP_ORIGIN), *auth], body=body)
+    assert streamed.status == 200 and b"[DONE]" in streamed.body
+    head = streamed.headers
+    assert head[b"access-control-allow-origin"] == APP_ORIGIN.encode()
+    assert b"x-request-id" in head[b"access-control-expose-headers"]
+    refused = request(server.port, "GET", "/v1/models", headers=[("origin", APP_ORIGIN)])  # no key: 401
+    assert refused.status == 401 and refused.headers[b"access-control-allow-origin"] == APP_ORIGIN.encode()
+    other = request(server.port, "GET", "/v1/models", headers=[("origin", "https://evil.example"), *auth])
+    assert other.status == 200 and b"access-control-allow-origin" not in other.headers
+
+
+def test_cors_is_off_by_default(echo_server):
+    preflight = request(echo_server.port, "OPTIONS", "/v1/models", headers=[
+        ("origin", APP_ORIGIN), ("access-control-request-method", "GET")])
+    assert preflight.status == 405 and b"access-control-allow-origin" not in preflight.headers
+    plain = request(echo_server.port, "GET", "/v1/models", headers=[("origin", APP_ORIGIN)])
+    assert plain.status == 200 and b"access-control-allow-origin" not in plain.headers
+
+
+def test_cors_any_origin(start_server):
+    server = start_server({"server": {"cors_allow_origins": ["*"]}, "apps": {"echo": {"backend": "echo"}}})
+    reply = request(server.port, "GET", "/v1/models", headers=[("origin", "https://anywhere.example")])
+    assert reply.headers[b"access-control-allow-origin"] == b"*"
