@@ -10,7 +10,7 @@ import openai
 import orjson
 import pytest
 
-from runnel.testing import ServerThread, request, server_config
+from runnel.testing import request
 
 APPS = Path(__file__).resolve().parents[1] / "apps"
 
@@ -23,16 +23,6 @@ def sdk(server) -> openai.OpenAI:
 def client(echo_server):
     with sdk(echo_server) as client:
         yield client
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    config = {"apps": {"tiny": {"backend": "ctranslate2", "model": "builtin:tiny", "device": "cpu",
-                                "inter_threads": 1, "intra_threads": 1}}}
-    server = ServerThread(server_config(config)).start()
-    assert server.wait_ready()
-    yield server
-    server.stop()
 
 
 # -- token-id inputs ----------------------------------------------------------------------
@@ -78,10 +68,10 @@ def test_embeddings_of_token_ids_equal_those_of_their_text(client):
     assert raised.value.body["param"] == "input"
 
 
-def test_tiny_completion_from_token_ids(tiny):
-    with sdk(tiny) as client:
+def test_tiny_completion_from_token_ids(tiny_server):
+    with sdk(tiny_server) as client:
         text = client.completions.create(model="tiny", prompt="The cat", max_tokens=5, temperature=0)
-        prompt_ids = [int(token) for token in _tokenize(tiny, "The cat")]
+        prompt_ids = [int(token) for token in _tokenize(tiny_server, "The cat")]
         ids = client.completions.create(model="tiny", prompt=prompt_ids, max_tokens=5, temperature=0)
         assert ids.choices[0].text == text.choices[0].text
         assert ids.usage.prompt_tokens == text.usage.prompt_tokens
@@ -184,14 +174,14 @@ def test_tokenize_mistakes_name_the_parameter(echo_server, path, body, param):
     assert reply.json()["error"]["param"] == param
 
 
-def test_tokenize_and_detokenize_on_the_builtin_model(tiny):
-    reply = post(tiny.port, "/tokenize", {"model": "tiny", "prompt": "The cat sat."}).json()
-    app = tiny.server.apps.get("tiny")
+def test_tokenize_and_detokenize_on_the_builtin_model(tiny_server):
+    reply = post(tiny_server.port, "/tokenize", {"model": "tiny", "prompt": "The cat sat."}).json()
+    app = tiny_server.server.apps.get("tiny")
     assert reply["tokens"] == app.tokenize("The cat sat.") and reply["count"] == len(reply["tokens"])
     assert reply["max_model_len"] == app.context_length
-    assert post(tiny.port, "/detokenize", {"model": "tiny", "tokens": reply["tokens"]}).json()["prompt"].endswith(
-        "The cat sat.")
-    too_big = post(tiny.port, "/detokenize", {"model": "tiny", "tokens": [app.vocab_size]})
+    text = post(tiny_server.port, "/detokenize", {"model": "tiny", "tokens": reply["tokens"]}).json()["prompt"]
+    assert text.endswith("The cat sat.")
+    too_big = post(tiny_server.port, "/detokenize", {"model": "tiny", "tokens": [app.vocab_size]})
     assert too_big.status == 400 and "vocabulary" in too_big.json()["error"]["message"]
 
 
@@ -280,38 +270,3 @@ def test_cors_any_origin(start_server):
     server = start_server({"server": {"cors_allow_origins": ["*"]}, "apps": {"echo": {"backend": "echo"}}})
     reply = request(server.port, "GET", "/v1/models", headers=[("origin", "https://anywhere.example")])
     assert reply.headers[b"access-control-allow-origin"] == b"*"
-
-
-# -- Baseten: model="baseten/{model_id}[/{deployment_id}]", completions ------------------------------
-@pytest.fixture
-def baseten(start_server):
-    return start_server({"apps": {
-        "prod": {"backend": "echo", "served_model_name": "prod-model",
-                 "baseten": {"model_id": "abcd1234", "deployment_id": "dep1", "production": True}},
-        "canary": {"backend": "echo", "served_model_name": "canary-model",
-                   "baseten": {"model_id": "abcd1234", "deployment_id": "dep2"}},
-    }})
-
-
-def test_baseten_model_shape_picks_model_and_deployment(baseten):
-    with openai.OpenAI(base_url=baseten.url + "/v1/direct", api_key="x", max_retries=0, timeout=30) as client:
-        assert client.chat.completions.create(model="baseten/abcd1234", messages=USER).model == "prod-model"
-        reply = client.chat.completions.create(model="baseten/abcd1234/dep2", messages=USER)
-        assert reply.model == "canary-model" and reply.choices[0].message.content == "hello there"
-        assert len(reply.id) == 36 and reply.id.count("-") == 4  # a bare UUID
-        # The body's baseten field, where given, is what picks.
-        assert client.chat.completions.create(model="baseten/abcd1234/dep2", messages=USER, extra_body={
-            "baseten": {"model_id": "abcd1234", "deployment_id": "dep1"}}).model == "prod-model"
-        text = client.completions.create(model="baseten/abcd1234/dep2", prompt="one two", max_tokens=1)
-        assert text.choices[0].text == "one" and text.model == "canary-model"
-        assert len(text.id) == 36
-        with pytest.raises(openai.NotFoundError) as missing:
-            client.chat.completions.create(model="baseten/abcd1234/dep9", messages=USER)
-        assert missing.value.body["param"] == "model"
-        for bad in ("baseten/", "baseten/a/b/c"):
-            with pytest.raises(openai.BadRequestError) as raised:
-                client.chat.completions.create(model=bad, messages=USER)
-            assert raised.value.body["param"] == "model"
-        with pytest.raises(openai.BadRequestError) as raised:
-            client.chat.completions.create(model="prod-model", messages=USER)
-        assert raised.value.body["param"] == "baseten"
