@@ -110,6 +110,13 @@ class ServerConfig:
     webhook_secret: str = ""  # signs webhooks (HMAC-SHA256); "" = unsigned
     webhook_retry_delay: float = 2.0  # seconds between webhook attempts
     runsync_timeout: float = 90.0  # RunPod /runsync waits this long for a result
+    # Client compatibility (issue 12).
+    # Unknown fields in an OpenAI request body: False = a 400 naming the field (as OpenAI);
+    # True = accepted and ignored, for clients that send vendor extras.
+    ignore_unknown_fields: bool = False
+    # Origins ("https://app.example.com", or "*") whose browser scripts may call the server:
+    # preflights answered, responses carry Access-Control-Allow-Origin. Empty: CORS off.
+    cors_allow_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +284,21 @@ def _hosts(value: list) -> tuple[str, ...]:
     return tuple(hosts)
 
 
+def _origins(value: list) -> tuple[str, ...]:
+    origins = []
+    for index, origin in enumerate(value):
+        if origin == "*":
+            origins.append(origin)
+            continue
+        scheme, _, rest = origin.lower().partition("://") if type(origin) is str else ("", "", "")
+        if (scheme not in ("http", "https") or not rest or any(c.isspace() or c in "/?#@" for c in rest)
+                or not rest.isascii()):
+            raise ValueError(f"item {index} must be \"*\" or an origin such as \"https://app.example.com\" "
+                             f"(scheme, host and port only), got {origin!r}")
+        origins.append(f"{scheme}://{rest}")  # as browsers send it: lower case
+    return tuple(origins)
+
+
 def _header_value(value: str) -> str:
     # A control character here would break (or split) every response's head.
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
@@ -309,6 +331,8 @@ _SERVER_RULES: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
     "webhook_secret": (str, None),
     "webhook_retry_delay": (float, _at_least(0)),
     "runsync_timeout": (float, _above(0)),
+    "ignore_unknown_fields": (bool, None),
+    "cors_allow_origins": (list, _origins),
 }
 _SERVER_KEYS = tuple(_SERVER_RULES)
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from .auth import ANONYMOUS, Principal
 from .errors import HTTPError
 from .http import Request, Response, json_response
+from .http.cors import Cors
 from .routing import Router
 
 logger = logging.getLogger("runnel.dispatch")
@@ -21,11 +22,16 @@ logger = logging.getLogger("runnel.dispatch")
 class Dispatcher:
     """Called by the HTTP layer for each request; never raises except on cancellation."""
 
-    def __init__(self, router: Router, authenticate: Callable[..., Principal | None]) -> None:
+    def __init__(self, router: Router, authenticate: Callable[..., Principal | None], cors: Cors | None = None) -> None:
         self._router = router
         self._authenticate = authenticate  # the pluggy hook caller (firstresult)
+        self._cors = cors
 
     async def __call__(self, request: Request) -> Response | None:
+        if self._cors is not None and request.method == "OPTIONS":
+            preflight = self._cors.preflight(request)  # for any path, before auth: it has no credentials
+            if preflight is not None:
+                return preflight
         try:
             route, request.path_params = self._router.match(request.method, request.path)
             request.route = route

@@ -108,6 +108,11 @@ class ModelApp(Protocol):
 
     def generate(self, prompt_tokens: list[int], params: SamplingParams, n: int, sink: TokenSink) -> Generation: ...
 
+    # Optional: ``decode(token_ids) -> str``, the text of ids (thread-safe). Without it, token-id
+    # input that must become text (completions' echo, embeddings of ids, /detokenize) is a 400.
+    # An embedding app may offer ``async embed_tokens(rows) -> (vectors, tokens)`` to embed ids
+    # as they are; else ids are decoded and embedded as text.
+
 
 class StopStrings:
     """Cuts generated text at the first stop string, across token boundaries.

@@ -24,6 +24,7 @@ from .config import Config, ConfigError
 from .dispatch import Dispatcher
 from .errors import HTTPError
 from .http import HttpProtocol, ServerState
+from .http.cors import Cors
 from .http.open_files import connection_cap, raise_open_file_limit
 from .plugins import make_plugin_manager
 from .routing import Router
@@ -137,7 +138,8 @@ class Server:
                 finished_hook(request=request, status=status, elapsed=elapsed)
         # Descriptors first: the connection cap is derived from what the process may open.
         max_connections = connection_cap(settings.max_connections, raise_open_file_limit())
-        dispatcher = Dispatcher(self.router, pm.hook.runnel_authenticate)
+        cors = Cors(settings.cors_allow_origins) if settings.cors_allow_origins else None
+        dispatcher = Dispatcher(self.router, pm.hook.runnel_authenticate, cors)
         self._server_state = ServerState(
             dispatch=dispatcher,
             fail=dispatcher.fail,
@@ -152,6 +154,7 @@ class Server:
             write_timeout=settings.write_timeout,
             max_connections=max_connections,
             server_header=settings.server_header.encode("latin-1"),
+            cors=cors,
             finished=finished,
         )
         try:

@@ -167,6 +167,11 @@ class SimpleModel:
     def tokenize(self, text: str) -> list[int]:
         return self.vocabulary.tokenize(text)
 
+    @property
+    def known_tokens(self) -> int:
+        """Ids handed out so far: a larger one names no piece (runnel.surfaces.openai.params.check_token_ids)."""
+        return len(self.vocabulary.pieces)
+
     def piece(self, token_id: int) -> str:
         return self.vocabulary.pieces[token_id]
 

@@ -79,3 +79,8 @@ def embed(input, model=None, **kwargs):
             "data": [{"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0]}
                      for i, t in enumerate(texts)],
             "usage": {"prompt_tokens": len(texts), "total_tokens": len(texts)}}
+
+
+def complete(prompt, model=None, **kwargs):
+    return {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": model or "lab",
+            "choices": [{"index": 0, "text": prompt + "!", "logprobs": None, "finish_reason": "stop"}]}

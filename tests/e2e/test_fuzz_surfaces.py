@@ -171,21 +171,11 @@ def test_bodies_that_are_not_json_are_400s_in_the_surfaces_shape(fuzzed, payload
     _assert_answer(path, surface, reply)
 
 
-def test_health_answers_after_the_fuzzing(fuzzed, tiny):
-    assert request(tiny.port, "GET", "/health").status == 200
+def test_health_answers_after_the_fuzzing(fuzzed, tiny_server):
+    assert request(tiny_server.port, "GET", "/health").status == 200
     assert request(fuzzed.port, "GET", "/health").status == 200
     reply = _send(fuzzed, "/v1/completions", json.dumps({"model": "echo", "prompt": "still here"}).encode())
     assert reply.status == 200 and json.loads(reply.body)["choices"][0]["text"] == "still here"
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    config = {"apps": {"tiny": {"backend": "ctranslate2", "model": "builtin:tiny", "device": "cpu",
-                                "inter_threads": 1, "intra_threads": 1}}}
-    server = ServerThread(server_config(config)).start()
-    assert server.wait_ready()
-    yield server
-    server.stop()
 
 
 _NUMERIC = ["max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "no_repeat_ngram_size",
@@ -198,7 +188,7 @@ _extreme = st.tuples(st.sampled_from(_NUMERIC), st.one_of(
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]), extreme=_extreme,
        stream=st.booleans())
-def test_a_real_model_never_fails_on_what_a_client_sends(tiny, path, extreme, stream):
+def test_a_real_model_never_fails_on_what_a_client_sends(tiny_server, path, extreme, stream):
     name, value = extreme
     body = {"model": "tiny", "max_tokens": 3, "stream": stream, name: value}
     if path == "/v1/completions":
@@ -206,6 +196,6 @@ def test_a_real_model_never_fails_on_what_a_client_sends(tiny, path, extreme, st
     else:
         body["messages"] = [{"role": "user", "content": "Hello!"}]
         body["logprobs"] = name == "top_logprobs"
-    reply = _send(tiny, path, json.dumps(body).encode())
+    reply = _send(tiny_server, path, json.dumps(body).encode())
     _assert_answer(path, "openai", reply)
     assert b"generation_failed" not in reply.body, reply.body[-300:]  # a model's failure, streamed or not

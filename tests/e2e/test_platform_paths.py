@@ -328,3 +328,27 @@ def test_baseten_duplicate_deployment_fails_at_start(start_server):
     with pytest.raises(ConfigError) as caught:
         start_server(config)
     assert caught.value.key == "apps.b.baseten.deployment_id"
+
+
+def test_baseten_model_shape_picks_model_and_deployment(baseten):
+    with openai.OpenAI(base_url=baseten.url + "/v1/direct", api_key="x", max_retries=0, timeout=30) as client:
+        assert client.chat.completions.create(model="baseten/abcd1234", messages=USER).model == "prod-model"
+        reply = client.chat.completions.create(model="baseten/abcd1234/dep2", messages=USER)
+        assert reply.model == "canary-model" and reply.choices[0].message.content == "hello there"
+        assert len(reply.id) == 36 and reply.id.count("-") == 4  # a bare UUID
+        # The body's baseten field, where given, is what picks.
+        assert client.chat.completions.create(model="baseten/abcd1234/dep2", messages=USER, extra_body={
+            "baseten": {"model_id": "abcd1234", "deployment_id": "dep1"}}).model == "prod-model"
+        text = client.completions.create(model="baseten/abcd1234/dep2", prompt="one two", max_tokens=1)
+        assert text.choices[0].text == "one" and text.model == "canary-model"
+        assert len(text.id) == 36
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.chat.completions.create(model="baseten/abcd1234/dep9", messages=USER)
+        assert missing.value.body["param"] == "model"
+        for bad in ("baseten/", "baseten/a/b/c"):
+            with pytest.raises(openai.BadRequestError) as raised:
+                client.chat.completions.create(model=bad, messages=USER)
+            assert raised.value.body["param"] == "model"
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.chat.completions.create(model="prod-model", messages=USER)
+        assert raised.value.body["param"] == "baseten"

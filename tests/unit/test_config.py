@@ -572,3 +572,22 @@ def test_table_does_not_see_later_changes_to_data():
     data["b"] = 2
     table.get("a", int)
     table.finish()
+
+
+def test_ignore_unknown_fields_is_a_boolean():
+    assert config_from_dict({"server": {"ignore_unknown_fields": True}}).server.ignore_unknown_fields is True
+    assert config_from_dict({}).server.ignore_unknown_fields is False
+    error = raises_config_error(config_from_dict, {"server": {"ignore_unknown_fields": "yes"}})
+    assert error.key == "server.ignore_unknown_fields"
+
+
+@pytest.mark.parametrize("origins", [["app.example.com"], ["https://a.example/path"], ["ftp://a"], [5], ["https://"]])
+def test_cors_allow_origins_are_origins(origins):
+    error = raises_config_error(config_from_dict, {"server": {"cors_allow_origins": origins}})
+    assert error.key == "server.cors_allow_origins"
+
+
+def test_cors_allow_origins_default_off_and_normalised():
+    assert config_from_dict({}).server.cors_allow_origins == ()
+    config = config_from_dict({"server": {"cors_allow_origins": ["*", "HTTPS://App.Example.com:8443"]}})
+    assert config.server.cors_allow_origins == ("*", "https://app.example.com:8443")

@@ -169,6 +169,10 @@ class GeneratorApp:
         add_bos = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
         return tokenizer.encode(text, add_bos=add_bos)
 
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids`` (runnel.generation.ModelApp's optional detokenizer); thread-safe."""
+        return self.tokenizer.decode(token_ids)
+
     def chat_prompt(self, messages: list[dict]) -> str:
         if self.template is None:
             from runnel import HTTPError
@@ -240,19 +244,34 @@ class EncoderApp:
                 self.encoder.unload_model()
             self.encoder = None
 
+    @property
+    def vocab_size(self) -> int | None:
+        """What token-id inputs are checked against (runnel.surfaces.openai.params.check_token_ids)."""
+        return self.tokenizer.vocab_size if self.tokenizer is not None else None
+
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        running = self._threads.run(lambda: self._embed(texts))
+        return await self._run(lambda: self._embed(texts))
+
+    async def embed_tokens(self, rows: list[list[int]]) -> tuple[list[list[float]], int]:
+        """Token ids embedded as they are, unframed (a client that wants [CLS] ... [SEP] sends them)."""
+        return await self._run(lambda: self._embed_ids(rows))
+
+    async def _run(self, work):
+        running = self._threads.run(work)
         self._running.add(running)
         running.add_done_callback(self._running.discard)
         return await running
 
     def _embed(self, texts: list[str]):
+        frame = getattr(self.tokenizer, "encode_framed", None)  # [CLS] ... [SEP] for BERT-style models
+        return self._embed_ids([frame(text) if frame else self.tokenizer.encode(text, add_bos=False)
+                                for text in texts])
+
+    def _embed_ids(self, ids: list[list[int]]):
         import numpy as np
 
         from runnel import HTTPError
 
-        frame = getattr(self.tokenizer, "encode_framed", None)  # [CLS] ... [SEP] for BERT-style models
-        ids = [frame(text) if frame else self.tokenizer.encode(text, add_bos=False) for text in texts]
         for index, row in enumerate(ids):
             if len(row) > self.context_length:  # CTranslate2 would fail on it: the client's mistake
                 raise HTTPError(400, f"Input {index} is {len(row)} tokens; this model takes at most "

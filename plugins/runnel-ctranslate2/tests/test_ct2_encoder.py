@@ -187,3 +187,18 @@ def test_embed_app_releases_its_encoder_on_stop(start_server, encoder_dir):
     assert app.encoder is not None
     server.stop()
     assert app.encoder is None
+
+
+def test_token_id_inputs_are_embedded_as_their_text(start_server, encoder_dir):
+    server = start_server(embed_config(encoder_dir))
+    ids = {word: index for index, word in enumerate(["[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    with client_for(server) as client:
+        texts = client.embeddings.create(model="mini-encoder", input=[*RELATED])
+        rows = [[ids[word] for word in text.split()] for text in RELATED]
+        reply = client.embeddings.create(model="mini-encoder", input=rows)
+        np.testing.assert_allclose([item.embedding for item in reply.data],
+                                   [item.embedding for item in texts.data], atol=1e-5)
+        assert reply.usage.prompt_tokens == texts.usage.prompt_tokens
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.embeddings.create(model="mini-encoder", input=[[ids["cat"], len(ids)]])
+        assert raised.value.body["param"] == "input"

@@ -396,6 +396,9 @@ class HttpProtocol(asyncio.Protocol):
         if not self._closing and not (self._keep_alive and self.conn.their_state is h11.DONE):
             self._closing = True
         request_id = request.request_id if request is not None else self.server_state.new_request_id()
+        cors = self.server_state.cors
+        if cors is not None and request is not None:
+            fields += cors.fields(request)
         return b"%bdate: %b\r\n%bx-request-id: %b\r\n%b%b\r\n" % (
             status_line(status),
             self.server_state.dates.value(),

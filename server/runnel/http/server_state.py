@@ -14,6 +14,7 @@ from .response import error_response
 if TYPE_CHECKING:
     from ..errors import HTTPError
     from ..serializers import Serializer
+    from .cors import Cors
     from .protocol import HttpProtocol
     from .request import Request
     from .response import Response
@@ -54,6 +55,7 @@ class ServerState:
     # Connections served at once; past it new ones are answered 503 and closed. 0 = no cap.
     max_connections: int = 0
     server_header: bytes = b"runnel"
+    cors: Cors | None = None  # [server] cors_allow_origins; None: off
     # Called once per finished request with (request, status, seconds); None when nobody listens.
     finished: Callable[[Request, int, float], None] | None = None
     dates: DateHeader = field(default_factory=DateHeader)

@@ -1,7 +1,8 @@
-"""Built-in plugin: the Baseten bridge, ``/v1/direct/chat/completions``.
+"""Built-in plugin: the Baseten bridge, ``/v1/direct/chat/completions`` and ``/v1/direct/completions``.
 
 Clients of Baseten's OpenAI bridge pick the model in the body, not the path:
-``extra_body={"baseten": {"model_id": "abcd1234", "deployment_id": "..."}}``.
+``extra_body={"baseten": {"model_id": "abcd1234", "deployment_id": "..."}}``, or
+``model="baseten/abcd1234[/deployment_id]"``.
 Each app can answer for one Baseten model id and deployment:
 
     [apps.NAME.baseten]
@@ -21,6 +22,8 @@ from ..hookspecs import hookimpl
 from .openai import OpenAIAPI, ReplyOptions, invalid
 
 BASETEN_REPLY = ReplyOptions(uuid_ids=True)
+BASETEN_FIELDS = frozenset({"baseten"})  # the bridge's own field, beside OpenAI's
+MODEL_PREFIX = "baseten/"  # model="baseten/{model_id}[/{deployment_id}]", the other shape Baseten documents
 
 
 class BasetenBridge:
@@ -53,11 +56,29 @@ class BasetenBridge:
             self.production.setdefault(model_id, name)
 
     async def chat(self, request):
-        body = await request.json()
+        app = self.app_for(await request.json())
+        return await self.api.chat(request, app, BASETEN_REPLY, BASETEN_FIELDS)
+
+    async def completions(self, request):
+        app = self.app_for(await request.json())
+        return await self.api.completions(request, app, BASETEN_REPLY, BASETEN_FIELDS)
+
+    def app_for(self, body):
+        """The app a request names: ``"baseten": {"model_id", "deployment_id"?}`` in the body,
+        else ``"model": "baseten/{model_id}[/{deployment_id}]"``."""
         target = body.get("baseten") if type(body) is dict else None
+        model = body.get("model") if type(body) is dict else None
+        param = "baseten"
+        if target is None and type(model) is str and model.startswith(MODEL_PREFIX):
+            model_id, _, deployment = model[len(MODEL_PREFIX):].partition("/")
+            if not model_id or "/" in deployment:
+                raise invalid("model", f"Invalid value for 'model': {model!r}; use "
+                              "'baseten/{model_id}' or 'baseten/{model_id}/{deployment_id}'.")
+            target, param = {"model_id": model_id, "deployment_id": deployment or None}, "model"
         if type(target) is not dict or type(target.get("model_id")) is not str:
             raise invalid("baseten", "The bridge needs 'baseten': {'model_id': ...} in the body "
-                          "(extra_body in the openai SDK).", "missing_required_parameter")
+                          "(extra_body in the openai SDK), or model='baseten/{model_id}[/{deployment_id}]'.",
+                          "missing_required_parameter")
         model_id = target["model_id"]
         deployment_id = target.get("deployment_id")
         if deployment_id is None:
@@ -69,10 +90,12 @@ class BasetenBridge:
         if name is None:
             what = f"model {model_id!r}" + (f" deployment {deployment_id!r}" if deployment_id else "")
             raise HTTPError(404, f"No Baseten {what} is served here.", type="invalid_request_error",
-                            param="baseten", code="model_not_found")
-        return await self.api.chat(request, self.api.app_by_name(name), BASETEN_REPLY)
+                            param=param, code="model_not_found")
+        return self.api.app_by_name(name)
 
 
 @hookimpl
 def runnel_register_routes(register, server):
-    register("POST", "/v1/direct/chat/completions", BasetenBridge(server).chat)
+    bridge = BasetenBridge(server)
+    register("POST", "/v1/direct/chat/completions", bridge.chat)
+    register("POST", "/v1/direct/completions", bridge.completions)

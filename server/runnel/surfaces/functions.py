@@ -18,8 +18,10 @@ changing only its base URL. The project id is accepted as is (any value).
     request and ``result`` the chat completion (or the OpenAI stream when
     ``"stream": true``).
 
-``POST /v4/{project_id}/{app}/{function}/chat/completions`` and ``.../embedding(s)``
-    So the openai SDK works with ``base_url=".../v4/{project_id}/{app}/{function}"``.
+``POST /v4/{project_id}/{app}/{function}/chat/completions``, ``.../completions``, ``.../embedding(s)``
+and ``GET .../models``
+    So the openai SDK works with ``base_url=".../v4/{project_id}/{app}/{function}"``
+    (``models`` lists a model app's card, and nothing for a python app).
     For a python app the OpenAI request body is the function's keyword arguments
     (e.g. ``def run(messages, model=None, stream=False, **kwargs)``) and its result is
     the body as is; with ``"stream": true`` and a generator, each yielded chunk is one
@@ -117,6 +119,17 @@ class FunctionEndpoints:
     async def embedding(self, request):
         return await self._run(request, self._embedding)
 
+    async def completions(self, request):
+        return await self._run(request, self._completions)
+
+    async def models(self, request):
+        """``client.models.list()`` with the function's base URL: a model app's card; none otherwise."""
+        name, app = self._app(request)
+        data = []
+        if is_model_app(app) or can_embed(app):
+            data.append(self.openai.model_card(app, name))
+        return json_response({"object": "list", "data": data})
+
     async def _run(self, request, handler):
         started = time.perf_counter()
         name, app = self._app(request)
@@ -188,14 +201,26 @@ class FunctionEndpoints:
             return await self.openai.chat(request, self.openai.app_by_name(name))
         raise _no_function(name, request.path_params["function"])
 
+    async def _completions(self, request, name, app, run_id, started):
+        self._no_background(request)
+        if is_function_app(app):
+            return await self._collected(request, app, run_id)
+        if is_model_app(app):
+            return await self.openai.completions(request, self.openai.app_by_name(name))
+        raise _no_function(name, request.path_params["function"])
+
+    async def _collected(self, request, app, run_id):
+        """A python app's function called with the OpenAI body as its arguments; its result is the body."""
+        function = request.path_params["function"]
+        result = await app.invoke(function, await self._arguments(request), run_id)
+        if isinstance(result, FunctionStream):
+            result = await _collect(result)
+        return _body(result, function)
+
     async def _embedding(self, request, name, app, run_id, started):
         self._no_background(request)
         if is_function_app(app):
-            function = request.path_params["function"]
-            result = await app.invoke(function, await self._arguments(request), run_id)
-            if isinstance(result, FunctionStream):
-                result = await _collect(result)
-            return _body(result, function)
+            return await self._collected(request, app, run_id)
         if can_embed(app):
             return await self.openai.embeddings(request, self.openai.app_by_name(name, need=can_embed))
         if is_model_app(app):
@@ -403,5 +428,9 @@ def runnel_register_routes(register, server):
     register("POST", "/v4/{project_id}/{app}/{function}/chat/completions", endpoints.chat, **call)
     register("POST", "/v4/{project_id}/{app}/{function}/embedding", endpoints.embedding, **call)
     register("POST", "/v4/{project_id}/{app}/{function}/embeddings", endpoints.embedding, **call)
+    register("POST", "/v4/{project_id}/{app}/{function}/completions", endpoints.completions, **call)
     register("GET", "/v4/{project_id}/{app}/runs/{run_id}", endpoints.run_status, public=endpoints.is_public,
+             errors=endpoints.error_body)
+    # After runs/{run_id}, which keeps .../runs/models: a function named "runs" lists no models.
+    register("GET", "/v4/{project_id}/{app}/{function}/models", endpoints.models, public=endpoints.is_public,
              errors=endpoints.error_body)

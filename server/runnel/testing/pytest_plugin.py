@@ -18,6 +18,9 @@ import runnel
 from .server import ServerThread, server_config
 
 ECHO_CONFIG = {"apps": {"echo": {"backend": "echo"}}}
+# The built-in CTranslate2 model as the app "tiny", on one CPU thread (needs runnel-ctranslate2).
+TINY_CONFIG = {"apps": {"tiny": {"backend": "ctranslate2", "model": "builtin:tiny", "device": "cpu",
+                                 "inter_threads": 1, "intra_threads": 1}}}
 
 StartServer = Callable[..., ServerThread]
 
@@ -44,3 +47,12 @@ def start_server() -> Iterator[StartServer]:
 def echo_server(start_server: StartServer) -> ServerThread:
     """A server with the echo backend at /echo/echo, found through its entry point."""
     return start_server(ECHO_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def tiny_server() -> Iterator[ServerThread]:
+    """A server with the built-in model as app "tiny", shared by a test module (loading it takes a while)."""
+    server = ServerThread(server_config(TINY_CONFIG)).start()
+    assert server.wait_ready()
+    yield server
+    server.stop()

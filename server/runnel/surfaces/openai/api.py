@@ -23,13 +23,19 @@ from ...http.response import JSON
 from ...serializers import NDJSON as NDJSONFraming
 from ...serializers import ServerSentEvents
 from .params import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    EMBEDDING_FIELDS,
     MAX_EMBEDDING_INPUTS,
     CompletionRequest,
+    check_fields,
     check_prompt_size,
+    check_token_ids,
     fit_to_model,
     invalid,
     parse_chat,
     parse_completion,
+    token_id_lists,
 )
 from .sinks import (
     ChatStream,
@@ -89,6 +95,16 @@ def can_embed(app) -> bool:
     return callable(getattr(app, "embed", None))
 
 
+def detokenizer(app, param: str):
+    """The app's ``decode(token_ids) -> str`` (optional in runnel.generation.ModelApp), or a 400
+    naming ``param`` where its backend cannot turn ids back into text."""
+    decode = getattr(app, "decode", None)
+    if not callable(decode):
+        raise invalid(param, f"The backend of model `{app.model_id}` cannot detokenize: send text, not token ids.",
+                      "unsupported_parameter")
+    return decode
+
+
 class OpenAIAPI:
     @classmethod
     def of(cls, server) -> OpenAIAPI:
@@ -110,6 +126,7 @@ class OpenAIAPI:
         # [apps.NAME.openai], read (and its typos refused) once, when the server is built.
         self.owned_by: dict[str, str | None] = {}
         config = server.config
+        self.ignore_unknown_fields = config.server.ignore_unknown_fields
         for name, app_config in config.apps.items():
             table = config.table(f"apps.{name}.openai", app_config.surfaces.get("openai", {}))
             self.owned_by[name] = table.get("owned_by", str, default=None)
@@ -166,8 +183,18 @@ class OpenAIAPI:
         return json_response(self.model_card(app, name))
 
     # -- completions ------------------------------------------------------------------
-    async def chat(self, request, app=None, reply: ReplyOptions = DEFAULT_REPLY):
-        parsed = parse_chat(await request.json())
+    async def body(self, request, known: frozenset[str], extra: frozenset[str]) -> Any:
+        """The request's JSON, its fields checked against what the endpoint knows (plus the
+        surface's own ``extra``) unless the server ignores unknown fields."""
+        body = await request.json()
+        if type(body) is not dict:
+            raise invalid(None, "The request body must be a JSON object.", "invalid_type")
+        if not self.ignore_unknown_fields:
+            check_fields(body, known, extra)
+        return body
+
+    async def chat(self, request, app=None, reply: ReplyOptions = DEFAULT_REPLY, extra: frozenset[str] = frozenset()):
+        parsed = parse_chat(await self.body(request, CHAT_FIELDS, extra))
         if app is None:
             app = self.app_by_model(parsed.model)
         self._check_supported(app, parsed)
@@ -181,14 +208,22 @@ class OpenAIAPI:
         tokens = await off_loop(len(prompt), app.tokenize, prompt)
         return await self._complete(request, app, parsed, [tokens], chat=True, reply=reply)
 
-    async def completions(self, request, app=None, reply: ReplyOptions = DEFAULT_REPLY):
-        parsed = parse_completion(await request.json())
+    async def completions(self, request, app=None, reply: ReplyOptions = DEFAULT_REPLY,
+                          extra: frozenset[str] = frozenset()):
+        parsed = parse_completion(await self.body(request, COMPLETION_FIELDS, extra))
         if app is None:
             app = self.app_by_model(parsed.model)
         self._check_supported(app, parsed)
-        for prompt in parsed.prompts:
-            check_prompt_size("prompt", len(prompt), app.context_length)
-        prompts = [await off_loop(len(prompt), app.tokenize, prompt) for prompt in parsed.prompts]
+        if parsed.prompt_ids is not None:
+            prompts = parsed.prompt_ids
+            check_token_ids("prompt", prompts, app)
+            if parsed.echo:  # the prompt's text comes back: a backend that can detokenize
+                decode = detokenizer(app, "echo")
+                parsed.prompts = [await off_loop(len(ids), decode, ids) for ids in prompts]
+        else:
+            for prompt in parsed.prompts:
+                check_prompt_size("prompt", len(prompt), app.context_length)
+            prompts = [await off_loop(len(prompt), app.tokenize, prompt) for prompt in parsed.prompts]
         return await self._complete(request, app, parsed, prompts, chat=False, reply=reply)
 
     @staticmethod
@@ -253,22 +288,32 @@ class OpenAIAPI:
         return Response(200, orjson.dumps(body), media_type=JSON)
 
     # -- embeddings -------------------------------------------------------------------
-    async def embeddings(self, request, app=None):
-        body = await request.json()
-        if type(body) is not dict:
-            raise invalid(None, "The request body must be a JSON object.", "invalid_type")
+    async def embeddings(self, request, app=None, extra: frozenset[str] = frozenset()):
+        body = await self.body(request, EMBEDDING_FIELDS, extra)
         if app is None:
             app = self.app_by_model(body.get("model") if type(body.get("model")) is str else None, need=can_embed)
         texts = body.get("input")
         if type(texts) is str:
             texts = [texts]
+        ids = None
         if type(texts) is not list or not texts or not all(type(text) is str for text in texts):
-            raise invalid("input", "Invalid type for 'input': expected a string or a non-empty array of strings.",
-                          "invalid_type")
-        if len(texts) > MAX_EMBEDDING_INPUTS:
-            raise invalid("input", f"'input' may hold at most {MAX_EMBEDDING_INPUTS} texts, not {len(texts)}.")
+            ids = token_id_lists("input", texts)  # LangChain's OpenAIEmbeddings sends token ids
+        inputs = ids if ids is not None else texts
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise invalid("input", f"'input' may hold at most {MAX_EMBEDDING_INPUTS} inputs, not {len(inputs)}.")
         context_length = getattr(app, "context_length", None)
-        if context_length:  # each input is one sequence for the encoder
+        if ids is not None:
+            check_token_ids("input", ids, app)
+            if context_length:
+                for index, row in enumerate(ids):
+                    if len(row) > context_length:
+                        raise invalid(f"input[{index}]", f"Input {index} is {len(row)} tokens; this model takes "
+                                      f"at most {context_length}.", "context_length_exceeded")
+            # A backend that can't embed ids as they are embeds their text.
+            if not callable(getattr(app, "embed_tokens", None)):
+                decode = detokenizer(app, "input")
+                texts = [await off_loop(len(row), decode, row) for row in ids]
+        elif context_length:  # each input is one sequence for the encoder
             for index, text in enumerate(texts):
                 check_prompt_size(f"input[{index}]", len(text), context_length)
         encoding = body.get("encoding_format") or "float"
@@ -276,8 +321,12 @@ class OpenAIAPI:
             raise invalid("encoding_format", "'encoding_format' must be 'float' or 'base64'.")
         if body.get("dimensions") is not None:
             raise invalid("dimensions", "'dimensions' is not supported.", "unsupported_parameter")
-        vectors, tokens = await app.embed(texts)
+        if ids is not None and callable(getattr(app, "embed_tokens", None)):
+            vectors, tokens = await app.embed_tokens(ids)
+        else:
+            vectors, tokens = await app.embed(texts)
         data = []
+        value: str | list[float]
         for index, vector in enumerate(vectors):
             if encoding == "base64":  # little-endian float32, as OpenAI sends them
                 value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()

@@ -38,6 +38,27 @@ _UNSUPPORTED_FEATURES = ("tools", "tool_choice", "functions", "function_call", "
                          "web_search_options", "logit_bias")
 
 
+# Every field a request may carry; anything else is a 400 naming it, as OpenAI does, unless
+# [server] ignore_unknown_fields. The no-ops are OpenAI's bookkeeping, which the openai SDKs
+# pass through from callers and which cannot change an answer here.
+_NO_OP_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls",
+                           "safety_identifier", "prompt_cache_key"})
+_SAMPLING_FIELDS = frozenset({"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+                              "stop", "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                              "no_repeat_ngram_size", "ignore_eos", "min_tokens", "n", "stream", "stream_options",
+                              "response_format", *_UNSUPPORTED_FEATURES}) | _NO_OP_FIELDS
+CHAT_FIELDS = _SAMPLING_FIELDS | {"messages", "prompt", "logprobs", "top_logprobs"}
+COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt", "echo", "logprobs", "best_of", "suffix"}
+EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
+
+
+def check_fields(body: dict, known: frozenset[str], extra: frozenset[str] = frozenset()) -> None:
+    """A 400 naming the first field that is neither ``known`` nor one of the surface's ``extra``."""
+    for name in body:
+        if name not in known and name not in extra:
+            raise invalid(name, f"Unrecognized request argument supplied: {name}", "unknown_parameter")
+
+
 def invalid(param: str | None, message: str, code: str = "invalid_value") -> HTTPError:
     return HTTPError(400, message, type="invalid_request_error", param=param, code=code)
 
@@ -73,6 +94,7 @@ class CompletionRequest:
     model: str | None
     prompt: str | None = None  # raw prompt (completions, or chat with `prompt`)
     prompts: list[str] = field(default_factory=list)  # completions: one or more prompts
+    prompt_ids: list[list[int]] | None = None  # completions: prompts given as token ids instead
     messages: list[dict] | None = None  # chat: [{"role", "content": str}]
     params: SamplingParams = field(default_factory=SamplingParams)
     max_tokens_given: bool = False
@@ -255,8 +277,7 @@ def parse_completion(body: Any) -> CompletionRequest:
     elif type(prompt) is list and prompt and all(type(item) is str for item in prompt):
         request.prompts = list(prompt)
     else:
-        raise invalid("prompt", "Invalid type for 'prompt': expected a string or a non-empty array of strings.",
-                      "invalid_type")
+        request.prompt_ids = token_id_lists("prompt", prompt)
     _common(body, request)
     request.echo = _typed(body, "echo", bool, False)
     logprobs = _typed(body, "logprobs", int)
@@ -271,6 +292,31 @@ def parse_completion(body: Any) -> CompletionRequest:
     if body.get("suffix"):
         raise invalid("suffix", "'suffix' is not supported.", "unsupported_parameter")
     return request
+
+
+def token_id_lists(param: str, value: Any) -> list[list[int]]:
+    """Token-id input: an array of ids, or an array of such arrays (as the openai SDKs send
+    them); the ids are checked against the model by ``check_token_ids``."""
+    if type(value) is list and value and all(type(item) is int for item in value):
+        return [value]
+    if (type(value) is list and value
+            and all(type(row) is list and row and all(type(item) is int for item in row) for row in value)):
+        return value
+    raise invalid(param, f"Invalid type for '{param}': expected a string, a non-empty array of strings, a "
+                  "non-empty array of token ids, or a non-empty array of such arrays.", "invalid_type")
+
+
+def check_token_ids(param: str, rows: list[list[int]], app: Any) -> None:
+    """Every id names a token of the model: ``vocab_size`` bounds them where the vocabulary is
+    fixed, else ``known_tokens`` (a vocabulary that grows: the ids handed out so far)."""
+    limit = getattr(app, "vocab_size", None)
+    if limit is None:
+        limit = getattr(app, "known_tokens", None)
+    for row in rows:
+        for token_id in row:
+            if token_id < 0 or (limit is not None and token_id >= limit):
+                raise invalid(param, f"Invalid value for '{param}': {token_id} is not a token id of model "
+                              f"`{app.model_id}`" + (f" (its vocabulary has {limit})." if limit is not None else "."))
 
 
 def fit_to_model(request: CompletionRequest, app: ModelApp, longest_prompt: int, prompts: int = 1) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ...errors import HTTPError
 from ...http import json_response
-from ..openai import OpenAIAPI, ReplyOptions, is_model_app
+from ..openai import OpenAIAPI, ReplyOptions, can_embed, is_model_app
 from .config import RunPodEndpoint
 
 
@@ -29,9 +29,9 @@ class RunPodEndpoints:
             raise HTTPError(404, f"No endpoint {endpoint_id!r}", code="endpoint_not_found")
         return found
 
-    async def _endpoint(self, request):
+    async def _endpoint(self, request, need=is_model_app):
         name, reply = self._lookup(request)
-        app = self.api.app_by_name(name)
+        app = self.api.app_by_name(name, need=need)
         served = reply.model_name or app.model_id
         body = await request.json()
         model = body.get("model") if type(body) is dict else None
@@ -48,11 +48,15 @@ class RunPodEndpoints:
         app, reply = await self._endpoint(request)
         return await self.api.completions(request, app, reply)
 
+    async def embeddings(self, request):
+        app, _ = await self._endpoint(request, need=can_embed)
+        return await self.api.embeddings(request, app)
+
     async def models(self, request):
         name, reply = self._lookup(request)
         app = self.server.apps.get(name)
         data = []
-        if app is not None and is_model_app(app):
+        if app is not None and (is_model_app(app) or can_embed(app)):
             card = self.api.model_card(app, name)
             data.append({**card, "id": reply.model_name or app.model_id})
         return json_response({"object": "list", "data": data})
@@ -62,4 +66,5 @@ def register_routes(register, server, endpoints: dict[str, RunPodEndpoint]) -> N
     runpod = RunPodEndpoints(server, endpoints)
     register("POST", "/v2/{endpoint_id}/openai/v1/chat/completions", runpod.chat)
     register("POST", "/v2/{endpoint_id}/openai/v1/completions", runpod.completions)
+    register("POST", "/v2/{endpoint_id}/openai/v1/embeddings", runpod.embeddings)
     register("GET", "/v2/{endpoint_id}/openai/v1/models", runpod.models)
