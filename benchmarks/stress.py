@@ -210,18 +210,8 @@ async def hold(port: int, payload: bytes, pace: float, until: float, prefix: byt
 
 
 async def flood_unread(port: int, payload: bytes, until: float) -> None:
-    """Send ``payload`` (pipelined requests, or one streaming request) and never read."""
-    try:
-        stream = await trio.open_tcp_stream(HOST, port)
-    except OSError:
-        return
-    async with stream:
-        try:
-            with trio.move_on_at(until):
-                await stream.send_all(payload)
-                await trio.sleep_forever()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return
+    """Send ``payload`` (pipelined requests, or one streaming request) at once and never read."""
+    await hold(port, b"", 0.0, until, prefix=payload)
 
 
 # -- phases --------------------------------------------------------------------------------

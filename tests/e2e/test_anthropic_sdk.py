@@ -11,7 +11,7 @@ import anthropic
 import orjson
 import pytest
 
-from runnel.testing import connect, parse_all, read_until_closed, recv_until, request
+from runnel.testing import connect, parse_all, read_until_closed, recv_until, request, send_post
 
 TINY = {"apps": {"tiny": {"backend": "ctranslate2", "model": "builtin:tiny", "device": "cpu"}}}
 
@@ -165,8 +165,7 @@ def test_error_mid_stream_is_anthropics_error_event(start_server):
     server = start_server({"apps": {"echo": {"backend": "echo", "pace_ms": 20.0}}})
     body = orjson.dumps({"model": "echo", "messages": user("word " * 500), "max_tokens": 500, "stream": True})
     with connect(server.port) as sock:
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        send_post(sock, "/v1/messages", body)
         first = recv_until(sock, b"event: content_block_delta")
         server.stop(grace=0.2)
         raw = first + read_until_closed(sock)

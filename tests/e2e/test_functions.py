@@ -18,7 +18,7 @@ import pytest
 
 import runnel
 from runnel.config import ConfigError
-from runnel.testing import H11Client, connect, recv_until, request, wait_until
+from runnel.testing import H11Client, connect, recv_until, request, send_post, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "examples" / "hello" / "main.py"
@@ -271,8 +271,7 @@ def lab(start_server):
 def open_stream(port: int, function: str, body: bytes = b"{}") -> tuple[socket.socket, bytes]:
     """POST with Accept: text/event-stream over a raw socket; returns it once the head has come."""
     sock = connect(port)
-    sock.sendall(b"POST /v4/p/lab/%b HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n"
-                 b"content-length: %d\r\n\r\n%b" % (function.encode(), len(body), body))
+    send_post(sock, f"/v4/p/lab/{function}", body, headers={"accept": "text/event-stream"})
     data = recv_until(sock, b"data: ")
     assert data.startswith(b"HTTP/1.1 200 ")
     return sock, data

@@ -30,6 +30,7 @@ from runnel.testing import (
     raw_exchange,
     read_until_closed,
     recv_until,
+    send_post,
     request,
     sse_events,
     wait_until,
@@ -1076,8 +1077,7 @@ def test_an_openai_stream_cut_at_shutdown_ends_with_its_error_event(start_server
     body = orjson.dumps({"model": "echo", "messages": [{"role": "user", "content": "word " * 500}],
                          "max_tokens": 500, "stream": True})
     with connect(server.port) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        send_post(sock, "/v1/chat/completions", body)
         first = recv_until(sock, b"data: ")
         server.stop(grace=0.2)
         raw = first + read_until_closed(sock)

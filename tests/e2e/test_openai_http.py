@@ -21,20 +21,13 @@ from runnel.testing import (
     read_head,
     read_until_closed,
     request,
+    send_post,
     sse_events,
     wait_until,
 )
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
-
-
-def send_post(sock, path: str, body, *, headers: dict | None = None) -> None:
-    data = body if isinstance(body, bytes) else orjson.dumps(body)
-    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
-    head = (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(data)}\r\n{extra}\r\n").encode()
-    sock.sendall(head + data)
 
 
 def stream_post(port: int, path: str, body) -> RawResponse:

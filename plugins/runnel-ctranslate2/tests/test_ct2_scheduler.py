@@ -17,7 +17,7 @@ import orjson
 
 from ct2_reference import (  # noqa: F401 (reference: fixture)
     StepProbe, reference, stream_completion, sync_client, tiny_config)
-from runnel.testing import connect, wait_until
+from runnel.testing import connect, send_post, wait_until
 
 PROMPTS = [
     "The cat sees",
@@ -101,8 +101,7 @@ def open_stream(port: int, prompt: str, max_tokens: int) -> socket.socket:
     sock = connect(port, timeout=30)
     body = orjson.dumps({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                          "stream": True})
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+    send_post(sock, "/v1/completions", body)
     return sock
 
 

@@ -31,12 +31,12 @@ from .openai.params import (
     MIN_TEMPERATURE,
     MIN_TOP_P,
     CompletionRequest,
-    _between,
-    _typed,
     check_prompt_size,
+    check_range,
     fit_to_model,
+    typed_field,
 )
-from .openai.sinks import Collector, Usage, _Sink, run_generations
+from .openai.sinks import Collector, SinkBase, Usage, run_generations
 
 MAX_STOP_SEQUENCES = 16  # each is scanned for at every token: a bound keeps that cheap
 # Fields of a Messages request that runnel serves; any other is a 400 naming it.
@@ -146,7 +146,7 @@ def parse_messages(body: Any) -> tuple[CompletionRequest, bool]:
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
         raise _bad("max_tokens", "Field required")
-    max_tokens = _typed(body, "max_tokens", int)
+    max_tokens = typed_field(body, "max_tokens", int)
     if max_tokens < 1:
         raise _bad("max_tokens", f"Input should be greater than or equal to 1, not {max_tokens}.")
     stops = body.get("stop_sequences") or []
@@ -155,20 +155,20 @@ def parse_messages(body: Any) -> tuple[CompletionRequest, bool]:
     if len(stops) > MAX_STOP_SEQUENCES or any(len(stop) > MAX_STOP_CHARS for stop in stops):
         raise _bad("stop_sequences", f"At most {MAX_STOP_SEQUENCES} stop sequences of at most {MAX_STOP_CHARS} "
                    "characters each.")
-    params = SamplingParams(max_tokens=max_tokens, temperature=_typed(body, "temperature", float, 1.0),
-                            top_p=_typed(body, "top_p", float, 1.0), top_k=_typed(body, "top_k", int, -1),
+    params = SamplingParams(max_tokens=max_tokens, temperature=typed_field(body, "temperature", float, 1.0),
+                            top_p=typed_field(body, "top_p", float, 1.0), top_k=typed_field(body, "top_k", int, -1),
                             stop=tuple(stops))
-    _between("temperature", params.temperature, 0.0, 1.0)
+    check_range("temperature", params.temperature, 0.0, 1.0)
     if 0 < params.temperature < MIN_TEMPERATURE:
         raise _bad("temperature", f"Use 0 (greedy) or at least {MIN_TEMPERATURE}.")
-    _between("top_p", params.top_p, MIN_TOP_P, 1.0)
+    check_range("top_p", params.top_p, MIN_TOP_P, 1.0)
     if "top_k" in body and params.top_k < 1:
         raise _bad("top_k", f"Input should be greater than or equal to 1, not {params.top_k}.")
-    metadata = _typed(body, "metadata", dict)
+    metadata = typed_field(body, "metadata", dict)
     if metadata is not None and type(metadata.get("user_id", "")) not in (str, type(None)):
         raise _bad("metadata.user_id", "Input should be a string.")
     request.params = params
-    return request, _typed(body, "stream", bool, False)
+    return request, typed_field(body, "stream", bool, False)
 
 
 def _stop_reason(reason: str | None, stop_sequence: str | None) -> str:
@@ -190,7 +190,7 @@ class MessageCollector(Collector):
         self.stop_sequence = stop
 
 
-class MessageStream(_Sink):
+class MessageStream(SinkBase):
     """Streamed: Anthropic's events for one text block; the per-token event is one format."""
 
     __slots__ = ("stream", "message", "stop_sequence", "started")

@@ -29,6 +29,7 @@ from .wire import (
     read_response,
     read_until_closed,
     recv_until,
+    send_post,
     sse_events,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "read_until_closed",
     "recv_until",
     "request",
+    "send_post",
     "server_config",
     "sse_events",
     "wait_until",

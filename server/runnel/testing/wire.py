@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -46,6 +47,15 @@ def recv_until(sock: socket.socket, marker: bytes, buffer: bytes = b"") -> bytes
             raise ConnectionError(f"closed before {marker!r}; got {buffer!r}")
         buffer += data
     return buffer
+
+
+def send_post(sock: socket.socket, path: str, body: Any, *, headers: dict[str, str] | None = None) -> None:
+    """Write one JSON POST (``body`` as bytes already encoded, or anything orjson encodes) on ``sock``."""
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    head = (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(data)}\r\n{extra}\r\n").encode()
+    sock.sendall(head + data)
 
 
 def raw_exchange(port: int, data: bytes, *, timeout: float = 10.0) -> bytes:

@@ -67,7 +67,7 @@ _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a b
                dict: "an object"}
 
 
-def _typed(body: dict, name: str, kind: type, default=None):
+def typed_field(body: dict, name: str, kind: type, default=None):
     value = body.get(name)
     if value is None:
         return default
@@ -79,7 +79,7 @@ def _typed(body: dict, name: str, kind: type, default=None):
     return float(value) if kind is float else value
 
 
-def _between(name: str, value, low, high, *, low_open: bool = False):
+def check_range(name: str, value, low, high, *, low_open: bool = False):
     if value is None:
         return
     if value < low or (low_open and value == low) or value > high:
@@ -178,9 +178,9 @@ def _int_list(body: dict, name: str) -> tuple[int, ...]:
 
 
 def _sampling(body: dict) -> tuple[SamplingParams, bool]:
-    max_tokens = _typed(body, "max_completion_tokens", int)
+    max_tokens = typed_field(body, "max_completion_tokens", int)
     if max_tokens is None:
-        max_tokens = _typed(body, "max_tokens", int)
+        max_tokens = typed_field(body, "max_tokens", int)
         name = "max_tokens"
     else:
         name = "max_completion_tokens"
@@ -188,31 +188,31 @@ def _sampling(body: dict) -> tuple[SamplingParams, bool]:
         raise invalid(name, f"Invalid value for '{name}': {max_tokens}; it must be at least 1.")
     params = SamplingParams(
         max_tokens=max_tokens or 1,
-        temperature=_typed(body, "temperature", float, 1.0),
-        top_p=_typed(body, "top_p", float, 1.0),
-        top_k=_typed(body, "top_k", int, -1),
-        seed=_typed(body, "seed", int),
+        temperature=typed_field(body, "temperature", float, 1.0),
+        top_p=typed_field(body, "top_p", float, 1.0),
+        top_k=typed_field(body, "top_k", int, -1),
+        seed=typed_field(body, "seed", int),
         stop=_stop(body),
         stop_token_ids=_int_list(body, "stop_token_ids"),
-        presence_penalty=_typed(body, "presence_penalty", float, 0.0),
-        frequency_penalty=_typed(body, "frequency_penalty", float, 0.0),
-        repetition_penalty=_typed(body, "repetition_penalty", float, 1.0),
-        no_repeat_ngram_size=_typed(body, "no_repeat_ngram_size", int, 0),
-        ignore_eos=_typed(body, "ignore_eos", bool, False),
-        min_tokens=_typed(body, "min_tokens", int, 0),
+        presence_penalty=typed_field(body, "presence_penalty", float, 0.0),
+        frequency_penalty=typed_field(body, "frequency_penalty", float, 0.0),
+        repetition_penalty=typed_field(body, "repetition_penalty", float, 1.0),
+        no_repeat_ngram_size=typed_field(body, "no_repeat_ngram_size", int, 0),
+        ignore_eos=typed_field(body, "ignore_eos", bool, False),
+        min_tokens=typed_field(body, "min_tokens", int, 0),
     )
-    _between("temperature", params.temperature, 0.0, 2.0)
+    check_range("temperature", params.temperature, 0.0, 2.0)
     if 0 < params.temperature < MIN_TEMPERATURE:
         raise invalid("temperature", f"Invalid value for 'temperature': {params.temperature}; use 0 (greedy) or "
                       f"at least {MIN_TEMPERATURE}.")
-    _between("top_p", params.top_p, MIN_TOP_P, 1.0)
+    check_range("top_p", params.top_p, MIN_TOP_P, 1.0)
     if params.top_k != -1 and not 1 <= params.top_k <= MAX_TOP_K:
         raise invalid("top_k", f"Invalid value for 'top_k': {params.top_k}; use -1 (no limit) or a positive integer.")
     if params.seed is not None:
-        _between("seed", params.seed, MIN_SEED, MAX_SEED)
-    _between("presence_penalty", params.presence_penalty, -2.0, 2.0)
-    _between("frequency_penalty", params.frequency_penalty, -2.0, 2.0)
-    _between("repetition_penalty", params.repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
+        check_range("seed", params.seed, MIN_SEED, MAX_SEED)
+    check_range("presence_penalty", params.presence_penalty, -2.0, 2.0)
+    check_range("frequency_penalty", params.frequency_penalty, -2.0, 2.0)
+    check_range("repetition_penalty", params.repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
     if params.no_repeat_ngram_size < 0:
         raise invalid("no_repeat_ngram_size", "Invalid value for 'no_repeat_ngram_size': it must be 0 (off) or more.")
     if params.min_tokens < 0 or (max_tokens is not None and params.min_tokens > max_tokens):
@@ -227,12 +227,12 @@ def _common(body: dict, request: CompletionRequest) -> None:
     response_format = body.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         raise invalid("response_format", "Only response_format {'type': 'text'} is supported.", "unsupported_parameter")
-    _typed(body, "user", str)
+    typed_field(body, "user", str)
     request.params, request.max_tokens_given = _sampling(body)
-    request.n = _typed(body, "n", int, 1)
-    _between("n", request.n, 1, MAX_N)
-    request.stream = _typed(body, "stream", bool, False)
-    options = _typed(body, "stream_options", dict)
+    request.n = typed_field(body, "n", int, 1)
+    check_range("n", request.n, 1, MAX_N)
+    request.stream = typed_field(body, "stream", bool, False)
+    options = typed_field(body, "stream_options", dict)
     if options is not None:
         if not request.stream:
             raise invalid("stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled.")
@@ -242,7 +242,7 @@ def _common(body: dict, request: CompletionRequest) -> None:
 def parse_chat(body: Any) -> CompletionRequest:
     if type(body) is not dict:
         raise invalid(None, "The request body must be a JSON object.", "invalid_type")
-    request = CompletionRequest(model=_typed(body, "model", str))
+    request = CompletionRequest(model=typed_field(body, "model", str))
     has_messages = body.get("messages") is not None
     has_prompt = body.get("prompt") is not None
     if has_messages == has_prompt:
@@ -252,14 +252,14 @@ def parse_chat(body: Any) -> CompletionRequest:
     if has_messages:
         request.messages = _messages(body)
     else:
-        request.prompt = _typed(body, "prompt", str)
+        request.prompt = typed_field(body, "prompt", str)
     _common(body, request)
-    logprobs = _typed(body, "logprobs", bool, False)
-    top = _typed(body, "top_logprobs", int)
+    logprobs = typed_field(body, "logprobs", bool, False)
+    top = typed_field(body, "top_logprobs", int)
     if top is not None:
         if not logprobs:
             raise invalid("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
-        _between("top_logprobs", top, 0, MAX_TOP_LOGPROBS)
+        check_range("top_logprobs", top, 0, MAX_TOP_LOGPROBS)
     request.params.logprobs = logprobs
     request.params.top_logprobs = top or 0
     return request
@@ -268,7 +268,7 @@ def parse_chat(body: Any) -> CompletionRequest:
 def parse_completion(body: Any) -> CompletionRequest:
     if type(body) is not dict:
         raise invalid(None, "The request body must be a JSON object.", "invalid_type")
-    request = CompletionRequest(model=_typed(body, "model", str))
+    request = CompletionRequest(model=typed_field(body, "model", str))
     prompt = body.get("prompt")
     if prompt is None:
         raise invalid("prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter")
@@ -279,16 +279,16 @@ def parse_completion(body: Any) -> CompletionRequest:
     else:
         request.prompt_ids = token_id_lists("prompt", prompt)
     _common(body, request)
-    request.echo = _typed(body, "echo", bool, False)
-    logprobs = _typed(body, "logprobs", int)
+    request.echo = typed_field(body, "echo", bool, False)
+    logprobs = typed_field(body, "logprobs", int)
     if logprobs is not None:
-        _between("logprobs", logprobs, 0, 5)
+        check_range("logprobs", logprobs, 0, 5)
         request.params.logprobs = True
         request.params.top_logprobs = logprobs
     request.completion_logprobs = logprobs
-    if _typed(body, "best_of", int, 1) != 1:
+    if typed_field(body, "best_of", int, 1) != 1:
         raise invalid("best_of", "'best_of' other than 1 is not supported.", "unsupported_parameter")
-    _typed(body, "suffix", str)
+    typed_field(body, "suffix", str)
     if body.get("suffix"):
         raise invalid("suffix", "'suffix' is not supported.", "unsupported_parameter")
     return request

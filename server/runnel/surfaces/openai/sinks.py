@@ -76,7 +76,7 @@ class Usage:
         }
 
 
-class _Sink:
+class SinkBase:
     """What every sink shares: counting choices down to ``done``, or failing it."""
 
     __slots__ = ("usage", "remaining", "done")
@@ -111,7 +111,7 @@ class _Sink:
             self.done.set_exception(generation_error(error))
 
 
-class Collector(_Sink):
+class Collector(SinkBase):
     """Non-streaming: gathers each choice's text, log probs and finish reason."""
 
     __slots__ = ("texts", "logprobs", "reasons")
@@ -139,7 +139,7 @@ class Collector(_Sink):
         return "".join(self.texts[index])
 
 
-class _StreamSink(_Sink):
+class _StreamSink(SinkBase):
     """Streaming: one event per push, then the usage chunk; the stream writes the rest."""
 
     __slots__ = ("stream", "include_usage", "head", "_prefix", "_suffix")
@@ -254,7 +254,7 @@ class IndexShift:
         self.sink.on_error(error)
 
 
-async def run_generations(app, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int, sink: _Sink,
+async def run_generations(app, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int, sink: SinkBase,
                           opened: Callable[[], None] | None = None) -> None:
     """Generate ``n`` choices for each prompt into ``sink`` (prompt k's at index k*n)
     until every choice is done; ``opened`` (a stream's start) runs once all are admitted.
