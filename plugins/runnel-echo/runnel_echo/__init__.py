@@ -42,7 +42,6 @@ class EchoApp(SimpleModel):
                  max_generations: int = 10_000, **settings) -> None:
         super().__init__(name, **settings)
         self.max_generations = max_generations  # choices generating at once; one more is a 429
-        self.max_choices = max_generations  # so a request for more is a 400 (runnel.generation.ModelApp)
         self.generating = 0
         self.pace = pace
         self.load_seconds = load_seconds
@@ -79,6 +78,11 @@ class EchoApp(SimpleModel):
 
     def _choice_done(self, task) -> None:
         self.generating -= 1
+
+    @property
+    def max_choices(self) -> int:
+        """A request for more choices than this can never fit: a 400 (runnel.generation.ModelApp)."""
+        return self.max_generations
 
     def stats(self) -> dict:
         return {"generating": self.generating, "max_generations": self.max_generations}
