@@ -60,8 +60,15 @@ class Serve:
         )
 
     def wait_healthy(self, port: int):
-        reply = wait_until(lambda: self.proc.poll() is None and health(port) or self.proc.poll() is not None,
-                           timeout=30)
+        """The first 200 from /health: the server listens and every app has loaded (a 503 while
+        an app loads is not healthy yet)."""
+        def healthy():
+            if self.proc.poll() is not None:
+                return True
+            reply = health(port)
+            return reply if reply is not None and reply.status == 200 else None
+
+        reply = wait_until(healthy, timeout=30)
         assert self.proc.poll() is None, self.log
         return reply
 
@@ -329,13 +336,14 @@ def test_sigterm_exits_0_past_sync_functions_that_never_return(tmp_path):
 
     with Serve(tmp_path, "--config", config, name="stuck") as serve:
         serve.wait_healthy(port)
-        calls = [post("hang"), post("hang_stream", b"text/event-stream")]
-        # The stream's second next() never returns: both threads are stuck; one more call waits for them.
-        assert b"data: first\n\n" in recv_until(calls[1], b"data: first\n\n")
-        calls.append(post("hang"))
-        wait_until(lambda: request(port, "GET", "/stats").json()["apps"]["stuck"]["pool_calls"] == 3)
-        serve.proc.send_signal(signal.SIGTERM)
+        calls = []
         try:
+            calls += [post("hang"), post("hang_stream", b"text/event-stream")]
+            # The stream's second next() never returns: both threads are stuck; one more call waits for them.
+            assert b"data: first\n\n" in recv_until(calls[1], b"data: first\n\n")
+            calls.append(post("hang"))
+            wait_until(lambda: request(port, "GET", "/stats").json()["apps"]["stuck"]["pool_calls"] == 3)
+            serve.proc.send_signal(signal.SIGTERM)
             returncode = serve.proc.wait(timeout=grace + 10)
         finally:
             for sock in calls:
