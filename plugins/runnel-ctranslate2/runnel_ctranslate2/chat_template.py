@@ -51,10 +51,24 @@ BUILTIN_TEMPLATES: dict[str, str] = {
     # "Role: content" lines, then "Assistant:" to prompt a reply (the built-in model's).
     # Each assistant turn ends with the eos token: the model learns to end its turn with
     # it, and generation stops there, rather than going on to write the user's next line.
+    # Tools, when offered, are one first line, "Tools: name(param, ...), ..."; a call is
+    # the Hermes format, <tool_call>{"name": ..., "arguments": {...}}</tool_call>, in the
+    # assistant's turn (tool_parser "hermes"); a tool's result is a "Tool: ..." line.
     "plain": (
         "{{ bos_token }}"
+        "{% if tools %}Tools: "
+        "{% for tool in tools %}{% set f = tool['function'] if tool['function'] is defined else tool %}"
+        "{{ f['name'] }}({{ (f['parameters'] or {}).get('properties', {}) | join(', ') }})"
+        "{{ ', ' if not loop.last else '' }}{% endfor %}{{ '\\n' }}"
+        "{% endif %}"
         "{% for message in messages %}"
-        "{{ message['role'] | capitalize }}: {{ message['content'] | trim }}"
+        "{{ message['role'] | capitalize }}: "
+        "{% if message['role'] == 'assistant' and message['tool_calls'] %}"
+        "{% if message['content'] %}{{ message['content'] | trim }} {% endif %}"
+        "{% for call in message['tool_calls'] %}{% set f = call['function'] %}"
+        "<tool_call>{{ {'name': f['name'], 'arguments': f['arguments']} | tojson }}</tool_call>"
+        "{% endfor %}"
+        "{% else %}{{ message['content'] | trim }}{% endif %}"
         "{{ eos_token if message['role'] == 'assistant' else '' }}\n"
         "{% endfor %}"
         "{% if add_generation_prompt %}Assistant:{% endif %}"
