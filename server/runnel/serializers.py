@@ -62,6 +62,24 @@ class ServerSentEvents:
         return b"event: error\ndata: %b\n\n" % orjson.dumps(error)
 
 
+class TypedEvents:
+    """SSE with an ``event:`` line naming each event, as Anthropic's Messages API and
+    OpenAI's Responses API frame them: every payload is a JSON object whose first key is
+    its ``type``, which is the event's name, so an encoded payload (bytes, the per-token
+    path) carries its own name. A surface subclasses it for its error event."""
+
+    media_type = b"text/event-stream"
+    end = b""
+
+    def encode(self, event: Any) -> bytes:
+        payload = event if type(event) is bytes else orjson.dumps(event)
+        # b'{"type":"NAME",...': the name sits between the 9th byte and the next quote.
+        return b"event: %b\ndata: %b\n\n" % (payload[9 : payload.index(b'"', 9)], payload)
+
+    def encode_error(self, error: dict[str, Any]) -> bytes:
+        return b"event: error\ndata: %b\n\n" % orjson.dumps(error)
+
+
 class NDJSON:
     """``application/x-ndjson``: one JSON document per line."""
 

@@ -95,6 +95,15 @@ class RunView:
 
     name = "default"
 
+    def takes(self, app) -> bool:
+        """Whether runs of this view can go to ``app`` (the store is opened only if some app can)."""
+        return is_function_app(app)
+
+    async def call(self, app, run: Run) -> Any:
+        """Execute the run: its result (a value, or a ``ValueStream``); HTTPError fails it."""
+        # Not bounded by the app: runs_workers bounds how many runs call at once.
+        return await app.invoke(run.function, self.arguments(app, run), run.id, bounded=False)
+
     def arguments(self, app, run: Run) -> dict:
         """The keyword arguments to call ``run.function`` with (HTTPError fails the run)."""
         return dict(run.input) if type(run.input) is dict else {}
@@ -186,10 +195,11 @@ class Runner:
     # -- lifecycle -------------------------------------------------------------------
     @property
     def in_use(self) -> bool:
-        """Whether any app can take runs. Only then is the store opened: a server with no
-        such app has no store at all (no file, no lock), so it never keeps another server
-        using the same one from starting."""
-        return any(is_function_app(app) for _, app in self.apps.items())  # runs call app.invoke
+        """Whether any app can take runs (of any registered view). Only then is the store
+        opened: a server with no such app has no store at all (no file, no lock), so it never
+        keeps another server using the same one from starting."""
+        views = list(self.views.values()) or [RunView()]
+        return any(view.takes(app) for _, app in self.apps.items() for view in views)
 
     async def start(self) -> None:
         """Open the store, recover what a previous process left, start the workers; none
@@ -254,23 +264,7 @@ class Runner:
                   created_at=time.time(), principal=principal,
                   idempotency_key=None if idempotency is None else idempotency.key,
                   request_hash=None if idempotency is None else idempotency.request_hash)
-        if self._state != "started":  # surfaces submit only for apps that take runs
-            raise RuntimeError(f"the runner is {self._state}: no run can be submitted")
-        try:
-            if not self.store.is_open:
-                await self.store.open(create=True)
-            recorded = await self.store.insert(run, max_queued=self.max_queued)
-            if recorded.id != run.id and self._expired(recorded):  # its key went with it: purge, then record
-                await self.store.purge(time.time() - self.retention)
-                recorded = await self.store.insert(run, max_queued=self.max_queued)
-        except QueueFull as exc:
-            raise HTTPError(429, f"Too many runs are waiting ({exc.limit} queued); try again later",
-                            code="queue_full", headers=((b"retry-after", QUEUE_FULL_RETRY_AFTER),)) from None
-        except StoreUnavailable as exc:
-            raise HTTPError(503, str(exc), code="run_store_busy") from None
-        except Exception as exc:  # the store's own errors (sqlite3.Error, OSError, ...)
-            logger.exception("run store %s: cannot record run %s", self.store.name, run.id)
-            raise HTTPError(503, f"The run could not be recorded: {exc}", code="run_store_error") from None
+        recorded = await self._insert(run, self.max_queued)
         if recorded.id != run.id:
             if recorded.request_hash != run.request_hash:
                 raise HTTPError(422, "This Idempotency-Key was used for a different request; use a new key "
@@ -279,16 +273,55 @@ class Runner:
         self._queue.put_nowait(run.id)
         return run
 
+    async def _insert(self, run: Run, max_queued: int | None) -> Run:
+        """``store.insert``, its failures as the HTTPErrors a client sees (429, 503)."""
+        if self._state != "started":  # surfaces submit only for apps that take runs
+            raise RuntimeError(f"the runner is {self._state}: no run can be submitted")
+        try:
+            if not self.store.is_open:
+                await self.store.open(create=True)
+            recorded = await self.store.insert(run, max_queued=max_queued)
+            if recorded.id != run.id and self._expired(recorded):  # its key went with it: purge, then record
+                await self.store.purge(time.time() - self.retention)
+                recorded = await self.store.insert(run, max_queued=max_queued)
+        except QueueFull as exc:
+            raise HTTPError(429, f"Too many runs are waiting ({exc.limit} queued); try again later",
+                            code="queue_full", headers=((b"retry-after", QUEUE_FULL_RETRY_AFTER),)) from None
+        except StoreUnavailable as exc:
+            raise HTTPError(503, str(exc), code="run_store_busy") from None
+        except Exception as exc:  # the store's own errors (sqlite3.Error, OSError, ...)
+            logger.exception("run store %s: cannot record run %s", self.store.name, run.id)
+            raise HTTPError(503, f"The run could not be recorded: {exc}", code="run_store_error") from None
+        return recorded
+
+    async def record(self, run: Run) -> None:
+        """Keep a call that ran in the foreground as a finished run (``run.state`` final, its
+        ``output`` set): readable like any run, and purged after the retention like them.
+        HTTPError 503 when the store cannot take it."""
+        assert run.done and run.finished_at is not None
+        await self._insert(run, None)
+
+    async def delete(self, run_id: str) -> bool:
+        """Forget a run, cancelling it first if it is not done; False when it was unknown."""
+        run = await self.get(run_id)
+        if run is None:
+            return False
+        if not run.done:
+            await self.cancel(run_id)
+        return await self.store.delete(run_id)
+
     async def get(self, run_id: str) -> Run | None:
         """The run, or None when unknown or expired."""
         run = await self.store.get(run_id)
         return None if run is None or self._expired(run) else run
 
-    async def find(self, run_id: str, *, surface: str, app: str, principal: str) -> Run | None:
-        """The run if ``principal`` submitted it through ``surface`` to ``app``, else None:
-        anyone else's run reads as unknown (or expired) does, so its existence does not leak."""
+    async def find(self, run_id: str, *, surface: str, app: str | None, principal: str) -> Run | None:
+        """The run if ``principal`` submitted it through ``surface`` to ``app`` (None: any app),
+        else None: anyone else's run reads as unknown (or expired) does, so its existence does
+        not leak."""
         run = await self.get(run_id)
-        if run is None or run.surface != surface or run.app != app or run.principal != principal:
+        if (run is None or run.surface != surface or (app is not None and run.app != app)
+                or run.principal != principal):
             return None
         return run
 
@@ -409,8 +442,7 @@ class Runner:
         streamed = False
         values = None
         try:
-            # Not bounded by the app: runs_workers bounds how many runs call at once.
-            result = await app.invoke(run.function, view.arguments(app, run), run.id, bounded=False)
+            result = await view.call(app, run)
             if isinstance(result, ValueStream):
                 streamed = True
                 values = self._streams[run.id] = []

@@ -305,6 +305,14 @@ class SQLiteRunStore:
             raise
         return recovered
 
+    async def delete(self, run_id: str) -> bool:
+        return await self._do(self._delete, run_id)
+
+    def _delete(self, run_id: str) -> bool:
+        if self._conn is None:
+            return False
+        return self._conn.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount == 1
+
     async def purge(self, before: float) -> int:
         return await self._do(self._purge, before)
 

@@ -15,7 +15,9 @@ States, and who may move a run out of each::
     running --recover(), claim expired--> queued (idempotent apps) | failed "interrupted"
 
 ``succeeded``, ``failed``, ``cancelled`` and ``timed_out`` are final: nothing moves
-a run out of them; ``purge`` deletes them once they are older than the retention.
+a run out of them; ``purge`` deletes them once they are older than the retention,
+``delete`` when their caller asks. A run may also be inserted final (a call that ran
+in the foreground, kept to be read later: a stored OpenAI response).
 
 A claim is ``(owner, lease_until)``: the owner (a runner's id, unique per process
 start) holds the run until ``lease_until`` (unix seconds) and extends it with
@@ -159,6 +161,10 @@ class RunStore(Protocol):
     async def recover(self, idempotent_apps: Collection[str], interrupted: HTTPError) -> Recovered:
         """Take back every expired claim: the run is queued again when its app is in
         ``idempotent_apps``, else failed with ``interrupted``."""
+
+    async def delete(self, run_id: str) -> bool:
+        """Delete a run whatever its state; False when there was none. (A runner deletes only
+        runs that are done: one still running would be finished by no one.)"""
 
     async def purge(self, before: float) -> int:
         """Delete runs finished before ``before`` (unix seconds); how many."""

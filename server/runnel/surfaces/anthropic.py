@@ -24,6 +24,7 @@ from ..generation import SamplingParams, TokenLogprob
 from ..hookspecs import hookimpl
 from ..http import Response, json_response
 from ..http.response import JSON
+from ..serializers import TypedEvents
 from .openai import NO_CACHE, OpenAIAPI, invalid
 from .openai.api import off_loop
 from .openai.params import (
@@ -56,24 +57,7 @@ def error_body(request, error: HTTPError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": error.message}}
 
 
-class AnthropicEvents:
-    """Anthropic's SSE: ``event: <type>`` then ``data: <json>``. Every payload is a JSON
-    object whose first key is its ``type``, which is the event's name, so an encoded
-    payload (bytes, the per-token path) carries its own name."""
-
-    media_type = b"text/event-stream"
-    end = b""
-
-    def encode(self, event: Any) -> bytes:
-        payload = event if type(event) is bytes else orjson.dumps(event)
-        # b'{"type":"NAME",...': the name sits between the 9th byte and the next quote.
-        return b"event: %b\ndata: %b\n\n" % (payload[9 : payload.index(b'"', 9)], payload)
-
-    def encode_error(self, error: dict[str, Any]) -> bytes:
-        return b"event: error\ndata: %b\n\n" % orjson.dumps(error)
-
-
-EVENTS = AnthropicEvents()
+EVENTS = TypedEvents()  # Anthropic's SSE: ``event: <type>`` then ``data: <json>``
 
 
 def _bad(param: str, message: str) -> HTTPError:

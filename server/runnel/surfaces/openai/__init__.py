@@ -4,6 +4,7 @@
     params.py   request bodies validated into SamplingParams (400s naming the parameter)
     sinks.py    token sinks: a generation as OpenAI's objects, streamed or collected
     tokens.py   /tokenize and /detokenize (vLLM's shapes)
+    responses.py  the Responses API, /v1/responses (responses_items.py: its input and output items)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from ...hookspecs import hookimpl
 from .api import NO_CACHE, SSE, OpenAIAPI, ReplyOptions, can_embed, is_model_app
 from .params import invalid
+from .responses import ResponsesAPI
 from .tokens import TokenEndpoints
 
 __all__ = ["NO_CACHE", "SSE", "OpenAIAPI", "ReplyOptions", "can_embed", "invalid", "is_model_app"]
@@ -24,6 +26,11 @@ def runnel_register_routes(register, server):
     register("POST", "/v1/chat/completions", api.chat)
     register("POST", "/v1/completions", api.completions)
     register("POST", "/v1/embeddings", api.embeddings)
+    responses = ResponsesAPI(server)
+    register("POST", "/v1/responses", responses.create)
+    register("GET", "/v1/responses/{response_id}", responses.retrieve)
+    register("DELETE", "/v1/responses/{response_id}", responses.delete)
+    register("POST", "/v1/responses/{response_id}/cancel", responses.cancel)
     tokens = TokenEndpoints(api)
     register("POST", "/tokenize", tokens.tokenize)
     register("POST", "/detokenize", tokens.detokenize)

@@ -1,0 +1,379 @@
+"""OpenAI's Responses API: ``POST /v1/responses``, ``GET`` and ``DELETE /v1/responses/{id}``,
+``POST /v1/responses/{id}/cancel``.
+
+Built on the chat surface's pieces (``OpenAIAPI.app_by_model``, the app's chat template,
+``fit_to_model``, ``run_generations``), with the Responses API's own names and shapes.
+Stored responses (``store``, the default) and background ones are runs in the server's
+run store (``runnel.runs``), of surface ``responses``: a stored response is recorded
+finished once generated; a background one is submitted queued, executed by the
+Runner (``ResponseRuns.call``), and read back, cancelled or deleted by id. Either way
+it survives a restart and is kept ``[server] runs_retention`` seconds, for its caller
+(principal) only; ``previous_response_id`` continues one: its input and output items
+come before the new input (its ``instructions`` do not).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from ...errors import HTTPError
+from ...generation import SamplingParams, TokenLogprob
+from ...http import Response, json_response
+from ...http.response import JSON
+from ...runs import CANCELLED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Run, RunView
+from ...serializers import TypedEvents
+from .api import NO_CACHE, OpenAIAPI, is_model_app, off_loop
+from .params import (
+    MIN_TEMPERATURE,
+    MIN_TOP_P,
+    CompletionRequest,
+    check_prompt_size,
+    check_range,
+    fit_to_model,
+    invalid,
+    typed_field,
+)
+from .responses_items import chat_messages, input_items, message_item, output_as_input, text_part
+from .sinks import Collector, SinkBase, Usage, run_generations
+
+SURFACE = "responses"
+_SERVED = frozenset(("model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream",
+                     "store", "background", "previous_response_id", "tools", "tool_choice"))
+# OpenAI's bookkeeping: accepted, echoed where the response has them, change nothing.
+_NO_OPS = frozenset(("metadata", "user", "parallel_tool_calls", "service_tier", "safety_identifier",
+                     "prompt_cache_key", "prompt_cache_retention", "stream_options"))
+# Known to the openai SDK, not served: a 400 naming them unless they hold their "off" value.
+_UNSUPPORTED = ("include", "reasoning", "text", "truncation", "top_logprobs", "max_tool_calls", "prompt",
+                "conversation", "context_management", "background_options", "image", "moderation",
+                "access_programs", "prompt_cache_options")
+_OFF: tuple[Any, ...] = (None, [], {}, "disabled", {"format": {"type": "text"}})
+FIELDS = _SERVED | _NO_OPS | frozenset(_UNSUPPORTED)
+
+
+def _unsupported(name: str) -> HTTPError:
+    return invalid(name, f"'{name}' is not supported by this server.", "unsupported_parameter")
+
+
+def usage_dict(usage: Usage) -> dict[str, Any]:
+    """Usage as the Responses API counts it, with the details objects the SDK expects."""
+    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+
+
+def finished(response: dict[str, Any], output: list[dict], reason: str | None, usage: Usage) -> dict[str, Any]:
+    """``response`` (its skeleton) once generated: ``incomplete`` when the generation hit
+    ``max_output_tokens``."""
+    incomplete = reason == "length"
+    return {**response, "status": "incomplete" if incomplete else "completed", "completed_at": int(time.time()),
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "output": output, "usage": usage_dict(usage)}
+
+
+class ResponseRequest:
+    """A validated ``POST /v1/responses``: the response's skeleton, the conversation, the sampling."""
+
+    __slots__ = ("model", "items", "instructions", "params", "max_tokens_given", "stream", "store", "background",
+                 "previous_response_id")
+
+    def __init__(self, body: dict) -> None:
+        for name in _UNSUPPORTED:
+            if body.get(name) not in _OFF:
+                text = body.get("text")
+                if name == "text" and type(text) is dict and set(text) <= {"format", "verbosity"}:
+                    raise _unsupported("text.format" if text.get("format") not in (None, {"type": "text"})
+                                       else "text.verbosity")
+                raise _unsupported(name)
+        tools = body.get("tools")
+        if tools not in (None, []):  # function tools: once the tool layer serves them
+            raise _unsupported("tools")
+        if body.get("tool_choice") not in (None, "none", "auto"):
+            raise _unsupported("tool_choice")
+        self.model = typed_field(body, "model", str)
+        if body.get("input") is None:
+            raise invalid("input", "Missing required parameter: 'input'.", "missing_required_parameter")
+        self.items = input_items(body["input"])
+        self.instructions = typed_field(body, "instructions", str)
+        max_tokens = typed_field(body, "max_output_tokens", int)
+        if max_tokens is not None and max_tokens < 1:
+            raise invalid("max_output_tokens", f"Invalid value for 'max_output_tokens': {max_tokens}; it must be "
+                          "at least 1.")
+        self.max_tokens_given = max_tokens is not None
+        self.params = SamplingParams(max_tokens=max_tokens or 1,
+                                     temperature=typed_field(body, "temperature", float, 1.0),
+                                     top_p=typed_field(body, "top_p", float, 1.0))
+        check_range("temperature", self.params.temperature, 0.0, 2.0)
+        if 0 < self.params.temperature < MIN_TEMPERATURE:
+            raise invalid("temperature", f"Invalid value for 'temperature': {self.params.temperature}; use 0 "
+                          f"(greedy) or at least {MIN_TEMPERATURE}.")
+        check_range("top_p", self.params.top_p, MIN_TOP_P, 1.0)
+        self.stream = typed_field(body, "stream", bool, False)
+        self.store = typed_field(body, "store", bool, True)
+        self.background = typed_field(body, "background", bool, False)
+        if self.background and not self.store:
+            raise invalid("background", "Background responses must be stored: 'background' needs 'store' true.")
+        if self.background and self.stream:
+            raise invalid("stream", "Streaming a background response is not supported by this server.",
+                          "unsupported_parameter")
+        if body.get("stream_options") is not None and not self.stream:
+            raise invalid("stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled.")
+        self.previous_response_id = typed_field(body, "previous_response_id", str)
+        typed_field(body, "metadata", dict)
+        typed_field(body, "user", str)
+
+    def completion(self) -> CompletionRequest:
+        """As the chat surface's request, for its checks (``fit_to_model``, the backend's support)."""
+        return CompletionRequest(model=self.model, params=self.params, max_tokens_given=self.max_tokens_given)
+
+
+async def prompt_tokens(app, messages: list[dict], *, param: str = "input") -> list[int]:
+    """The conversation through the app's chat template, tokenized (as the chat surface does)."""
+    chars = sum(len(message["content"]) for message in messages)
+    check_prompt_size(param, chars, app.context_length)
+    prompt = await off_loop(chars, app.chat_prompt, messages)
+    check_prompt_size(param, len(prompt), app.context_length)
+    return await off_loop(len(prompt), app.tokenize, prompt)
+
+
+def fit(app, request: CompletionRequest, tokens: list[int]) -> None:
+    """``fit_to_model``, except that no ``max_output_tokens`` means as many as the context
+    leaves (the Responses API has no short default), and its errors name it."""
+    if not request.max_tokens_given:
+        request.params.max_tokens = max(app.context_length - len(tokens), 1)
+        request.max_tokens_given = True
+    try:
+        fit_to_model(request, app, len(tokens))
+    except HTTPError as error:
+        if error.param == "max_tokens":
+            error.param = "max_output_tokens"
+        raise
+
+
+async def generate(app, tokens: list[int], params: SamplingParams, response: dict[str, Any]) -> dict[str, Any]:
+    """One response, not streamed: ``response`` finished, with its output message."""
+    usage = Usage(len(tokens))
+    collector = Collector(1, usage)
+    await run_generations(app, [tokens], params, 1, collector)
+    reason = collector.reasons[0]
+    # As the chat surface: leading whitespace is the template's framing, not the answer.
+    message = message_item("msg_" + uuid.uuid4().hex, collector.text(0).lstrip(),
+                           "incomplete" if reason == "length" else "completed")
+    return finished(response, [message], reason, usage)
+
+
+class ResponseEvents(TypedEvents):
+    """The Responses API's SSE: ``event: <type>`` and ``data: <json>``; no ``[DONE]``. An
+    error that ends a stream early is an ``error`` event, as OpenAI sends it."""
+
+    def encode_error(self, error: dict[str, Any]) -> bytes:
+        detail = error.get("error", {})
+        return b"event: error\ndata: %b\n\n" % orjson.dumps(
+            {"type": "error", "code": detail.get("code"), "message": detail.get("message"),
+             "param": detail.get("param"), "sequence_number": 0})
+
+
+EVENTS = ResponseEvents()
+
+
+class ResponseStream(SinkBase):
+    """A response streamed as OpenAI's typed events, each with its ``sequence_number``.
+
+    Text arrives through ``on_text`` (the template's leading whitespace already gone); the
+    message item opens at the first text, or at the end when there was none. A token
+    costs one format of the delta event, with what is constant in it encoded once.
+    """
+
+    __slots__ = ("stream", "response", "sequence", "item_id", "texts", "opened", "started", "_delta")
+
+    def __init__(self, usage: Usage, response: dict[str, Any]) -> None:
+        super().__init__(1, usage)
+        self.stream: Any = None  # set by open()
+        self.response = response  # the skeleton; finished by finish()
+        self.sequence = 0
+        self.item_id = "msg_" + uuid.uuid4().hex
+        self.texts: list[str] = []
+        self.opened = False  # the message item has been added
+        self.started = False  # its first non-space text has come
+        self._delta = (b'{"type":"response.output_text.delta","item_id":"%b","output_index":0,"content_index":0,'
+                       b'"logprobs":[],"delta":' % self.item_id.encode())
+
+    def send(self, event: dict[str, Any]) -> None:
+        self.stream.send({**event, "sequence_number": self.sequence})
+        self.sequence += 1
+
+    def open(self, stream) -> None:
+        self.stream = stream
+        self.send({"type": "response.created", "response": self.response})
+        self.send({"type": "response.in_progress", "response": self.response})
+
+    def on_tokens(self, index: int, text: str, token_ids: Sequence[int],
+                  logprobs: Sequence[TokenLogprob] | None) -> None:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        if text:
+            self.on_text(text)
+
+    def on_text(self, text: str) -> None:
+        if not self.opened:
+            self._open_message()
+        self.texts.append(text)
+        self.stream.send(b'%b%b,"sequence_number":%d}' % (self._delta, orjson.dumps(text), self.sequence))
+        self.sequence += 1
+
+    def _open_message(self) -> None:
+        self.opened = True
+        self.send({"type": "response.output_item.added", "output_index": 0,
+                   "item": {"type": "message", "id": self.item_id, "status": "in_progress", "role": "assistant",
+                            "content": []}})
+        self.send({"type": "response.content_part.added", "item_id": self.item_id, "output_index": 0,
+                   "content_index": 0, "part": text_part("")})
+
+    def finish(self, index: int, reason: str) -> None:
+        if not self.opened:
+            self._open_message()
+        text = "".join(self.texts)
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        self.send({"type": "response.output_text.done", **where, "text": text, "logprobs": []})
+        self.send({"type": "response.content_part.done", **where, "part": text_part(text)})
+        message = message_item(self.item_id, text, "incomplete" if reason == "length" else "completed")
+        self.send({"type": "response.output_item.done", "output_index": 0, "item": message})
+        self.response = finished(self.response, [message], reason, self.usage)
+        self.send({"type": f"response.{self.response['status']}", "response": self.response})
+
+    def fail(self, error: HTTPError) -> None:
+        self.response = {**self.response, "status": "failed",
+                         "error": {"code": "server_error", "message": error.message}}
+        self.send({"type": "response.failed", "response": self.response})
+
+    def complete(self) -> None:
+        pass
+
+
+class ResponseRuns(RunView):
+    """Responses as runs: a background one is executed here; every one is shown as a response."""
+
+    name = SURFACE
+
+    def takes(self, app) -> bool:
+        return is_model_app(app)
+
+    async def call(self, app, run: Run) -> dict[str, Any]:
+        data = run.input
+        tokens = await prompt_tokens(app, chat_messages(data["response"]["instructions"], data["items"]))
+        return await generate(app, tokens, SamplingParams(**data["params"]), data["response"])
+
+    def render(self, run: Run) -> dict[str, Any]:
+        if run.state == SUCCEEDED and run.output is not None:
+            return run.output
+        response = run.input["response"]
+        if run.state == QUEUED:
+            return response
+        if run.state == RUNNING:
+            return {**response, "status": "in_progress"}
+        if run.state == CANCELLED:
+            return {**response, "status": "cancelled"}
+        error = run.error or {}
+        return {**response, "status": "failed",
+                "error": {"code": "server_error", "message": error.get("message", "The response failed.")}}
+
+
+class ResponsesAPI:
+    def __init__(self, server) -> None:
+        self.openai = OpenAIAPI.of(server)
+        self.runs = server.runs
+        self.view = ResponseRuns()
+        self.runs.add_view(self.view)
+
+    async def _find(self, request, response_id: str, param: str | None = None) -> Run:
+        run = await self.runs.find(response_id, surface=SURFACE, app=None, principal=request.principal.identity)
+        if run is None:
+            if param is not None:
+                raise invalid(param, f"Previous response with id '{response_id}' not found.",
+                              "previous_response_not_found")
+            raise HTTPError(404, f"Response with id '{response_id}' not found.", type="invalid_request_error")
+        return run
+
+    async def create(self, request) -> Response | None:
+        body = await self.openai.body(request, FIELDS, frozenset())
+        parsed = ResponseRequest(body)
+        app = self.openai.app_by_model(parsed.model)
+        completion = parsed.completion()
+        OpenAIAPI._check_supported(app, completion)
+        items = parsed.items
+        if parsed.previous_response_id is not None:
+            previous = await self._find(request, parsed.previous_response_id, "previous_response_id")
+            if previous.state != SUCCEEDED:
+                raise invalid("previous_response_id", f"Previous response with id '{previous.id}' is "
+                              f"{self.view.render(previous)['status']}: only a finished one can be continued.")
+            items = previous.input["items"] + output_as_input(previous.output["output"]) + items
+        tokens = await prompt_tokens(app, chat_messages(parsed.instructions, items))
+        fit(app, completion, tokens)
+        params = parsed.params
+        response = {
+            "id": "resp_" + uuid.uuid4().hex, "object": "response", "created_at": int(time.time()),
+            "status": "queued" if parsed.background else "in_progress", "background": parsed.background,
+            "completed_at": None, "error": None, "incomplete_details": None, "instructions": parsed.instructions,
+            "max_output_tokens": params.max_tokens if parsed.max_tokens_given else None, "model": app.model_id,
+            "output": [], "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": parsed.previous_response_id, "reasoning": {"effort": None, "summary": None},
+            "store": parsed.store, "temperature": params.temperature, "text": {"format": {"type": "text"}},
+            "tool_choice": body.get("tool_choice") or "auto", "tools": [], "top_p": params.top_p,
+            "truncation": "disabled", "usage": None, "user": body.get("user"), "metadata": body.get("metadata") or {},
+        }
+        name = self.openai.by_model[app.model_id]
+        data = {"response": response, "items": items,
+                "params": {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p}}
+        principal = request.principal.identity
+        if parsed.background:
+            run = await self.runs.submit(SURFACE, name, "respond", data, principal=principal, run_id=response["id"])
+            return json_response(self.view.render(run))
+        if parsed.stream:
+            sink = ResponseStream(Usage(len(tokens)), {**response, "status": "in_progress"})
+            opened = lambda: sink.open(request.stream(serializer=EVENTS, headers=NO_CACHE))  # noqa: E731
+            try:
+                await run_generations(app, [tokens], params, 1, sink, opened)
+            except HTTPError as error:
+                if sink.stream is None:  # refused before the stream started: a plain error status
+                    raise
+                sink.fail(error)  # the stream's last event: response.failed
+                sink.stream.end()
+                return None
+            if parsed.store:  # before the stream ends: a client that saw it end finds it
+                await self._record(name, data, sink.response, principal)
+            sink.stream.end()
+            return None
+        result = await generate(app, tokens, params, response)
+        if parsed.store:
+            await self._record(name, data, result, principal)
+        return Response(200, orjson.dumps(result), media_type=JSON)
+
+    async def _record(self, app: str, data: dict, result: dict, principal: str) -> None:
+        now = time.time()
+        await self.runs.record(Run(id=result["id"], surface=SURFACE, app=app, function="respond", input=data,
+                                   state=SUCCEEDED, output=result, created_at=result["created_at"], started_at=now,
+                                   finished_at=now, principal=principal))
+
+    async def retrieve(self, request) -> Response:
+        if request.query_param("stream", "false") != "false":
+            raise _unsupported("stream")
+        run = await self._find(request, request.path_params["response_id"])
+        return json_response(self.view.render(run))
+
+    async def delete(self, request) -> Response:
+        run = await self._find(request, request.path_params["response_id"])
+        await self.runs.delete(run.id)
+        return json_response({"id": run.id, "object": "response.deleted", "deleted": True})
+
+    async def cancel(self, request) -> Response:
+        run = await self._find(request, request.path_params["response_id"])
+        if not run.input["response"]["background"]:
+            raise invalid(None, "Only responses created with background=true can be cancelled.")
+        if run.state not in TERMINAL:
+            run = await self.runs.cancel(run.id) or run
+        return json_response(self.view.render(run))
