@@ -94,6 +94,10 @@ class RunView:
     holds) and registers it with ``Runner.add_view``."""
 
     name = "default"
+    # Whether the store may wait to be opened (and what a previous process left in it
+    # recovered) until a run of this view is first submitted or read. A server whose
+    # only apps take such runs holds no store, and no lock on its file, until then.
+    opens_lazily = False
 
     def takes(self, app) -> bool:
         """Whether runs of this view can go to ``app`` (the store is opened only if some app can)."""
@@ -183,6 +187,7 @@ class Runner:
         self._active: dict[str, _Active] = {}
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._streams: dict[str, list] = {}  # a running generator's values so far
+        self._opening = asyncio.Lock()
 
     def add_view(self, view: RunView) -> None:
         if view.name in self.views:
@@ -198,8 +203,11 @@ class Runner:
         """Whether any app can take runs (of any registered view). Only then is the store
         opened: a server with no such app has no store at all (no file, no lock), so it never
         keeps another server using the same one from starting."""
+        return bool(self._taking_views())
+
+    def _taking_views(self) -> list[RunView]:
         views = list(self.views.values()) or [RunView()]
-        return any(view.takes(app) for _, app in self.apps.items() for view in views)
+        return [view for view in views if any(view.takes(app) for _, app in self.apps.items())]
 
     async def start(self) -> None:
         """Open the store, recover what a previous process left, start the workers; none
@@ -207,13 +215,14 @@ class Runner:
         be used."""
         if self._state != "new":
             return
-        if not self.in_use:
+        views = self._taking_views()
+        if not views:
             self._state = "unused"
             return
         self._state = "started"
         try:
-            if await self.store.open(create=False):  # a file is made on the first run
-                await self._recover_at_start()
+            if not all(view.opens_lazily for view in views):
+                await self._open(create=False)  # a file is made on the first run
         except BaseException as exc:
             self._state = "closed"
             await self.store.close()
@@ -224,6 +233,16 @@ class Runner:
         self._tasks = [loop.create_task(self._work()) for _ in range(self.workers)]
         self._tasks.append(loop.create_task(self._keep_claims()))
         self._tasks.append(loop.create_task(self._purge_forever()))
+
+    async def _open(self, *, create: bool) -> bool:
+        """Open the store if it is not yet (creating it when ``create``), and recover what a
+        previous process left in it, once; whether it is open."""
+        async with self._opening:
+            if not self.store.is_open:
+                if not await self.store.open(create=create):
+                    return False
+                await self._recover_at_start()
+        return True
 
     async def _recover_at_start(self) -> None:
         recovered = await self.store.recover(self.idempotent, _interrupted())
@@ -278,8 +297,7 @@ class Runner:
         if self._state != "started":  # surfaces submit only for apps that take runs
             raise RuntimeError(f"the runner is {self._state}: no run can be submitted")
         try:
-            if not self.store.is_open:
-                await self.store.open(create=True)
+            await self._open(create=True)
             recorded = await self.store.insert(run, max_queued=max_queued)
             if recorded.id != run.id and self._expired(recorded):  # its key went with it: purge, then record
                 await self.store.purge(time.time() - self.retention)
@@ -311,7 +329,13 @@ class Runner:
         return await self.store.delete(run_id)
 
     async def get(self, run_id: str) -> Run | None:
-        """The run, or None when unknown or expired."""
+        """The run, or None when unknown or expired. HTTPError 503 when a store opened only
+        now (``RunView.opens_lazily``) cannot be used."""
+        if not self.store.is_open and self._state == "started":
+            try:
+                await self._open(create=False)
+            except StoreUnavailable as exc:
+                raise HTTPError(503, str(exc), code="run_store_busy") from None
         run = await self.store.get(run_id)
         return None if run is None or self._expired(run) else run
 

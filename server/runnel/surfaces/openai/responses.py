@@ -259,6 +259,9 @@ class ResponseRuns(RunView):
     """Responses as runs: a background one is executed here; every one is shown as a response."""
 
     name = SURFACE
+    # Every model app takes responses, and most servers never store one: no store is
+    # opened (no file locked) until a response is stored or read.
+    opens_lazily = True
 
     def takes(self, app) -> bool:
         return is_model_app(app)
