@@ -13,12 +13,14 @@ import pytest
 from runnel.testing import ServerThread, assert_error, request, server_config, wait_until
 from runnel.testing.pytest_plugin import TINY_CONFIG
 
-# The built-in model, and a paced echo app (20 ms a token) for a response still running when cancelled.
+# The built-in model, and a paced echo app (20 ms a token) for a response still running when cancelled:
+# echo answers with the prompt's words, so LONG takes it 6 s.
 CONFIG = {"server": {"runs_path": ""},
           "apps": {**TINY_CONFIG["apps"], "slow": {"backend": "echo", "pace_ms": 20}}}
 JSON = ((b"content-type", b"application/json"),)
 TEXT_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
                "response.content_part.added"]
+LONG = " ".join(["word"] * 300)
 DONE_EVENTS = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
 
 
@@ -170,11 +172,11 @@ def test_a_background_response_is_queued_then_completes(server):
 
 def test_a_background_response_can_be_cancelled(server):
     sdk = client(server)
-    reply = sdk.responses.create(model="slow", input="one two three", max_output_tokens=1000, background=True)
+    reply = sdk.responses.create(model="slow", input=LONG, max_output_tokens=1000, background=True)
     wait_until(lambda: sdk.responses.retrieve(reply.id).status == "in_progress", timeout=10)
     started = time.monotonic()
     cancelled = sdk.responses.cancel(reply.id)
-    assert cancelled.status == "cancelled" and time.monotonic() - started < 5  # not 1000 tokens at 20 ms
+    assert cancelled.status == "cancelled" and time.monotonic() - started < 3  # not 300 tokens at 20 ms
     assert sdk.responses.retrieve(reply.id).status == "cancelled"
     assert sdk.responses.cancel(reply.id).status == "cancelled"  # again: as it is
     foreground = sdk.responses.create(model="tiny", input="Hello!")
@@ -232,3 +234,32 @@ def test_a_stored_response_survives_a_restart(tmp_path):
         assert follow.usage.input_tokens > reply.usage.input_tokens
     finally:
         second.stop()
+
+
+def test_a_response_is_its_callers_only(start_server):
+    keys = ["caller-key-0001", "caller-key-0002"]
+    other = start_server({"server": {"runs_path": ""}, "auth": {"kind": "api_key", "keys": keys},
+                          "apps": {"echo": {"backend": "echo"}}})
+    mine = openai.OpenAI(base_url=other.url + "/v1", api_key=keys[0], max_retries=0)
+    theirs = openai.OpenAI(base_url=other.url + "/v1", api_key=keys[1], max_retries=0)
+    reply = mine.responses.create(model="echo", input="hello there")
+    assert mine.responses.retrieve(reply.id).id == reply.id
+    for call in (theirs.responses.retrieve, theirs.responses.delete, theirs.responses.cancel):
+        with pytest.raises(openai.NotFoundError):
+            call(reply.id)
+    with pytest.raises(openai.BadRequestError) as raised:
+        theirs.responses.create(model="echo", input="hi", previous_response_id=reply.id)
+    assert raised.value.body["param"] == "previous_response_id"
+    assert mine.responses.retrieve(reply.id).status == "completed"  # still there
+
+
+def test_a_background_response_running_when_the_server_stopped_reads_failed_after_a_restart(start_server, tmp_path):
+    config = {"server": {"runs_path": str(tmp_path / "runs.sqlite3")},
+              "apps": {"slow": {"backend": "echo", "pace_ms": 20}}}
+    first = start_server(config)
+    reply = client(first).responses.create(model="slow", input=LONG, max_output_tokens=1000, background=True)
+    wait_until(lambda: client(first).responses.retrieve(reply.id).status == "in_progress", timeout=10)
+    first.stop()
+    second = start_server(config)
+    again = client(second).responses.retrieve(reply.id)  # opens the store, and recovers what was left in it
+    assert again.status == "failed" and "interrupted" in again.error.message
