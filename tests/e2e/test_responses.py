@@ -9,6 +9,8 @@ import time
 import openai
 import orjson
 import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
 
 from runnel.testing import ServerThread, assert_error, request, server_config, wait_until
 from runnel.testing.pytest_plugin import TINY_CONFIG
@@ -17,6 +19,7 @@ from runnel.testing.pytest_plugin import TINY_CONFIG
 # echo answers with the prompt's words, so LONG takes it 6 s.
 CONFIG = {"server": {"runs_path": ""},
           "apps": {**TINY_CONFIG["apps"], "slow": {"backend": "echo", "pace_ms": 20}}}
+EVENT = TypeAdapter(ResponseStreamEvent)
 JSON = ((b"content-type", b"application/json"),)
 TEXT_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
                "response.content_part.added"]
@@ -94,8 +97,15 @@ def test_the_stream_on_the_wire_names_each_event_and_ends_without_done(server):
         event, data = block.split(b"\n")
         payload = orjson.loads(data.removeprefix(b"data: "))
         assert event == b"event: " + payload["type"].encode()
+        EVENT.validate_python(payload, strict=True)  # every field the SDK's type has, of its type
         types.append(payload["type"])
     assert types[-1] == "response.completed"  # and no data: [DONE] after it
+
+
+def test_a_response_body_is_the_sdks_response_type_strictly(server):
+    reply = post(server, "/v1/responses", {"model": "tiny", "input": "Hello!", "store": False})
+    assert reply.status == 200 and reply.header(b"content-type") == b"application/json"
+    assert Response.model_validate(reply.json(), strict=True).status == "completed"
 
 
 def test_instructions_come_first_as_a_system_message(server):

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
 from ...errors import HTTPError
-from ...generation import SamplingParams, TokenLogprob
+from ...generation import SamplingParams
 from ...http import Response, json_response
 from ...http.response import JSON
 from ...runs import CANCELLED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Run, RunView
-from ...serializers import TypedEvents
 from .api import NO_CACHE, OpenAIAPI, is_model_app, off_loop
 from .params import (
     MIN_TEMPERATURE,
@@ -38,8 +36,9 @@ from .params import (
     invalid,
     typed_field,
 )
-from .responses_items import chat_messages, input_items, message_item, output_as_input, text_part
-from .sinks import Collector, SinkBase, Usage, run_generations
+from .responses_items import chat_messages, input_items, output_as_input
+from .responses_output import EVENTS, ResponseOutput
+from .sinks import Usage, run_generations
 
 SURFACE = "responses"
 _SERVED = frozenset(("model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream",
@@ -57,22 +56,6 @@ FIELDS = _SERVED | _NO_OPS | frozenset(_UNSUPPORTED)
 
 def _unsupported(name: str) -> HTTPError:
     return invalid(name, f"'{name}' is not supported by this server.", "unsupported_parameter")
-
-
-def usage_dict(usage: Usage) -> dict[str, Any]:
-    """Usage as the Responses API counts it, with the details objects the SDK expects."""
-    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
-
-
-def finished(response: dict[str, Any], output: list[dict], reason: str | None, usage: Usage) -> dict[str, Any]:
-    """``response`` (its skeleton) once generated: ``incomplete`` when the generation hit
-    ``max_output_tokens``."""
-    incomplete = reason == "length"
-    return {**response, "status": "incomplete" if incomplete else "completed", "completed_at": int(time.time()),
-            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-            "output": output, "usage": usage_dict(usage)}
 
 
 class ResponseRequest:
@@ -155,104 +138,10 @@ def fit(app, request: CompletionRequest, tokens: list[int]) -> None:
 
 
 async def generate(app, tokens: list[int], params: SamplingParams, response: dict[str, Any]) -> dict[str, Any]:
-    """One response, not streamed: ``response`` finished, with its output message."""
-    usage = Usage(len(tokens))
-    collector = Collector(1, usage)
-    await run_generations(app, [tokens], params, 1, collector)
-    reason = collector.reasons[0]
-    # As the chat surface: leading whitespace is the template's framing, not the answer.
-    message = message_item("msg_" + uuid.uuid4().hex, collector.text(0).lstrip(),
-                           "incomplete" if reason == "length" else "completed")
-    return finished(response, [message], reason, usage)
-
-
-class ResponseEvents(TypedEvents):
-    """The Responses API's SSE: ``event: <type>`` and ``data: <json>``; no ``[DONE]``. An
-    error that ends a stream early is an ``error`` event, as OpenAI sends it."""
-
-    def encode_error(self, error: dict[str, Any]) -> bytes:
-        detail = error.get("error", {})
-        return b"event: error\ndata: %b\n\n" % orjson.dumps(
-            {"type": "error", "code": detail.get("code"), "message": detail.get("message"),
-             "param": detail.get("param"), "sequence_number": 0})
-
-
-EVENTS = ResponseEvents()
-
-
-class ResponseStream(SinkBase):
-    """A response streamed as OpenAI's typed events, each with its ``sequence_number``.
-
-    Text arrives through ``on_text`` (the template's leading whitespace already gone); the
-    message item opens at the first text, or at the end when there was none. A token
-    costs one format of the delta event, with what is constant in it encoded once.
-    """
-
-    __slots__ = ("stream", "response", "sequence", "item_id", "texts", "opened", "started", "_delta")
-
-    def __init__(self, usage: Usage, response: dict[str, Any]) -> None:
-        super().__init__(1, usage)
-        self.stream: Any = None  # set by open()
-        self.response = response  # the skeleton; finished by finish()
-        self.sequence = 0
-        self.item_id = "msg_" + uuid.uuid4().hex
-        self.texts: list[str] = []
-        self.opened = False  # the message item has been added
-        self.started = False  # its first non-space text has come
-        self._delta = (b'{"type":"response.output_text.delta","item_id":"%b","output_index":0,"content_index":0,'
-                       b'"logprobs":[],"delta":' % self.item_id.encode())
-
-    def send(self, event: dict[str, Any]) -> None:
-        self.stream.send({**event, "sequence_number": self.sequence})
-        self.sequence += 1
-
-    def open(self, stream) -> None:
-        self.stream = stream
-        self.send({"type": "response.created", "response": self.response})
-        self.send({"type": "response.in_progress", "response": self.response})
-
-    def on_tokens(self, index: int, text: str, token_ids: Sequence[int],
-                  logprobs: Sequence[TokenLogprob] | None) -> None:
-        if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-        if text:
-            self.on_text(text)
-
-    def on_text(self, text: str) -> None:
-        if not self.opened:
-            self._open_message()
-        self.texts.append(text)
-        self.stream.send(b'%b%b,"sequence_number":%d}' % (self._delta, orjson.dumps(text), self.sequence))
-        self.sequence += 1
-
-    def _open_message(self) -> None:
-        self.opened = True
-        self.send({"type": "response.output_item.added", "output_index": 0,
-                   "item": {"type": "message", "id": self.item_id, "status": "in_progress", "role": "assistant",
-                            "content": []}})
-        self.send({"type": "response.content_part.added", "item_id": self.item_id, "output_index": 0,
-                   "content_index": 0, "part": text_part("")})
-
-    def finish(self, index: int, reason: str) -> None:
-        if not self.opened:
-            self._open_message()
-        text = "".join(self.texts)
-        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-        self.send({"type": "response.output_text.done", **where, "text": text, "logprobs": []})
-        self.send({"type": "response.content_part.done", **where, "part": text_part(text)})
-        message = message_item(self.item_id, text, "incomplete" if reason == "length" else "completed")
-        self.send({"type": "response.output_item.done", "output_index": 0, "item": message})
-        self.response = finished(self.response, [message], reason, self.usage)
-        self.send({"type": f"response.{self.response['status']}", "response": self.response})
-
-    def fail(self, error: HTTPError) -> None:
-        self.response = {**self.response, "status": "failed",
-                         "error": {"code": "server_error", "message": error.message}}
-        self.send({"type": "response.failed", "response": self.response})
-
-    def complete(self) -> None:
-        pass
+    """One response, not streamed: ``response`` finished, with its output."""
+    output = ResponseOutput(Usage(len(tokens)), response)
+    await run_generations(app, [tokens], params, 1, output)
+    return output.response
 
 
 class ResponseRuns(RunView):
@@ -337,7 +226,7 @@ class ResponsesAPI:
             run = await self.runs.submit(SURFACE, name, "respond", data, principal=principal, run_id=response["id"])
             return json_response(self.view.render(run))
         if parsed.stream:
-            sink = ResponseStream(Usage(len(tokens)), {**response, "status": "in_progress"})
+            sink = ResponseOutput(Usage(len(tokens)), response)
             opened = lambda: sink.open(request.stream(serializer=EVENTS, headers=NO_CACHE))  # noqa: E731
             try:
                 await run_generations(app, [tokens], params, 1, sink, opened)
