@@ -25,13 +25,12 @@ from ..hookspecs import hookimpl
 from ..http import Response, json_response
 from ..http.response import JSON
 from .openai import NO_CACHE, OpenAIAPI, invalid
-from .openai.api import off_loop
+from .openai.api import chat_prompt_tokens
 from .openai.params import (
     MAX_STOP_CHARS,
     MIN_TEMPERATURE,
     MIN_TOP_P,
     CompletionRequest,
-    check_prompt_size,
     check_range,
     fit_to_model,
     typed_field,
@@ -239,20 +238,12 @@ class AnthropicAPI:
     def __init__(self, server) -> None:
         self.openai = OpenAIAPI.of(server)
 
-    @staticmethod
-    async def _prompt(app, request: CompletionRequest) -> list[int]:
-        assert request.messages is not None
-        chars = sum(len(message["content"]) for message in request.messages)
-        check_prompt_size("messages", chars, app.context_length)
-        prompt = await off_loop(chars, app.chat_prompt, request.messages)
-        check_prompt_size("messages", len(prompt), app.context_length)
-        return await off_loop(len(prompt), app.tokenize, prompt)
-
     async def messages(self, request) -> Response | None:
         parsed, stream = parse_messages(await request.json())
         app = self.openai.app_by_model(parsed.model)
         OpenAIAPI._check_supported(app, parsed)
-        tokens = await self._prompt(app, parsed)
+        assert parsed.messages is not None  # parse_messages makes them
+        tokens = await chat_prompt_tokens(app, parsed.messages)
         fit_to_model(parsed, app, len(tokens))
         usage = Usage(len(tokens))
         message = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant", "model": app.model_id}
@@ -272,8 +263,7 @@ class AnthropicAPI:
 
     async def count_tokens(self, request) -> Response:
         body = _check_fields(await request.json(), _COUNT_FIELDS)
-        parsed = CompletionRequest(model=body["model"], messages=_conversation(body))
-        tokens = await self._prompt(self.openai.app_by_model(parsed.model), parsed)
+        tokens = await chat_prompt_tokens(self.openai.app_by_model(body["model"]), _conversation(body))
         return json_response({"input_tokens": len(tokens)})
 
 
