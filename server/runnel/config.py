@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .tools import tool_parser_names
+
 __all__ = [
     "REQUIRED",
     "AppConfig",
@@ -136,6 +138,8 @@ class AppConfig:
     backend: str
     options: Mapping[str, Any] = field(default_factory=dict)  # rest of the table, for the backend
     surfaces: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # SURFACE_TABLES present
+    # How the app's model writes tool calls (runnel.tools.FORMATS); None: the backend's default.
+    tool_parser: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,7 +405,14 @@ def _apps_from(data: Any, *, source: str | None) -> dict[str, AppConfig]:
         for surface in SURFACE_TABLES:
             if surface in options:
                 surfaces[surface] = dict(_typed(options.pop(surface), dict, key=f"{key}.{surface}", source=source))
-        apps[name] = AppConfig(name=name, backend=backend, options=options, surfaces=surfaces)
+        tool_parser = None
+        if "tool_parser" in options:
+            tool_parser = _typed(options.pop("tool_parser"), str, key=f"{key}.tool_parser", source=source)
+            if tool_parser not in tool_parser_names():
+                raise ConfigError(f"unknown tool parser {tool_parser!r}; runnel has {', '.join(tool_parser_names())}",
+                                  key=f"{key}.tool_parser", source=source)
+        apps[name] = AppConfig(name=name, backend=backend, options=options, surfaces=surfaces,
+                               tool_parser=tool_parser)
     return apps
 
 

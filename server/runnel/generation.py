@@ -34,6 +34,10 @@ class SamplingParams:
     no_repeat_ngram_size: int = 0  # 0 = off; n = never repeat an n-gram
     ignore_eos: bool = False
     min_tokens: int = 0
+    # None: plain text. {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema",
+    # "strict"}}: output constrained to it, by a backend with logits control (it lists "response_format" in
+    # ``supported``; a backend without is refused the request with a 400 naming the parameter).
+    response_format: dict | None = None
 
 
 _DEFAULTS = SamplingParams()
@@ -102,12 +106,22 @@ class ModelApp(Protocol):
     def tokenize(self, text: str) -> list[int]:
         """The prompt's token ids. Large prompts are tokenized on a worker thread: thread-safe."""
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """Render chat messages ({"role", "content": str}) through the model's chat template
-        (on a worker thread for large conversations: thread-safe)."""
+    def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None, prefill: str = "") -> str:
+        """Render chat messages through the model's chat template (on a worker thread for
+        large conversations: thread-safe).
+
+        A message is {"role": "system" | "user" | "assistant" | "tool", "content": str}; an
+        assistant's may carry "tool_calls" [{"id", "type": "function", "function": {"name",
+        "arguments": dict}}], a tool's its "tool_call_id". ``tools`` (function tools, as
+        runnel.tools.function_tool makes them) are the template's ``tools`` variable. ``prefill``:
+        begin the assistant's reply with this text, for the model to continue (as transformers'
+        continue_final_message). Both are passed only to an app with a tool parser (``tool_parser``
+        below, or the app's config), so a backend without tools may keep ``chat_prompt(messages)``."""
 
     def generate(self, prompt_tokens: list[int], params: SamplingParams, n: int, sink: TokenSink) -> Generation: ...
 
+    # Optional: ``tool_parser``: the name of the format its model writes tool calls in
+    # (runnel.tools.FORMATS), the default for ``[apps.NAME] tool_parser``.
     # Optional: ``decode(token_ids) -> str``, the text of ids (thread-safe). Without it, token-id
     # input that must become text (completions' echo, embeddings of ids, /detokenize) is a 400.
     # An embedding app may offer ``async embed_tokens(rows) -> (vectors, tokens)`` to embed ids

@@ -179,11 +179,14 @@ class SimpleModel:
         pieces = self.vocabulary.pieces
         return "".join(pieces[token_id] for token_id in token_ids)
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """The default chat template: the last user message is the whole prompt."""
+    def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None, prefill: str = "") -> str:
+        """The default chat template: the last user message is the whole prompt. Tools and a
+        prefill are not shown to such a model: given a ``tool_parser`` (a test rig, say), its
+        replies are still parsed for calls."""
         for message in reversed(messages):
             if message["role"] == "user":
-                return message["content"]
+                content: str = message["content"]
+                return content
         return ""
 
     def generate(self, prompt_tokens: list[int], params: SamplingParams, n: int, sink: TokenSink) -> SimpleGeneration:

@@ -122,10 +122,10 @@ def test_errors_in_anthropics_shape(echo_server):
 
 @pytest.mark.parametrize("extra", [
     {"tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]},
-    {"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": "1"}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "http://x"}}]}]},
     {"foo": 1},
 ])
-def test_tools_and_unknown_fields_refused(echo_server, extra):
+def test_tools_without_a_parser_other_blocks_and_unknown_fields_refused(echo_server, extra):
     body = {"model": "echo", "max_tokens": 5, "messages": user("hi"), **extra}
     reply = post(echo_server, body)
     assert reply.status == 400

@@ -705,7 +705,7 @@ def test_bad_messages(client):
     assert caught.value.code == "unsupported_parameter"
     assert caught.value.param == "messages[0].content[0]"
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="echo", messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
+        client.chat.completions.create(model="echo", messages=[{"role": "function", "content": "x", "name": "f"}])
     assert caught.value.param == "messages[0].role"
 
 

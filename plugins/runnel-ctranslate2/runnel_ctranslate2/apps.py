@@ -12,7 +12,7 @@ from pathlib import Path
 
 from runnel.workers import DaemonThreads
 
-from .chat_template import ChatTemplate, TemplateRaised, resolve_chat_template
+from .chat_template import CannotContinue, ChatTemplate, TemplateRaised, resolve_chat_template
 from .scheduler import BatchScheduler
 from .tokenizer import load_tokenizer
 
@@ -173,19 +173,28 @@ class GeneratorApp:
         """The text of ``token_ids`` (runnel.generation.ModelApp's optional detokenizer); thread-safe."""
         return self.tokenizer.decode(token_ids)
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        if self.template is None:
-            from runnel import HTTPError
+    def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None, prefill: str = "") -> str:
+        from runnel import HTTPError
 
+        if self.template is None:
             raise HTTPError(400, f"Model `{self.model_id}` has no chat template; use /v1/completions or set "
                             "chat_template in its config.", param="messages", code="no_chat_template")
         try:
-            return self.template.render(messages, add_generation_prompt=True)
+            if not prefill:
+                return self.template.render(messages, add_generation_prompt=True, tools=tools or None)
+            return self.template.continue_reply(messages, prefill, tools=tools or None)
         except TemplateRaised as error:  # e.g. roles that do not alternate: a 400, not a 500
-            from runnel import HTTPError
-
             raise HTTPError(400, f"The model's chat template refused the messages: {error}", param="messages",
                             code="invalid_messages") from None
+        except CannotContinue as error:
+            raise HTTPError(400, f"Model `{self.model_id}` cannot be made to call a tool: {error}",
+                            param="tool_choice", code="unsupported_parameter") from None
+
+    @property
+    def tool_parser(self) -> str | None:
+        """The built-in model writes tool calls in the Hermes format (its training script);
+        a converted model's format is its app's ``tool_parser`` setting."""
+        return "hermes" if self.model.startswith("builtin:") else None
 
     def generate(self, prompt_tokens, params, n, sink):
         return self.scheduler.submit(list(prompt_tokens), params, n, sink)

@@ -98,6 +98,10 @@ class TemplateRaised(jinja2.exceptions.TemplateError):
     where any other TemplateError is the template's."""
 
 
+class CannotContinue(ValueError):
+    """The template does not write an assistant's text as given, so a reply can't be begun for the model."""
+
+
 def _raise_exception(message: str) -> None:
     raise TemplateRaised(message)
 
@@ -153,6 +157,20 @@ class ChatTemplate:
             add_generation_prompt=add_generation_prompt,
             **{**self._tokens, **extra},
         )
+
+
+    def continue_reply(self, messages: Sequence[Mapping[str, Any]], prefill: str, **extra: Any) -> str:
+        """The prompt with the assistant's reply begun as ``prefill``, for the model to go on
+        from (transformers' ``continue_final_message``): the conversation is rendered with
+        ``prefill`` as a final assistant message, and cut just after it. Whitespace around
+        ``prefill`` is the template's to place (templates trim content)."""
+        text = prefill.strip()
+        rendered = self.render([*messages, {"role": "assistant", "content": text}], add_generation_prompt=False,
+                               **extra)
+        at = rendered.rfind(text) if text else -1
+        if at == -1:
+            raise CannotContinue("its chat template does not write an assistant's text as given")
+        return rendered[: at + len(text)]
 
 
 def render_chat(

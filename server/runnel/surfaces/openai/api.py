@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import struct
 import time
 import uuid
@@ -22,6 +23,7 @@ from ...http import Response, json_response
 from ...http.response import JSON
 from ...serializers import NDJSON as NDJSONFraming
 from ...serializers import ServerSentEvents
+from ...tools import ToolUse
 from .params import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
@@ -41,6 +43,8 @@ from .sinks import (
     ChatStream,
     Collector,
     CompletionStream,
+    ToolChatStream,
+    ToolCollector,
     Usage,
     chat_logprobs,
     completion_logprobs,
@@ -87,6 +91,21 @@ class ReplyOptions:
 DEFAULT_REPLY = ReplyOptions()
 
 
+async def chat_prompt_tokens(app, messages: list[dict], *, param: str = "messages",
+                             tool_use: ToolUse | None = None) -> list[int]:
+    """A conversation as the app's prompt tokens: checked for size before and after its
+    chat template, off the loop when large. Every surface that chats prompts through here."""
+    chars = sum(len(message["content"]) for message in messages)
+    check_prompt_size(param, chars, app.context_length)
+    if tool_use is None:
+        render = functools.partial(app.chat_prompt, messages)
+    else:
+        render = functools.partial(app.chat_prompt, messages, tools=tool_use.tools, prefill=tool_use.prefill)
+    prompt = await off_loop(chars, render)
+    check_prompt_size(param, len(prompt), app.context_length)
+    return await off_loop(len(prompt), app.tokenize, prompt)
+
+
 def is_model_app(app) -> bool:
     return callable(getattr(app, "generate", None)) and callable(getattr(app, "tokenize", None))
 
@@ -127,6 +146,7 @@ class OpenAIAPI:
         self.owned_by: dict[str, str | None] = {}
         config = server.config
         self.ignore_unknown_fields = config.server.ignore_unknown_fields
+        self.tool_parsers = {name: app_config.tool_parser for name, app_config in config.apps.items()}
         for name, app_config in config.apps.items():
             table = config.table(f"apps.{name}.openai", app_config.surfaces.get("openai", {}))
             self.owned_by[name] = table.get("owned_by", str, default=None)
@@ -158,6 +178,15 @@ class OpenAIAPI:
             what = "embeddings" if need is can_embed else "completions"
             raise invalid("model", f"The model `{model or name}` does not support {what}.", "model_not_supported")
         return app
+
+    def tool_use(self, app, tools: list[dict], choice: str | None, parallel: bool, *, param: str = "tools",
+                 choice_param: str = "tool_choice") -> ToolUse | None:
+        """A request's tools for ``app``, whose format is its ``[apps.NAME] tool_parser``, else
+        its backend's default (``tool_parser`` on the app); None when there is nothing to do."""
+        parser = self.tool_parsers.get(self.by_model.get(app.model_id, ""))
+        if parser is None:
+            parser = getattr(app, "tool_parser", None)
+        return ToolUse.create(parser, app.model_id, tools, choice, parallel, param=param, choice_param=choice_param)
 
     # -- /v1/models -----------------------------------------------------------------
     def model_card(self, app, name: str) -> dict:
@@ -198,15 +227,16 @@ class OpenAIAPI:
         if app is None:
             app = self.app_by_model(parsed.model)
         self._check_supported(app, parsed)
+        tool_use = None
         if parsed.messages is not None:
-            chars = sum(len(message["content"]) for message in parsed.messages)
-            check_prompt_size("messages", chars, app.context_length)
-            prompt = await off_loop(chars, app.chat_prompt, parsed.messages)
+            tool_use = self.tool_use(app, parsed.tools, parsed.tool_choice, parsed.parallel_tool_calls)
+            tokens = await chat_prompt_tokens(app, parsed.messages, tool_use=tool_use)
         else:
             prompt = parsed.prompt
-        check_prompt_size("messages" if parsed.messages is not None else "prompt", len(prompt), app.context_length)
-        tokens = await off_loop(len(prompt), app.tokenize, prompt)
-        return await self._complete(request, app, parsed, [tokens], chat=True, reply=reply)
+            assert prompt is not None  # parse_chat: messages or a prompt
+            check_prompt_size("prompt", len(prompt), app.context_length)
+            tokens = await off_loop(len(prompt), app.tokenize, prompt)
+        return await self._complete(request, app, parsed, [tokens], chat=True, reply=reply, tool_use=tool_use)
 
     async def completions(self, request, app=None, reply: ReplyOptions = DEFAULT_REPLY,
                           extra: frozenset[str] = frozenset()):
@@ -233,7 +263,8 @@ class OpenAIAPI:
             raise invalid(name, f"'{name}' is not supported by the backend of model `{app.model_id}`.",
                           "unsupported_parameter")
 
-    async def _complete(self, request, app, parsed: CompletionRequest, prompts, *, chat: bool, reply: ReplyOptions):
+    async def _complete(self, request, app, parsed: CompletionRequest, prompts, *, chat: bool, reply: ReplyOptions,
+                        tool_use: ToolUse | None = None):
         fit_to_model(parsed, app, max(len(tokens) for tokens in prompts), len(prompts))
         n = parsed.n
         choices = n * len(prompts)
@@ -250,10 +281,14 @@ class OpenAIAPI:
         collector: Collector | None = None
         if parsed.stream:
             common: dict[str, Any] = dict(choices=choices, usage=usage, include_usage=parsed.include_usage, head=head)
-            if chat:
+            if tool_use is not None:
+                sink = stream = ToolChatStream(tool_use=tool_use, role=reply.role, logprobs=False, **common)
+            elif chat:
                 sink = stream = ChatStream(role=reply.role, logprobs=parsed.params.logprobs, **common)
             else:
                 sink = stream = CompletionStream(logprobs=parsed.params.logprobs, echo=echo, **common)
+        elif tool_use is not None:
+            sink = collector = ToolCollector(choices, usage, tool_use)
         else:
             sink = collector = Collector(choices, usage)
         opened = None
@@ -275,8 +310,14 @@ class OpenAIAPI:
             if chat:
                 logprobs = chat_logprobs(sink.logprobs[index]) if parsed.params.logprobs else None
                 # As in the stream: leading whitespace is the template's framing, not content.
-                choices.append({"index": index, "message": {"role": reply.role, "content": text.lstrip()},
-                                "logprobs": logprobs, "finish_reason": reason})
+                message: dict[str, Any] = {"role": reply.role, "content": text.lstrip()}
+                if isinstance(sink, ToolCollector) and sink.parsers[index].calls:
+                    message["content"] = message["content"] or None
+                    message["tool_calls"] = [
+                        {"id": call.call_id, "type": "function",
+                         "function": {"name": call.name, "arguments": call.arguments}}
+                        for call in sink.parsers[index].calls]
+                choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason})
             else:
                 prefix = echo[index] if echo else ""
                 logprobs = (completion_logprobs(sink.logprobs[index], len(prefix))

@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from ...errors import HTTPError
 from ...generation import ModelApp, SamplingParams
+from ...tools import function_tool
 
 # Bounds every request meets whatever the backend; ``fit_to_model`` adds the backend's
 # own (context length, vocabulary). Each keeps a value from wedging or crashing a model,
@@ -34,20 +37,20 @@ MAX_EMBEDDING_INPUTS = 2048  # as OpenAI
 
 # OpenAI parameters that change what the answer means. Ignoring one silently
 # would hand back something the client did not ask for, so setting one is a 400.
-_UNSUPPORTED_FEATURES = ("tools", "tool_choice", "functions", "function_call", "audio", "prediction",
-                         "web_search_options", "logit_bias")
+# (functions and function_call are the deprecated spelling of tools: send tools.)
+_UNSUPPORTED_FEATURES = ("functions", "function_call", "audio", "prediction", "web_search_options", "logit_bias")
 
 
 # Every field a request may carry; anything else is a 400 naming it, as OpenAI does, unless
 # [server] ignore_unknown_fields. The no-ops are OpenAI's bookkeeping, which the openai SDKs
 # pass through from callers and which cannot change an answer here.
-_NO_OP_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls",
-                           "safety_identifier", "prompt_cache_key"})
+_NO_OP_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"})
 _SAMPLING_FIELDS = frozenset({"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
                               "stop", "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty",
                               "no_repeat_ngram_size", "ignore_eos", "min_tokens", "n", "stream", "stream_options",
                               "response_format", *_UNSUPPORTED_FEATURES}) | _NO_OP_FIELDS
-CHAT_FIELDS = _SAMPLING_FIELDS | {"messages", "prompt", "logprobs", "top_logprobs"}
+CHAT_FIELDS = _SAMPLING_FIELDS | {"messages", "prompt", "logprobs", "top_logprobs", "tools", "tool_choice",
+                                   "parallel_tool_calls"}
 COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt", "echo", "logprobs", "best_of", "suffix"}
 EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
 
@@ -95,7 +98,13 @@ class CompletionRequest:
     prompt: str | None = None  # raw prompt (completions, or chat with `prompt`)
     prompts: list[str] = field(default_factory=list)  # completions: one or more prompts
     prompt_ids: list[list[int]] | None = None  # completions: prompts given as token ids instead
-    messages: list[dict] | None = None  # chat: [{"role", "content": str}]
+    # chat: the conversation as chat templates take it: {"role", "content": str}, plus
+    # "tool_calls" [{"id", "type": "function", "function": {"name", "arguments": dict}}] on
+    # assistant turns and "tool_call_id" on "tool" turns (runnel.generation.ModelApp.chat_prompt)
+    messages: list[dict] | None = None
+    tools: list[dict] = field(default_factory=list)  # function tools, runnel.tools.function_tool's shape
+    tool_choice: str | None = None  # "auto", "none", "required" or a function's name; None: not given
+    parallel_tool_calls: bool = True
     params: SamplingParams = field(default_factory=SamplingParams)
     max_tokens_given: bool = False
     n: int = 1
@@ -119,14 +128,77 @@ def _messages(body: dict) -> list[dict]:
         role = message.get("role")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
-        if role not in ("system", "user", "assistant"):
+        if role not in ("system", "user", "assistant", "tool"):
             raise invalid(f"{param}.role", f"Invalid value for '{param}.role': {role!r}; supported roles are "
-                          "'system', 'user' and 'assistant'.")
-        if message.get("tool_calls") or message.get("function_call"):
-            raise invalid(f"{param}.tool_calls", "Tool calls are not supported by this server.",
-                          "unsupported_parameter")
-        out.append({"role": role, "content": _content(message.get("content"), f"{param}.content")})
+                          "'system', 'user', 'assistant' and 'tool'.")
+        if message.get("function_call") is not None:
+            raise invalid(f"{param}.function_call", "'function_call' is deprecated and not supported: send "
+                          "'tool_calls'.", "unsupported_parameter")
+        turn = {"role": role, "content": _content(message.get("content"), f"{param}.content")}
+        if role == "assistant" and message.get("tool_calls") is not None:
+            turn["tool_calls"] = _tool_calls(message["tool_calls"], f"{param}.tool_calls")
+        elif role == "tool":
+            call_id = message.get("tool_call_id")
+            if type(call_id) is not str:
+                raise invalid(f"{param}.tool_call_id", f"Missing required parameter: '{param}.tool_call_id'.",
+                              "missing_required_parameter")
+            turn["tool_call_id"] = call_id
+        out.append(turn)
     return out
+
+
+def _tool_calls(calls: Any, param: str) -> list[dict]:
+    """An assistant turn's calls, their arguments parsed: templates write them as JSON themselves."""
+    if type(calls) is not list:
+        raise invalid(param, f"Invalid type for '{param}': expected an array.", "invalid_type")
+    out = []
+    for i, call in enumerate(calls):
+        where = f"{param}[{i}]"
+        function = call.get("function") if type(call) is dict else None
+        if type(function) is not dict or type(call.get("id")) is not str or call.get("type", "function") != "function":
+            raise invalid(where, f"Invalid '{where}': expected {{'id', 'type': 'function', 'function': {{'name', "
+                          "'arguments'}}}.")
+        name, arguments = function.get("name"), function.get("arguments")
+        if type(name) is not str:
+            raise invalid(f"{where}.function.name", f"Missing required parameter: '{where}.function.name'.",
+                          "missing_required_parameter")
+        try:
+            parsed = orjson.loads(arguments) if type(arguments) is str else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        if type(parsed) is not dict:
+            raise invalid(f"{where}.function.arguments", f"Invalid '{where}.function.arguments': expected a JSON "
+                          "object, as a string.")
+        out.append({"id": call["id"], "type": "function", "function": {"name": name, "arguments": parsed}})
+    return out
+
+
+def _tools(body: dict, request: CompletionRequest) -> None:
+    tools = body.get("tools")
+    if tools is not None:
+        if type(tools) is not list:
+            raise invalid("tools", "Invalid type for 'tools': expected an array.", "invalid_type")
+        for i, tool in enumerate(tools):
+            param = f"tools[{i}]"
+            function = tool.get("function") if type(tool) is dict else None
+            if type(tool) is not dict or tool.get("type") != "function" or type(function) is not dict:
+                raise invalid(param, f"Invalid '{param}': only function tools are supported: "
+                              "{'type': 'function', 'function': {...}}.")
+            typed_field(function, "strict", bool)  # honoured as far as runnel.tools checks a schema
+            request.tools.append(function_tool(function.get("name"), function.get("description"),
+                                               function.get("parameters"), f"{param}.function"))
+    choice = body.get("tool_choice")
+    if choice is not None:
+        if type(choice) is dict and choice.get("type") == "function" and type(choice.get("function")) is dict:
+            choice = choice["function"].get("name")
+            if type(choice) is not str:
+                raise invalid("tool_choice", "Missing required parameter: 'tool_choice.function.name'.",
+                              "missing_required_parameter")
+        elif choice not in ("none", "auto", "required"):
+            raise invalid("tool_choice", "Invalid 'tool_choice': expected 'none', 'auto', 'required' or "
+                          "{'type': 'function', 'function': {'name': ...}}.")
+        request.tool_choice = choice
+    request.parallel_tool_calls = typed_field(body, "parallel_tool_calls", bool, True)
 
 
 def _content(content: Any, param: str) -> str:
@@ -224,11 +296,9 @@ def _common(body: dict, request: CompletionRequest) -> None:
     for name in _UNSUPPORTED_FEATURES:
         if body.get(name) not in (None, [], {}):
             raise invalid(name, f"'{name}' is not supported by this server.", "unsupported_parameter")
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise invalid("response_format", "Only response_format {'type': 'text'} is supported.", "unsupported_parameter")
     typed_field(body, "user", str)
     request.params, request.max_tokens_given = _sampling(body)
+    request.params.response_format = _response_format(body)
     request.n = typed_field(body, "n", int, 1)
     check_range("n", request.n, 1, MAX_N)
     request.stream = typed_field(body, "stream", bool, False)
@@ -237,6 +307,24 @@ def _common(body: dict, request: CompletionRequest) -> None:
         if not request.stream:
             raise invalid("stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled.")
         request.include_usage = bool(options.get("include_usage"))
+
+
+def _response_format(body: dict) -> dict | None:
+    """None for plain text; else the format, for a backend that can constrain its output
+    to it (one with "response_format" in ``supported``; any other answers 400)."""
+    value = typed_field(body, "response_format", dict)
+    if value is None or value == {"type": "text"}:
+        return None
+    kind = value.get("type")
+    if kind == "json_object" and len(value) == 1:
+        return value
+    if kind == "json_schema":
+        schema = value.get("json_schema")
+        if (type(schema) is dict and type(schema.get("name")) is str
+                and type(schema.get("schema", {})) is dict and type(schema.get("strict", False)) is bool):
+            return value
+    raise invalid("response_format", "Invalid 'response_format': expected {'type': 'text'}, {'type': 'json_object'} "
+                  "or {'type': 'json_schema', 'json_schema': {'name', 'schema', 'strict'}}.")
 
 
 def parse_chat(body: Any) -> CompletionRequest:
@@ -251,8 +339,12 @@ def parse_chat(body: Any) -> CompletionRequest:
                       "invalid_value" if has_messages else "missing_required_parameter")
     if has_messages:
         request.messages = _messages(body)
+        _tools(body, request)
     else:
         request.prompt = typed_field(body, "prompt", str)
+        for name in ("tools", "tool_choice"):
+            if body.get(name) is not None:
+                raise invalid(name, f"'{name}' needs 'messages': a raw 'prompt' has no chat template to show tools.")
     _common(body, request)
     logprobs = typed_field(body, "logprobs", bool, False)
     top = typed_field(body, "top_logprobs", int)
@@ -260,6 +352,8 @@ def parse_chat(body: Any) -> CompletionRequest:
         if not logprobs:
             raise invalid("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
         check_range("top_logprobs", top, 0, MAX_TOP_LOGPROBS)
+    if logprobs and request.tools and request.tool_choice != "none":
+        raise invalid("logprobs", "'logprobs' together with 'tools' is not supported.", "unsupported_parameter")
     request.params.logprobs = logprobs
     request.params.top_logprobs = top or 0
     return request

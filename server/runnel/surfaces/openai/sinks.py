@@ -21,6 +21,7 @@ import orjson
 
 from ...errors import HTTPError
 from ...generation import SamplingParams, TokenLogprob, TokenSink
+from ...tools import ToolCallParser, ToolUse
 
 if TYPE_CHECKING:
     from ...http import ResponseStream
@@ -232,6 +233,111 @@ class CompletionStream(_StreamSink):
     def finish(self, index: int, reason: str) -> None:
         self.stream.send(b'%b{"index":%d,"text":"","logprobs":null,"finish_reason":"%b"}%b'
                          % (self._prefix, index, reason.encode(), self._suffix))
+
+
+class ToolEventsOf:
+    """One choice's runnel.tools.ToolEvents: the parser's events, sent to ``sink`` with the
+    choice's index (a sink of a request with tools has ``tool_text``, ``tool_call`` and
+    ``tool_arguments``)."""
+
+    __slots__ = ("sink", "index")
+
+    def __init__(self, sink: Any, index: int) -> None:
+        self.sink = sink
+        self.index = index
+
+    def on_text(self, text: str) -> None:
+        self.sink.tool_text(self.index, text)
+
+    def on_tool_call(self, call: int, call_id: str, name: str) -> None:
+        self.sink.tool_call(self.index, call, call_id, name)
+
+    def on_tool_arguments(self, call: int, piece: str) -> None:
+        self.sink.tool_arguments(self.index, call, piece)
+
+
+def tool_parsers(sink: Any, tool_use: ToolUse, choices: int, **kwargs: Any) -> list[ToolCallParser]:
+    """One parser per choice of ``sink``, its events sent to the sink with the choice's index."""
+    return [tool_use.parser(ToolEventsOf(sink, index), **kwargs) for index in range(choices)]
+
+
+class ToolParsing:
+    """For the sinks of a request with tools: each choice's text goes through its own parser
+    (``parsers``: ``tool_parsers(sink, ...)``), which sends content and calls on; a reply that
+    claims a call it does not make fails the request. Once failed, later pushes are dropped.
+    A mixin: the sink class declares the ``parsers`` slot."""
+
+    __slots__ = ()
+    parsers: list[ToolCallParser]
+    done: asyncio.Future[None]
+
+    def on_tokens(self, index: int, text: str, token_ids: Sequence[int],
+                  logprobs: Sequence[TokenLogprob] | None) -> None:
+        if self.done.done():
+            return
+        try:
+            self.parsers[index].feed(text)
+        except HTTPError as error:
+            self.on_error(error)  # type: ignore[attr-defined]
+
+    def on_finish(self, index: int, reason: str, completion_tokens: int) -> None:
+        if self.done.done():
+            return
+        parser = self.parsers[index]
+        try:
+            parser.finish(reason)
+        except HTTPError as error:
+            self.on_error(error)  # type: ignore[attr-defined]
+            return
+        if parser.calls and reason == "stop":
+            reason = "tool_calls"
+        super().on_finish(index, reason, completion_tokens)  # type: ignore[misc]
+
+
+class ToolCollector(ToolParsing, Collector):
+    """Not streamed, with tools: content and calls per choice."""
+
+    __slots__ = ("parsers",)
+
+    def __init__(self, choices: int, usage: Usage, tool_use: ToolUse) -> None:
+        super().__init__(choices, usage)
+        self.parsers = tool_parsers(self, tool_use, choices)
+
+    def tool_text(self, index: int, text: str) -> None:
+        self.texts[index].append(text)
+
+    def tool_call(self, index: int, call: int, call_id: str, name: str) -> None:
+        pass  # the parser keeps the calls
+
+    def tool_arguments(self, index: int, call: int, piece: str) -> None:
+        pass
+
+
+class ToolChatStream(ToolParsing, ChatStream):
+    """Streamed, with tools: content deltas as ChatStream's, and calls as OpenAI streams
+    them: ``delta.tool_calls[i]`` with its index, id, type and name once, then the pieces of
+    ``function.arguments``."""
+
+    __slots__ = ("parsers",)
+
+    def __init__(self, *, tool_use: ToolUse, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.parsers = tool_parsers(self, tool_use, self.remaining)
+
+    def tool_text(self, index: int, text: str) -> None:
+        ChatStream.on_tokens(self, index, text, (), None)
+
+    def tool_call(self, index: int, call: int, call_id: str, name: str) -> None:
+        delta = b'{"tool_calls":[{"index":%d,"id":%b,"type":"function","function":{"name":%b,"arguments":""}}]}' % (
+            call, orjson.dumps(call_id), orjson.dumps(name))
+        self._delta(index, delta)
+
+    def tool_arguments(self, index: int, call: int, piece: str) -> None:
+        self._delta(index, b'{"tool_calls":[{"index":%d,"function":{"arguments":%b}}]}' % (call, orjson.dumps(piece)))
+
+    def _delta(self, index: int, delta: bytes) -> None:
+        self.stream.send(b'%b{"index":%d,"delta":%b,"logprobs":null,"finish_reason":null}%b'
+                         % (self._prefix, index, delta, self._suffix))
 
 
 class IndexShift:

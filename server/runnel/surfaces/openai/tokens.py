@@ -6,7 +6,7 @@ Detokenizing needs the app's optional ``decode`` (runnel.generation.ModelApp).""
 from __future__ import annotations
 
 from ...http import json_response
-from .api import OpenAIAPI, detokenizer, off_loop
+from .api import OpenAIAPI, chat_prompt_tokens, detokenizer, off_loop
 from .params import _messages, check_prompt_size, check_token_ids, invalid
 
 TOKENIZE_FIELDS = frozenset({"model", "prompt", "messages"})
@@ -25,16 +25,13 @@ class TokenEndpoints:
             raise invalid("prompt", "Exactly one of 'prompt' and 'messages' is required.",
                           "invalid_value" if has_messages else "missing_required_parameter")
         if has_messages:
-            messages = _messages(body)
-            chars = sum(len(message["content"]) for message in messages)
-            check_prompt_size("messages", chars, app.context_length)
-            prompt = await off_loop(chars, app.chat_prompt, messages)
+            tokens = await chat_prompt_tokens(app, _messages(body))
         else:
             prompt = body["prompt"]
             if type(prompt) is not str:
                 raise invalid("prompt", "Invalid type for 'prompt': expected a string.", "invalid_type")
-        check_prompt_size("messages" if has_messages else "prompt", len(prompt), app.context_length)
-        tokens = await off_loop(len(prompt), app.tokenize, prompt)
+            check_prompt_size("prompt", len(prompt), app.context_length)
+            tokens = await off_loop(len(prompt), app.tokenize, prompt)
         return json_response({"count": len(tokens), "max_model_len": app.context_length, "tokens": tokens})
 
     async def detokenize(self, request):
