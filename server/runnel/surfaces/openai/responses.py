@@ -25,12 +25,12 @@ from ...generation import SamplingParams
 from ...http import Response, json_response
 from ...http.response import JSON
 from ...runs import CANCELLED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Run, RunView
-from .api import NO_CACHE, OpenAIAPI, is_model_app, off_loop
+from ...tools import ToolUse, function_tool
+from .api import NO_CACHE, OpenAIAPI, chat_prompt_tokens, is_model_app
 from .params import (
     MIN_TEMPERATURE,
     MIN_TOP_P,
     CompletionRequest,
-    check_prompt_size,
     check_range,
     fit_to_model,
     invalid,
@@ -62,7 +62,7 @@ class ResponseRequest:
     """A validated ``POST /v1/responses``: the response's skeleton, the conversation, the sampling."""
 
     __slots__ = ("model", "items", "instructions", "params", "max_tokens_given", "stream", "store", "background",
-                 "previous_response_id")
+                 "previous_response_id", "tools", "tools_shown", "tool_choice", "tool_choice_shown", "parallel")
 
     def __init__(self, body: dict) -> None:
         for name in _UNSUPPORTED:
@@ -72,11 +72,9 @@ class ResponseRequest:
                     raise _unsupported("text.format" if text.get("format") not in (None, {"type": "text"})
                                        else "text.verbosity")
                 raise _unsupported(name)
-        tools = body.get("tools")
-        if tools not in (None, []):  # function tools: once the tool layer serves them
-            raise _unsupported("tools")
-        if body.get("tool_choice") not in (None, "none", "auto"):
-            raise _unsupported("tool_choice")
+        self.tools, self.tools_shown = _tools(body)
+        self.tool_choice, self.tool_choice_shown = _tool_choice(body)
+        self.parallel = typed_field(body, "parallel_tool_calls", bool, True)
         self.model = typed_field(body, "model", str)
         if body.get("input") is None:
             raise invalid("input", "Missing required parameter: 'input'.", "missing_required_parameter")
@@ -114,13 +112,43 @@ class ResponseRequest:
         return CompletionRequest(model=self.model, params=self.params, max_tokens_given=self.max_tokens_given)
 
 
-async def prompt_tokens(app, messages: list[dict], *, param: str = "input") -> list[int]:
-    """The conversation through the app's chat template, tokenized (as the chat surface does)."""
-    chars = sum(len(message["content"]) for message in messages)
-    check_prompt_size(param, chars, app.context_length)
-    prompt = await off_loop(chars, app.chat_prompt, messages)
-    check_prompt_size(param, len(prompt), app.context_length)
-    return await off_loop(len(prompt), app.tokenize, prompt)
+def _tools(body: dict) -> tuple[list[dict], list[dict]]:
+    """Function tools, in runnel.tools' terms and as the response shows them; a built-in
+    tool (web_search, file_search, ...) is a 400 naming it."""
+    tools = body.get("tools")
+    if tools is None:
+        return [], []
+    if type(tools) is not list:
+        raise invalid("tools", "Invalid type for 'tools': expected an array.", "invalid_type")
+    internal, shown = [], []
+    for index, tool in enumerate(tools):
+        param = f"tools[{index}]"
+        kind = tool.get("type") if type(tool) is dict else None
+        if kind != "function":
+            raise invalid(param, f"Tool type {kind!r} is not supported by this server: only function tools are.",
+                          "unsupported_parameter")
+        strict = typed_field(tool, "strict", bool)  # honoured as far as runnel.tools checks a call
+        internal.append(function_tool(tool.get("name"), tool.get("description"), tool.get("parameters"), param))
+        shown.append({"type": "function", "name": tool["name"], "description": tool.get("description"),
+                      "parameters": tool.get("parameters"), "strict": strict})
+    return internal, shown
+
+
+def _tool_choice(body: dict) -> tuple[str | None, str | dict]:
+    """``tool_choice`` in runnel.tools' terms ("none", "auto", "required" or a function's name;
+    None: not given), and as the response shows it."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        return None, "auto"
+    if choice in ("none", "auto", "required"):
+        return choice, choice
+    if type(choice) is dict and choice.get("type") == "function":
+        if type(choice.get("name")) is not str:
+            raise invalid("tool_choice.name", "Missing required parameter: 'tool_choice.name'.",
+                          "missing_required_parameter")
+        return choice["name"], {"type": "function", "name": choice["name"]}
+    raise invalid("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', "
+                  "'name': ...}: other tool choices are not supported by this server.", "unsupported_parameter")
 
 
 def fit(app, request: CompletionRequest, tokens: list[int]) -> None:
@@ -137,10 +165,11 @@ def fit(app, request: CompletionRequest, tokens: list[int]) -> None:
         raise
 
 
-async def generate(app, tokens: list[int], params: SamplingParams, response: dict[str, Any]) -> dict[str, Any]:
+async def generate(app, tokens: list[int], params: SamplingParams, response: dict[str, Any],
+                   tool_use: ToolUse | None) -> dict[str, Any]:
     """One response, not streamed: ``response`` finished, with its output."""
-    output = ResponseOutput(Usage(len(tokens)), response)
-    await run_generations(app, [tokens], params, 1, output)
+    output = ResponseOutput(Usage(len(tokens)), response, tool_use)
+    await run_generations(app, [tokens], params, 1, output, lambda: output.open(None))
     return output.response
 
 
@@ -152,13 +181,18 @@ class ResponseRuns(RunView):
     # opened (no file locked) until a response is stored or read.
     opens_lazily = True
 
+    def __init__(self, openai: OpenAIAPI) -> None:
+        self.openai = openai
+
     def takes(self, app) -> bool:
         return is_model_app(app)
 
     async def call(self, app, run: Run) -> dict[str, Any]:
         data = run.input
-        tokens = await prompt_tokens(app, chat_messages(data["response"]["instructions"], data["items"]))
-        return await generate(app, tokens, SamplingParams(**data["params"]), data["response"])
+        tool_use = self.openai.tool_use(app, data["tools"], data["tool_choice"], data["parallel"])
+        messages = chat_messages(data["response"]["instructions"], data["items"])
+        tokens = await chat_prompt_tokens(app, messages, param="input", tool_use=tool_use)
+        return await generate(app, tokens, SamplingParams(**data["params"]), data["response"], tool_use)
 
     def render(self, run: Run) -> dict[str, Any]:
         if run.state == SUCCEEDED and run.output is not None:
@@ -179,7 +213,7 @@ class ResponsesAPI:
     def __init__(self, server) -> None:
         self.openai = OpenAIAPI.of(server)
         self.runs = server.runs
-        self.view = ResponseRuns()
+        self.view = ResponseRuns(self.openai)
         self.runs.add_view(self.view)
 
     async def _find(self, request, response_id: str, param: str | None = None) -> Run:
@@ -204,7 +238,9 @@ class ResponsesAPI:
                 raise invalid("previous_response_id", f"Previous response with id '{previous.id}' is "
                               f"{self.view.render(previous)['status']}: only a finished one can be continued.")
             items = previous.input["items"] + output_as_input(previous.output["output"]) + items
-        tokens = await prompt_tokens(app, chat_messages(parsed.instructions, items))
+        tool_use = self.openai.tool_use(app, parsed.tools, parsed.tool_choice, parsed.parallel)
+        tokens = await chat_prompt_tokens(app, chat_messages(parsed.instructions, items), param="input",
+                                          tool_use=tool_use)
         fit(app, completion, tokens)
         params = parsed.params
         response = {
@@ -212,21 +248,22 @@ class ResponsesAPI:
             "status": "queued" if parsed.background else "in_progress", "background": parsed.background,
             "completed_at": None, "error": None, "incomplete_details": None, "instructions": parsed.instructions,
             "max_output_tokens": params.max_tokens if parsed.max_tokens_given else None, "model": app.model_id,
-            "output": [], "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "output": [], "parallel_tool_calls": parsed.parallel,
             "previous_response_id": parsed.previous_response_id, "reasoning": {"effort": None, "summary": None},
             "store": parsed.store, "temperature": params.temperature, "text": {"format": {"type": "text"}},
-            "tool_choice": body.get("tool_choice") or "auto", "tools": [], "top_p": params.top_p,
+            "tool_choice": parsed.tool_choice_shown, "tools": parsed.tools_shown, "top_p": params.top_p,
             "truncation": "disabled", "usage": None, "user": body.get("user"), "metadata": body.get("metadata") or {},
         }
         name = self.openai.by_model[app.model_id]
-        data = {"response": response, "items": items,
+        data = {"response": response, "items": items, "tools": parsed.tools, "tool_choice": parsed.tool_choice,
+                "parallel": parsed.parallel,
                 "params": {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p}}
         principal = request.principal.identity
         if parsed.background:
             run = await self.runs.submit(SURFACE, name, "respond", data, principal=principal, run_id=response["id"])
             return json_response(self.view.render(run))
         if parsed.stream:
-            sink = ResponseOutput(Usage(len(tokens)), response)
+            sink = ResponseOutput(Usage(len(tokens)), response, tool_use)
             opened = lambda: sink.open(request.stream(serializer=EVENTS, headers=NO_CACHE))  # noqa: E731
             try:
                 await run_generations(app, [tokens], params, 1, sink, opened)
@@ -240,7 +277,7 @@ class ResponsesAPI:
                 await self._record(name, data, sink.response, principal)
             sink.stream.end()
             return None
-        result = await generate(app, tokens, params, response)
+        result = await generate(app, tokens, params, response, tool_use)
         if parsed.store:
             await self._record(name, data, result, principal)
         return Response(200, orjson.dumps(result), media_type=JSON)

@@ -21,6 +21,7 @@ import orjson
 from ...errors import HTTPError
 from ...generation import TokenLogprob
 from ...serializers import TypedEvents
+from ...tools import ToolCallParser, ToolUse
 from .responses_items import message_item, text_part
 from .sinks import SinkBase, Usage
 
@@ -52,12 +53,15 @@ EVENTS = ResponseEvents()
 class ResponseOutput(SinkBase):
     """One response's output items; sent as events too once ``open`` gives it a stream."""
 
-    __slots__ = ("stream", "response", "sequence", "output", "item", "pieces", "started", "feed", "_delta")
+    __slots__ = ("stream", "response", "tool_use", "parser", "sequence", "output", "item", "pieces", "started",
+                 "feed", "_delta")
 
-    def __init__(self, usage: Usage, response: dict[str, Any]) -> None:
+    def __init__(self, usage: Usage, response: dict[str, Any], tool_use: ToolUse | None = None) -> None:
         super().__init__(1, usage)
         self.stream: Any = None  # set by open(): None, not streamed
         self.response = response  # the skeleton; finished by finish()
+        self.tool_use = tool_use
+        self.parser: ToolCallParser | None = None  # made by open(): a forced call's prefill makes events
         self.sequence = 0
         self.output: list[dict] = []  # the items closed so far
         self.item: dict | None = None  # the item being generated (its text or arguments in pieces)
@@ -74,16 +78,34 @@ class ResponseOutput(SinkBase):
             self.sequence += 1
 
     def open(self, stream) -> None:
-        """Start the stream (once every generation is admitted: a refusal is still a status)."""
+        """Start: the stream (None: not streamed), once every generation is admitted (so a
+        refusal is still a status), then the tool-call parser, fed its prefill."""
         self.stream = stream
         self.send({"type": "response.created", "response": self.response})
         self.send({"type": "response.in_progress", "response": self.response})
+        if self.tool_use is not None:
+            self.parser = self.tool_use.parser(self)
+            self.feed = self.parser.feed
 
     # -- what the model says ----------------------------------------------------------
     def on_tokens(self, index: int, text: str, token_ids: Sequence[int],
                   logprobs: Sequence[TokenLogprob] | None) -> None:
-        if text:
-            self.feed(text)
+        if text and not self.done.done():  # failed (a call that does not parse): the rest is dropped
+            try:
+                self.feed(text)
+            except HTTPError as error:
+                self.on_error(error)
+
+    def on_finish(self, index: int, reason: str, completion_tokens: int) -> None:
+        if self.done.done():
+            return
+        if self.parser is not None:
+            try:
+                self.parser.finish(reason)
+            except HTTPError as error:
+                self.on_error(error)
+                return
+        super().on_finish(index, reason, completion_tokens)
 
     def on_text(self, text: str) -> None:
         if not self.started:  # as the chat surface: leading whitespace is the template's framing
