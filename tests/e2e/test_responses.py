@@ -72,8 +72,9 @@ def test_a_streamed_response_sends_the_typed_events_in_order_and_its_deltas_join
     events = list(client(server).responses.create(model="tiny", input="How are you today?", temperature=0,
                                                   stream=True))
     types = [event.type for event in events]
+    # One delta a push: a token each, or a few when they come faster than they are written.
     deltas = [event for event in events if event.type == "response.output_text.delta"]
-    assert len(deltas) >= 2
+    assert deltas
     assert types == TEXT_EVENTS + ["response.output_text.delta"] * len(deltas) + DONE_EVENTS + ["response.completed"]
     assert [event.sequence_number for event in events] == list(range(len(events)))
     text = "".join(delta.delta for delta in deltas)
