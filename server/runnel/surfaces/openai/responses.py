@@ -9,7 +9,9 @@ finished once generated; a background one is submitted queued, executed by the
 Runner (``ResponseRuns.call``), and read back, cancelled or deleted by id. Either way
 it survives a restart and is kept ``[server] runs_retention`` seconds, for its caller
 (principal) only; ``previous_response_id`` continues one: its input and output items
-come before the new input (its ``instructions`` do not).
+come before the new input (its ``instructions`` do not). Function tools go through
+``runnel.tools`` as the chat surface's do (``OpenAIAPI.tool_use``, ``chat_prompt_tokens``);
+the calls come back as ``function_call`` output items (``responses_output``).
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ from .sinks import Usage, run_generations
 
 SURFACE = "responses"
 _SERVED = frozenset(("model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream",
-                     "store", "background", "previous_response_id", "tools", "tool_choice"))
+                     "store", "background", "previous_response_id", "tools", "tool_choice", "parallel_tool_calls"))
 # OpenAI's bookkeeping: accepted, echoed where the response has them, change nothing.
-_NO_OPS = frozenset(("metadata", "user", "parallel_tool_calls", "service_tier", "safety_identifier",
+_NO_OPS = frozenset(("metadata", "user", "service_tier", "safety_identifier",
                      "prompt_cache_key", "prompt_cache_retention", "stream_options"))
 # Known to the openai SDK, not served: a 400 naming them unless they hold their "off" value.
 _UNSUPPORTED = ("include", "reasoning", "text", "truncation", "top_logprobs", "max_tool_calls", "prompt",
