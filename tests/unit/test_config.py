@@ -321,6 +321,17 @@ def test_app_options_exclude_backend(tmp_path):
     assert app.options == {"pace_ms": 5, "nested": {"a": 1}}
 
 
+def test_tool_parser_is_a_core_app_key_checked_against_the_formats(tmp_path):
+    path = write(tmp_path, '[apps.e]\nbackend = "echo"\ntool_parser = "llama3_json"\npace_ms = 5\n')
+    app = load_config(path).apps["e"]
+    assert app.tool_parser == "llama3_json" and app.options == {"pace_ms": 5}  # not the backend's to refuse
+    assert load_config(write(tmp_path, '[apps.e]\nbackend = "echo"\n')).apps["e"].tool_parser is None
+    error = raises_config_error(config_from_dict, {"apps": {"e": {"backend": "echo", "tool_parser": "hermez"}}})
+    assert error.key == "apps.e.tool_parser" and "hermes" in error.message
+    error = raises_config_error(config_from_dict, {"apps": {"e": {"backend": "echo", "tool_parser": 1}}})
+    assert error.key == "apps.e.tool_parser"
+
+
 def test_missing_backend(tmp_path):
     path = write(tmp_path, "[apps.echo]\npace_ms = 20\n")
     error = raises_config_error(load_config, path)

@@ -94,6 +94,9 @@ class ToolCallParser:
     # -- input --------------------------------------------------------------------------
     def feed(self, text: str) -> None:
         """Raises the HTTPError of ``invalid_tool_call`` when the text cannot be a call."""
+        if self._state == TEXT and not self._buffer and self._spoken and self._format.opening[0] not in text:
+            self._content(text)  # the common push: content that cannot hold an opening, straight on
+            return
         if self._state == DONE or not text:
             return
         self._buffer += text
@@ -300,19 +303,29 @@ class ToolCallParser:
             text = text.lstrip()
             if not text:
                 return
-        text = self._held_space + text
-        body = text.rstrip()
-        self._held_space = text[len(body):]
-        if body:
-            self._spoken = True
-            self._events.on_text(body)
+        if self._held_space:
+            text = self._held_space + text
+        if text[-1].isspace():
+            body = text.rstrip()
+            self._held_space = text[len(body):]
+            if not body:
+                return
+        else:
+            body = text
+            self._held_space = ""
+        self._spoken = True
+        self._events.on_text(body)
 
 
 def _partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest end of ``text`` that is a proper start of ``marker``."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
+    """The length of the longest end of ``text`` that is a proper start of ``marker``: only
+    the places that hold the marker's first character are tried."""
+    first = marker[0]
+    at = text.find(first, max(0, len(text) - len(marker) + 1))
+    while at != -1:
+        if marker.startswith(text[at:]):
+            return len(text) - at
+        at = text.find(first, at + 1)
     return 0
 
 

@@ -171,6 +171,10 @@ class _StreamSink(SinkBase):
             self.stream.send(orjson.dumps({**self.head, "choices": [], "usage": self.usage.to_dict()}))
 
 
+# A chat chunk carrying content: (prefix, index, the text as JSON, logprobs, suffix).
+_CONTENT_CHUNK = b'%b{"index":%d,"delta":{"content":%b},"logprobs":%b,"finish_reason":null}%b'
+
+
 class ChatStream(_StreamSink):
     __slots__ = ("role", "logprobs", "started")
 
@@ -197,8 +201,7 @@ class ChatStream(_StreamSink):
         if not text and not logprobs:
             return
         lp = orjson.dumps(chat_logprobs(logprobs)) if self.logprobs and logprobs else b"null"
-        self.stream.send(b'%b{"index":%d,"delta":{"content":%b},"logprobs":%b,"finish_reason":null}%b'
-                         % (self._prefix, index, orjson.dumps(text), lp, self._suffix))
+        self.stream.send(_CONTENT_CHUNK % (self._prefix, index, orjson.dumps(text), lp, self._suffix))
 
     def finish(self, index: int, reason: str) -> None:
         self.stream.send(b'%b{"index":%d,"delta":{},"logprobs":null,"finish_reason":"%b"}%b'
@@ -325,7 +328,8 @@ class ToolChatStream(ToolParsing, ChatStream):
         self.parsers = tool_parsers(self, tool_use, self.remaining)
 
     def tool_text(self, index: int, text: str) -> None:
-        ChatStream.on_tokens(self, index, text, (), None)
+        # The parser has dropped the reply's leading whitespace: no `started` to keep here.
+        self.stream.send(_CONTENT_CHUNK % (self._prefix, index, orjson.dumps(text), b"null", self._suffix))
 
     def tool_call(self, index: int, call: int, call_id: str, name: str) -> None:
         delta = b'{"tool_calls":[{"index":%d,"id":%b,"type":"function","function":{"name":%b,"arguments":""}}]}' % (
