@@ -35,8 +35,20 @@ def server():
     thread.stop()
 
 
-def client(server: ServerThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+_clients: list[openai.OpenAI] = []  # closed after each test (a client left to the GC warns)
+
+
+@pytest.fixture(autouse=True)
+def _close_clients():
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
+def client(server: ServerThread, api_key: str = "unused") -> openai.OpenAI:
+    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=api_key, max_retries=0)
+    _clients.append(sdk)
+    return sdk
 
 
 def post(server: ServerThread, path: str, body: dict):
@@ -253,8 +265,7 @@ def test_a_response_is_its_callers_only(start_server):
     keys = ["caller-key-0001", "caller-key-0002"]
     other = start_server({"server": {"runs_path": ""}, "auth": {"kind": "api_key", "keys": keys},
                           "apps": {"echo": {"backend": "echo"}}})
-    mine = openai.OpenAI(base_url=other.url + "/v1", api_key=keys[0], max_retries=0)
-    theirs = openai.OpenAI(base_url=other.url + "/v1", api_key=keys[1], max_retries=0)
+    mine, theirs = client(other, keys[0]), client(other, keys[1])
     reply = mine.responses.create(model="echo", input="hello there")
     assert mine.responses.retrieve(reply.id).id == reply.id
     for call in (theirs.responses.retrieve, theirs.responses.delete, theirs.responses.cancel):
