@@ -55,7 +55,7 @@ class AnthropicAPI:
     async def messages(self, request) -> Response | None:
         parsed, stream = parse_messages(await request.json())
         app = self.openai.app_by_model(parsed.model)
-        OpenAIAPI._check_supported(app, parsed)
+        OpenAIAPI.check_supported(app, parsed)
         assert parsed.messages is not None  # parse_messages makes them
         tool_use = self._tool_use(app, parsed)
         tokens = await chat_prompt_tokens(app, parsed.messages, tool_use=tool_use)

@@ -226,7 +226,7 @@ class OpenAIAPI:
         parsed = parse_chat(await self.body(request, CHAT_FIELDS, extra))
         if app is None:
             app = self.app_by_model(parsed.model)
-        self._check_supported(app, parsed)
+        self.check_supported(app, parsed)
         tool_use = None
         if parsed.messages is not None:
             tool_use = self.tool_use(app, parsed.tools, parsed.tool_choice, parsed.parallel_tool_calls)
@@ -243,7 +243,7 @@ class OpenAIAPI:
         parsed = parse_completion(await self.body(request, COMPLETION_FIELDS, extra))
         if app is None:
             app = self.app_by_model(parsed.model)
-        self._check_supported(app, parsed)
+        self.check_supported(app, parsed)
         if parsed.prompt_ids is not None:
             prompts = parsed.prompt_ids
             check_token_ids("prompt", prompts, app)
@@ -257,7 +257,7 @@ class OpenAIAPI:
         return await self._complete(request, app, parsed, prompts, chat=False, reply=reply)
 
     @staticmethod
-    def _check_supported(app, parsed: CompletionRequest) -> None:
+    def check_supported(app, parsed: CompletionRequest) -> None:
         name = unsupported(parsed.params, app.supported)
         if name is not None:
             raise invalid(name, f"'{name}' is not supported by the backend of model `{app.model_id}`.",

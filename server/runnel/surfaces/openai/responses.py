@@ -232,7 +232,7 @@ class ResponsesAPI:
         parsed = ResponseRequest(body)
         app = self.openai.app_by_model(parsed.model)
         completion = parsed.completion()
-        OpenAIAPI._check_supported(app, completion)
+        OpenAIAPI.check_supported(app, completion)
         items = parsed.items
         if parsed.previous_response_id is not None:
             previous = await self._find(request, parsed.previous_response_id, "previous_response_id")
