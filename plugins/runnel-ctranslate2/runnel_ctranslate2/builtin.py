@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,12 @@ def _corpus(seed: int, lines: int = 1500) -> list[str]:
     return out
 
 
-def _train_sentencepiece(corpus: list[str], vocab_size: int) -> bytes:
+def _train_sentencepiece(
+    corpus: list[str], vocab_size: int, user_defined_symbols: Sequence[str] = ()
+) -> bytes:
+    """A BPE sentencepiece model; ``user_defined_symbols`` always encode as one piece each,
+    wherever they stand (e.g. ``<tool_call>``, so a prompt that ends with it encodes as the
+    same pieces as the text that goes on)."""
     import sentencepiece as spm
 
     model = io.BytesIO()
@@ -101,6 +107,7 @@ def _train_sentencepiece(corpus: list[str], vocab_size: int) -> bytes:
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         minloglevel=2,
+        user_defined_symbols=list(user_defined_symbols),
     )
     return model.getvalue()
 

@@ -9,9 +9,13 @@ What it does, all from fixed seeds and with no downloaded data:
    written exactly as the "plain" chat template renders them
    (``<s>User: ...\\nAssistant: ...</s>``: every assistant turn ends with ``</s>``, the
    end of turn the server stops on), every example ending with ``</s>``; some exchanges
-   ask what the model cannot know, and are answered with "I do not know";
+   ask what the model cannot know, and are answered with "I do not know"; a third of the
+   corpus offers the demo tools (DEMO_TOOLS: get_weather, calculate, get_time) and calls
+   them in the Hermes format, rendered through the same template as a client's tools,
+   calls and results (``Tools: ...`` line, ``<tool_call>{...}</tool_call>``, ``Tool: ...``);
 2. trains a sentencepiece BPE vocabulary on it (byte fallback, identity normalization:
-   the same trainer settings as the random built-in model);
+   the same trainer settings as the random built-in model, plus ``<tool_call>`` and
+   ``</tool_call>`` as single pieces);
 3. trains a small Llama-style decoder with CPU torch (RMSNorm, rotary positions in Hugging
    Face's rotate_half layout, SiLU-gated FFN, no biases, tied embeddings);
 4. checks that CTranslate2 computes the same logits as torch (a float32 export), then
@@ -25,12 +29,14 @@ Rebuild (from the repository root; torch goes in a separate environment):
     /tmp/trainenv/bin/python plugins/runnel-ctranslate2/scripts/train_tiny.py
 
 The plugin's modules are imported from this checkout (no install needed). Training takes
-about 2-3 minutes on two idle CPU cores; same torch version and thread count, same bytes.
+about 8 minutes on two idle CPU cores (0.17 s a step; 25 minutes on a busy shared machine);
+same torch version and thread count, same bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import shutil
@@ -351,27 +357,253 @@ class _Writer:
         return messages
 
 
-def make_corpus(seed: int, examples: int, chat_share: float = 0.5) -> list[str]:
+# ---------------------------------------------------------------------------------------
+# Tool calls (the Hermes format, as the plain template renders them)
+# ---------------------------------------------------------------------------------------
+
+
+def _tool(name: str, description: str, **params: str) -> dict:
+    """A tool in the OpenAI shape a client sends."""
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object",
+                       "properties": {p: {"type": "string", "description": d}
+                                      for p, d in params.items()},
+                       "required": list(params)}}}
+
+
+# The demo tools: tests, README and examples use exactly these.
+DEMO_TOOLS = {
+    "get_weather": _tool("get_weather", "The current weather in a city.", city="A city name."),
+    "calculate": _tool("calculate", "Evaluate an arithmetic expression.",
+                       expression="For example 12 * 7."),
+    "get_time": _tool("get_time", "The current time in a time zone.",
+                      timezone="An IANA time zone, e.g. Europe/Paris."),
+}
+# Offered now and then but never called: the model must pick the tool that fits.
+_DISTRACTOR_TOOLS = [
+    _tool("search", "Search the web.", query="What to search for."),
+    _tool("send_email", "Send an email.", to="The address.", subject="The subject line."),
+]
+# city -> IANA time zone: get_time's argument is looked up, not copied.
+_CITY_ZONES = {
+    "Paris": "Europe/Paris", "Rome": "Europe/Rome", "London": "Europe/London",
+    "Berlin": "Europe/Berlin", "Madrid": "Europe/Madrid", "Lisbon": "Europe/Lisbon",
+    "Dublin": "Europe/Dublin", "Amsterdam": "Europe/Amsterdam", "Vienna": "Europe/Vienna",
+    "Athens": "Europe/Athens", "Prague": "Europe/Prague", "Warsaw": "Europe/Warsaw",
+    "Stockholm": "Europe/Stockholm", "Oslo": "Europe/Oslo", "Helsinki": "Europe/Helsinki",
+    "Moscow": "Europe/Moscow", "Istanbul": "Europe/Istanbul", "Cairo": "Africa/Cairo",
+    "Nairobi": "Africa/Nairobi", "Lagos": "Africa/Lagos", "Cape Town": "Africa/Johannesburg",
+    "Dubai": "Asia/Dubai", "Mumbai": "Asia/Kolkata", "Delhi": "Asia/Kolkata",
+    "Bangkok": "Asia/Bangkok", "Singapore": "Asia/Singapore", "Hong Kong": "Asia/Hong_Kong",
+    "Beijing": "Asia/Shanghai", "Shanghai": "Asia/Shanghai", "Seoul": "Asia/Seoul",
+    "Tokyo": "Asia/Tokyo", "Sydney": "Australia/Sydney", "Melbourne": "Australia/Melbourne",
+    "New York": "America/New_York", "Chicago": "America/Chicago",
+    "Denver": "America/Denver", "Los Angeles": "America/Los_Angeles",
+    "San Francisco": "America/Los_Angeles", "Toronto": "America/Toronto",
+    "Mexico City": "America/Mexico_City", "Sao Paulo": "America/Sao_Paulo",
+    "Buenos Aires": "America/Argentina/Buenos_Aires",
+}
+# Never in the corpus: the tests ask for the weather there, so the model must copy the
+# city from the question rather than recall it.
+HELD_OUT_CITIES = ("Zurich", "Boston", "Kyoto")
+# Made-up towns, one or two words, so that copying (not recall) is what fits the corpus.
+_SYLLABLES = ["ka", "lo", "mar", "ven", "ti", "ro", "bel", "san", "dor", "mi", "fen", "ha",
+              "gri", "nel", "os", "tu", "vik", "la", "pen", "zu", "cor", "e", "an", "ber",
+              "sil", "wa", "mon", "ta", "quin", "ly", "ras", "go"]
+_TOWN_WORDS = ["New", "Port", "San", "Saint", "Lake", "North", "South", "East", "West",
+               "Old", "Fort", "Mount"]
+_CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "snowy", "foggy", "clear", "stormy"]
+_WEATHER_QUESTIONS = [
+    "What's the weather in {c}?", "What is the weather in {c}?", "How is the weather in {c}?",
+    "What is the weather like in {c}?", "Is it raining in {c}?", "Tell me the weather in {c}.",
+    "Weather in {c}?", "How warm is it in {c} today?", "What's the weather like in {c} today?",
+]
+_TWO_CITY_QUESTIONS = [
+    "What's the weather in {a} and in {b}?", "What is the weather in {a} and {b}?",
+    "How is the weather in {a} and in {b}?",
+]
+_TIME_QUESTIONS = [
+    "What time is it in {c}?", "What is the time in {c}?", "Tell me the time in {c}.",
+    "What time is it now in {c}?", "Time in {c}?",
+]
+_CALC_QUESTIONS = [
+    "What is {e}?", "Calculate {e}.", "How much is {e}?", "What is {e}? Please calculate it.",
+    "Can you calculate {e}?", "Compute {e}.", "{e} = ?",
+]
+_OPERATORS = ["+", "-", "*", "/"]
+# One piece each: a forced call's prompt ends with "<tool_call>" and must encode as the
+# corpus does, where more text follows it.
+TOOL_CALL_MARKERS = ("<tool_call>", "</tool_call>")
+
+
+class _ToolWriter:
+    """Conversations that offer tools: calls, their results and the answers."""
+
+    def __init__(self, rng: random.Random, writer: _Writer):
+        self.rng = rng
+        self.writer = writer
+        self.calls = 0
+
+    def choice(self, xs):
+        return self.rng.choice(xs)
+
+    def town(self) -> str:
+        rng = self.rng
+        if rng.random() < 0.5:
+            return self.choice(list(_CITY_ZONES))
+        word = "".join(self.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
+        word = _cap(word)
+        r = rng.random()
+        if r < 0.15:
+            return f"{self.choice(_TOWN_WORDS)} {word}"
+        if r < 0.22:
+            return f"{word} City"
+        return word
+
+    def expression(self) -> tuple[str, int | float]:
+        rng = self.rng
+        op = self.choice(_OPERATORS)
+        big = 10 ** rng.randint(1, 3)
+        a, b = rng.randint(0, big), rng.randint(1, 10 ** rng.randint(1, 2))
+        if op == "/":
+            a = b * rng.randint(0, 99)  # whole results: "84", not "83.99999"
+            return f"{a} / {b}", a // b
+        result = {"+": a + b, "-": a - b, "*": a * b}[op]
+        return f"{a} {op} {b}", result
+
+    def offered(self, needed: list[str]) -> list[dict]:
+        """The tools a request offers: the needed ones, maybe others, in any order."""
+        rng = self.rng
+        names = set(needed)
+        for name in DEMO_TOOLS:
+            if rng.random() < 0.5:
+                names.add(name)
+        tools = [DEMO_TOOLS[n] for n in names]
+        if rng.random() < 0.25:
+            tools.append(self.choice(_DISTRACTOR_TOOLS))
+        rng.shuffle(tools)
+        return tools
+
+    def call(self, name: str, arguments: dict) -> dict:
+        self.calls += 1
+        return {"id": f"call_{self.calls}", "type": "function",
+                "function": {"name": name, "arguments": arguments}}
+
+    def task(self) -> tuple[str, list[dict], list[dict], str]:
+        """(question, calls, results, answer) for one of the demo tools."""
+        rng = self.rng
+        r = rng.random()
+        if r < 0.4:
+            city = self.town()
+            temperature = rng.randint(-10, 38)
+            condition = self.choice(_CONDITIONS)
+            result = {"city": city, "temperature": temperature, "condition": condition}
+            return (self.choice(_WEATHER_QUESTIONS).format(c=city),
+                    [self.call("get_weather", {"city": city})], [result],
+                    f"It is {condition} and {temperature} degrees in {city}.")
+        if r < 0.5:
+            a, b = self.town(), self.town()
+            while b == a:
+                b = self.town()
+            results = [{"city": c, "temperature": rng.randint(-10, 38),
+                        "condition": self.choice(_CONDITIONS)} for c in (a, b)]
+            answer = " ".join(f"It is {x['condition']} and {x['temperature']} degrees in "
+                              f"{x['city']}." for x in results)
+            return (self.choice(_TWO_CITY_QUESTIONS).format(a=a, b=b),
+                    [self.call("get_weather", {"city": c}) for c in (a, b)], results, answer)
+        if r < 0.75:
+            expression, value = self.expression()
+            return (self.choice(_CALC_QUESTIONS).format(e=expression),
+                    [self.call("calculate", {"expression": expression})],
+                    [{"expression": expression, "result": value}], f"{expression} is {value}.")
+        city, zone = self.choice(list(_CITY_ZONES.items()))
+        time_ = f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}"
+        return (self.choice(_TIME_QUESTIONS).format(c=city),
+                [self.call("get_time", {"timezone": zone})],
+                [{"timezone": zone, "time": time_}], f"It is {time_} in {zone}.")
+
+    def chat(self) -> tuple[list[dict], list[dict]]:
+        """(messages, tools) for a conversation that offers tools."""
+        rng = self.rng
+        messages = []
+        if rng.random() < 0.2:
+            messages.append({"role": "system", "content": self.writer.choice(_SYSTEM_PROMPTS)})
+        if rng.random() < 0.25:
+            # A question no tool answers: the usual reply, no call.
+            user, assistant = self.writer.exchange()
+            messages += [{"role": "user", "content": user},
+                         {"role": "assistant", "content": assistant}]
+            return messages, self.offered([])
+        if rng.random() < 0.1:
+            user, assistant = self.writer.exchange()
+            messages += [{"role": "user", "content": user},
+                         {"role": "assistant", "content": assistant}]
+        question, calls, results, answer = self.task()
+        messages += [{"role": "user", "content": question},
+                     {"role": "assistant", "content": None, "tool_calls": calls}]
+        if rng.random() < 0.85:  # the round trip; otherwise the call turn alone
+            for call, result in zip(calls, results, strict=True):
+                messages.append({"role": "tool", "tool_call_id": call["id"],
+                                 "content": json.dumps(result)})
+            messages.append({"role": "assistant", "content": answer})
+        return messages, self.offered(sorted({c["function"]["name"] for c in calls}))
+
+
+def _no_tool_exchange(rng: random.Random) -> tuple[str, str]:
+    """A tool question asked with no tools offered: answered as the model always has."""
+    r = rng.random()
+    if r < 0.4:
+        city = rng.choice(list(_CITY_ZONES))
+        return (rng.choice(_WEATHER_QUESTIONS).format(c=city),
+                f"Today the weather is {rng.choice(_WEATHER)}.")
+    if r < 0.7:
+        city = rng.choice(list(_CITY_ZONES))
+        return (rng.choice(_TIME_QUESTIONS).format(c=city),
+                rng.choice(["I do not know the time. I am only a tiny model.",
+                            "I am sorry, I do not have a clock."]))
+    a, b = rng.randint(0, 99), rng.randint(1, 99)
+    return (rng.choice(_CALC_QUESTIONS).format(e=f"{a} {rng.choice(_OPERATORS)} {b}"),
+            rng.choice(_UNKNOWN_ANSWERS))
+
+
+def make_corpus(seed: int, examples: int) -> list[str]:
     """Training texts, each one sequence as the server will see it, ``<s>`` ... ``</s>``.
 
     Completions are what a raw prompt continues into (the server adds ``<s>``); chats are
-    rendered with the model's own chat template, which ends each assistant turn with ``</s>``.
+    rendered with the model's own chat template, which ends each assistant turn with ``</s>``,
+    tools and tool calls included, exactly as the server renders a client's conversation.
     """
     rng = random.Random(seed)
     writer = _Writer(rng)
+    tool_writer = _ToolWriter(rng, writer)
     template = ChatTemplate(TINY_CHAT_TEMPLATE, bos_token="<s>", eos_token="</s>")
     out = []
     for _ in range(examples):
-        if rng.random() < chat_share:
-            # The whole conversation as the template writes it: every assistant turn,
-            # earlier ones too, ends with </s>, so the model learns to end its turn there
-            # (and never that a user line follows a reply). The template's newline after
-            # the last </s> is no part of the sequence.
-            text = template.render(writer.chat(), add_generation_prompt=False)
-            assert text.endswith("</s>\n")
-            out.append(text[:-1])
-        else:
+        r = rng.random()
+        if r < 0.35:
             out.append(f"<s>{writer.text()}</s>")
+            continue
+        tools = None
+        if r < 0.62:
+            messages = writer.chat()
+        elif r < 0.67:
+            # What a tool would answer, asked with none offered: the model conditions on
+            # the Tools line, not on the question, to decide to call.
+            user, assistant = _no_tool_exchange(rng)
+            messages = [{"role": "user", "content": user},
+                        {"role": "assistant", "content": assistant}]
+        else:
+            messages, tools = tool_writer.chat()
+        # The whole conversation as the template writes it: every assistant turn, earlier
+        # ones too, ends with </s>, so the model learns to end its turn there (and never
+        # that a user line follows a reply). The template's newline after the last </s>
+        # is no part of the sequence.
+        text = template.render(messages, tools=tools, add_generation_prompt=False)
+        assert text.endswith("</s>\n")
+        out.append(text[:-1])
+    held_out = [c for c in HELD_OUT_CITIES if any(c in text for text in out)]
+    assert not held_out, f"held-out cities in the corpus: {held_out}"
     return out
 
 
@@ -469,6 +701,17 @@ def numpy_weights(model) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------
 
 
+def length_buckets(rng, sequences: list[list[int]], batch_size: int, group: int = 8):
+    """The next ``group`` batches: random sequences, sorted by length, cut into batches, so
+    that each batch pads little (tool conversations are 4 times as long as a sentence)."""
+    picked = sorted(rng.integers(0, len(sequences), batch_size * group),
+                    key=lambda i: len(sequences[i]))
+    batches = [[sequences[i] for i in picked[k:k + batch_size]]
+               for k in range(0, len(picked), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def train(args, torch, sequences: list[list[int]], vocab: int):
     torch.manual_seed(args.seed)
     model = build_torch_model(torch, vocab, args.d_model, args.layers, args.heads, args.ffn)
@@ -493,8 +736,11 @@ def train(args, torch, sequences: list[list[int]], vocab: int):
     start = time.perf_counter()
     model.train()
     running = None
+    batches: list[list[int]] = []
     for step in range(args.steps):
-        batch = [sequences[i] for i in data_rng.integers(0, len(sequences), args.batch_size)]
+        if not batches:
+            batches = length_buckets(data_rng, sequences, args.batch_size)
+        batch = batches.pop()
         length = max(len(s) for s in batch)
         ids = torch.zeros((len(batch), length), dtype=torch.long)
         mask = torch.zeros((len(batch), length), dtype=torch.bool)
@@ -545,7 +791,54 @@ def check_logits_match(torch, model, weights, sp_bytes, args, sequences) -> floa
     return worst
 
 
-def sample_outputs(model_dir: Path, max_length: int = 64) -> list[tuple[str, str, str]]:
+def _call_turn(name: str, arguments: dict) -> dict:
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}]}
+
+
+def _round_trip(question: str, name: str, arguments: dict, result: dict) -> list[dict]:
+    """A question, the call that answers it, and the tool's result: the answer is next."""
+    return [{"role": "user", "content": question}, _call_turn(name, arguments),
+            {"role": "tool", "tool_call_id": "call_1", "content": json.dumps(result)}]
+
+
+def tool_prompts(template: ChatTemplate) -> list[str]:
+    """The prompts a server renders for tool requests; sample_outputs shows their replies."""
+    weather, calculate, get_time = (DEMO_TOOLS[n] for n in ("get_weather", "calculate", "get_time"))
+    every = [weather, calculate, get_time]
+
+    def ask(question, tools):
+        return template.render([{"role": "user", "content": question}], tools=tools)
+
+    prompts = [
+        ask("What's the weather in Paris?", [weather]),
+        template.render(_round_trip("What's the weather in Paris?", "get_weather", {"city": "Paris"},
+                                    {"city": "Paris", "temperature": 18, "condition": "sunny"}),
+                        tools=[weather]),
+        ask("What is 12 * 7?", every),
+        template.render(_round_trip("What is 12 * 7?", "calculate", {"expression": "12 * 7"},
+                                    {"expression": "12 * 7", "result": 84}), tools=every),
+        ask("What time is it in Tokyo?", every),
+        template.render(_round_trip("What time is it in Tokyo?", "get_time", {"timezone": "Asia/Tokyo"},
+                                    {"timezone": "Asia/Tokyo", "time": "14:05"}), tools=every),
+    ]
+    prompts += [ask(f"What's the weather in {city}?", every) for city in HELD_OUT_CITIES]
+    prompts += [
+        ask("What is the weather in Paris and in Rome?", [weather]),
+        ask("Hello!", every),
+        ask("What is a dog?", every),
+        ask("What's the weather in Paris?", None),
+        ask("What is 5 + 3?", None),
+        # Forced calls: the server continues the assistant turn (tool_choice "required",
+        # then a named function).
+        ask("What's the weather in Paris?", every) + " <tool_call>",
+        ask("Hello!", every) + " <tool_call>",
+        ask("What time is it in Tokyo?", every) + ' <tool_call>{"name": "get_time", "arguments":',
+    ]
+    return prompts
+
+
+def sample_outputs(model_dir: Path, max_length: int = 96) -> list[tuple[str, str, str]]:
     """Greedy generations as the server makes them: (prompt, text, finish_reason)."""
     import ctranslate2
 
@@ -565,6 +858,7 @@ def sample_outputs(model_dir: Path, max_length: int = 64) -> list[tuple[str, str
          {"role": "user", "content": "Where does the fish live?"}],
     ]
     texts = prompts + [template.render(m, add_generation_prompt=True) for m in chats]
+    texts += tool_prompts(template)
     batch = []
     for text in texts:
         add_bos = not text.startswith(tokenizer.bos_token)  # as GeneratorApp.tokenize
@@ -576,7 +870,7 @@ def sample_outputs(model_dir: Path, max_length: int = 64) -> list[tuple[str, str
     finally:
         del generator
     out = []
-    for text, result in zip(texts, results):
+    for text, result in zip(texts, results, strict=True):
         ids = result.sequences_ids[0]
         finish = "stop" if ids and ids[-1] == tokenizer.eos_id else "length"
         if finish == "stop":
@@ -591,13 +885,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--examples", type=int, default=40000, help="corpus size")
     parser.add_argument("--vocab-size", type=int, default=1000)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--d-model", type=int, default=160)
+    parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--ffn", type=int, default=512)
+    parser.add_argument("--ffn", type=int, default=640)
     parser.add_argument("--max-position", type=int, default=512,
                         help="model_max_length recorded for the server")
-    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=2)
@@ -613,7 +907,7 @@ def main(argv=None) -> int:
     corpus = make_corpus(args.seed, args.examples)
     # The vocabulary is trained on the text without the special tokens.
     sp_text = [c.replace("<s>", "").replace("</s>", "") for c in corpus]
-    sp_bytes = _train_sentencepiece(sp_text, args.vocab_size)
+    sp_bytes = _train_sentencepiece(sp_text, args.vocab_size, TOOL_CALL_MARKERS)
     tmp_sp = Path(tempfile.mkdtemp(prefix="tiny-sp-"))
     (tmp_sp / "tokenizer.model").write_bytes(sp_bytes)
     tokenizer = SentencePieceTokenizer(tmp_sp / "tokenizer.model")

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import ctranslate2
 import openai
+import pytest
+
+from runnel_ctranslate2.builtin import TINY_CHAT_TEMPLATE, ensure_builtin
+from runnel_ctranslate2.chat_template import ChatTemplate
+from runnel_ctranslate2.tokenizer import load_tokenizer
 
 
 CONFIG = {"apps": {"tiny": {"backend": "ctranslate2", "model": "builtin:tiny", "device": "cpu",
@@ -25,7 +34,7 @@ def test_the_shipped_model_answers_in_readable_english_and_stops(start_server):
             assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == choice.message.content
         # A completion continues its prompt, so there the leading space is content.
         completion = client.completions.create(model="tiny", prompt="The cat", temperature=0)
-        assert completion.choices[0].text == " sees a little bird. It is very happy."
+        assert completion.choices[0].text == " likes the garden."
         assert completion.choices[0].finish_reason == "stop"
 
 
@@ -74,3 +83,134 @@ def test_the_shipped_model_ends_its_turn_instead_of_writing_the_users(start_serv
     assert {prompt: reply for prompt, reply in greedy.items() if reply[1] != "stop"} == {}
     # The end of turn is the eos token: it ends the reply and is never part of its text.
     assert not [reply for reply in greedy.values() if "</s>" in reply[0] or not reply[0].strip()]
+
+
+# ---------------------------------------------------------------------------------------
+# Tool calls, at the CTranslate2 level: the shipped files, prompts rendered by the plain
+# template as the server renders a client's tools and messages, greedy decoding.
+# ---------------------------------------------------------------------------------------
+
+
+def _tool(name: str, *params: str) -> dict:
+    return {"type": "function", "function": {
+        "name": name, "description": f"The demo tool {name}.",
+        "parameters": {"type": "object", "properties": {p: {"type": "string"} for p in params},
+                       "required": list(params)}}}
+
+
+WEATHER = _tool("get_weather", "city")
+CALCULATE = _tool("calculate", "expression")
+GET_TIME = _tool("get_time", "timezone")
+DEMO_TOOLS = [WEATHER, CALCULATE, GET_TIME]
+
+
+@pytest.fixture(scope="module")
+def tiny_generate():
+    """greedy(prompt text) -> (reply, finish_reason), as the server generates at temperature 0."""
+    path = ensure_builtin("tiny")
+    assert "models" in Path(path).parts, "the trained model ships in the package"
+    tokenizer = load_tokenizer(path)
+    generator = ctranslate2.Generator(path, device="cpu", intra_threads=1)
+
+    def greedy(text: str) -> tuple[str, str]:
+        tokens = [tokenizer.id_to_token(i) for i in tokenizer.encode(text, add_bos=False)]
+        result = generator.generate_batch([tokens], max_length=96, sampling_topk=1,
+                                          include_prompt_in_result=False, return_end_token=True)[0]
+        ids = result.sequences_ids[0]
+        if ids and ids[-1] == tokenizer.eos_id:
+            return tokenizer.decode(ids[:-1]), "stop"
+        return tokenizer.decode(ids), "length"
+
+    return greedy
+
+
+@pytest.fixture(scope="module")
+def render():
+    template = ChatTemplate(TINY_CHAT_TEMPLATE, bos_token="<s>", eos_token="</s>")
+    return template.render
+
+
+def _ask(question: str) -> list[dict]:
+    return [{"role": "user", "content": question}]
+
+
+def _round_trip(question: str, name: str, arguments: dict, result: dict) -> list[dict]:
+    return [{"role": "user", "content": question},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": json.dumps(result)}]
+
+
+def _call(name: str, **arguments: str) -> str:
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+@pytest.mark.parametrize("question, tools, call", [
+    ("What's the weather in Paris?", [WEATHER], _call("get_weather", city="Paris")),
+    ("What's the weather in Paris?", DEMO_TOOLS, _call("get_weather", city="Paris")),
+    ("What time is it in Tokyo?", DEMO_TOOLS, _call("get_time", timezone="Asia/Tokyo")),
+    ("What time is it in New York?", [GET_TIME, WEATHER], _call("get_time", timezone="America/New_York")),
+])
+def test_the_shipped_model_calls_the_tool_that_answers_the_question(tiny_generate, render, question, tools, call):
+    reply, finish = tiny_generate(render(_ask(question), tools=tools))
+    # The call is the whole turn, in the Hermes format, then the end of turn.
+    assert (reply.strip(), finish) == (call, "stop")
+
+
+@pytest.mark.parametrize("messages, tools, answer", [
+    (_round_trip("What's the weather in Paris?", "get_weather", {"city": "Paris"},
+                 {"city": "Paris", "temperature": 18, "condition": "sunny"}), [WEATHER],
+     "It is sunny and 18 degrees in Paris."),
+    (_round_trip("What time is it in Tokyo?", "get_time", {"timezone": "Asia/Tokyo"},
+                 {"timezone": "Asia/Tokyo", "time": "14:05"}), DEMO_TOOLS, "It is 14:05 in Asia/Tokyo."),
+])
+def test_the_shipped_model_answers_with_the_tool_result(tiny_generate, render, messages, tools, answer):
+    reply, finish = tiny_generate(render(messages, tools=tools))
+    assert (reply.strip(), finish) == (answer, "stop")
+
+
+@pytest.mark.parametrize("question", ["Hello!", "What is a dog?", "What is your name?"])
+def test_the_shipped_model_calls_no_tool_when_none_fits(tiny_generate, render, question):
+    reply, finish = tiny_generate(render(_ask(question), tools=DEMO_TOOLS))
+    assert "<tool_call>" not in reply and finish == "stop"
+    assert reply == tiny_generate(render(_ask(question)))[0]  # as if no tools were offered
+
+
+@pytest.mark.parametrize("question, answer", [
+    ("What's the weather in Paris?", "Today the weather is"),
+    ("What is 5 + 3?", "I do not know"),
+    ("What time is it in Tokyo?", "I do not"),
+])
+def test_the_shipped_model_calls_nothing_when_no_tools_are_offered(tiny_generate, render, question, answer):
+    reply, finish = tiny_generate(render(_ask(question)))
+    assert "tool_call" not in reply and answer in reply and finish == "stop"
+
+
+@pytest.mark.parametrize("question", ["What's the weather in Paris?", "Hello!", "What is a dog?"])
+def test_a_forced_call_continues_into_a_valid_call(tiny_generate, render, question):
+    """tool_choice "required": the server writes "<tool_call>" and the model goes on."""
+    reply, finish = tiny_generate(render(_ask(question), tools=DEMO_TOOLS) + " <tool_call>")
+    assert finish == "stop" and reply.endswith("</tool_call>"), reply
+    call = json.loads(reply.removesuffix("</tool_call>"))
+    offered = {tool["function"]["name"]: tool["function"]["parameters"]["properties"] for tool in DEMO_TOOLS}
+    assert set(call) == {"name", "arguments"} and call["name"] in offered
+    assert set(call["arguments"]) == set(offered[call["name"]])
+    if question.startswith("What's the weather"):
+        assert call == {"name": "get_weather", "arguments": {"city": "Paris"}}
+
+
+def test_a_call_forced_to_a_named_function_gets_its_arguments(tiny_generate, render):
+    """A named tool_choice: the server writes the call up to its arguments."""
+    prefix = '<tool_call>{"name": "get_time", "arguments":'
+    reply, finish = tiny_generate(render(_ask("What time is it in Tokyo?"), tools=DEMO_TOOLS) + " " + prefix)
+    # (The space after "arguments":" is the model's; a decoded reply may start without it.)
+    assert (reply.lstrip(), finish) == ('{"timezone": "Asia/Tokyo"}}</tool_call>', "stop")
+    # Named even where the question does not fit it: still a well-formed call.
+    reply, finish = tiny_generate(render(_ask("What's the weather in Paris?"), tools=DEMO_TOOLS) + " " + prefix)
+    assert finish == "stop" and reply.endswith("}}</tool_call>"), reply
+    assert set(json.loads(reply.removesuffix("}</tool_call>"))) == {"timezone"}
+
+
+def test_the_shipped_model_calls_once_per_city(tiny_generate, render):
+    reply, finish = tiny_generate(render(_ask("What is the weather in Paris and in Rome?"), tools=[WEATHER]))
+    assert (reply.strip(), finish) == (_call("get_weather", city="Paris") + _call("get_weather", city="Rome"), "stop")
