@@ -23,7 +23,7 @@ def get_weather(city: str) -> dict:  # stands in for a real weather service
 
 messages = [{"role": "user", "content": " ".join(sys.argv[1:]) or "What's the weather in Paris?"}]
 for _ in range(5):  # a model that keeps calling tools gets five turns
-    reply = client.chat.completions.create(model="tiny", messages=messages, tools=tools, temperature=0)
+    reply = client.chat.completions.create(model="tiny", messages=messages, tools=tools, temperature=0, max_tokens=64)
     message = reply.choices[0].message
     messages.append(message.model_dump(exclude_none=True))
     if not message.tool_calls:

@@ -156,8 +156,6 @@ def test_calls_and_their_results_reach_the_template_as_the_chat_surface_sends_th
     assert response.usage.input_tokens == chat.json()["usage"]["prompt_tokens"]
 
 
-@pytest.mark.xfail(strict=True, reason="builtin:tiny is not yet trained to call tools (issue 12); "
-                   "remove this mark once it is (strict: it fails the suite when it starts passing)")
 def test_the_built_in_model_calls_get_weather_and_answers_with_the_result(client):
     first = client.responses.create(model="tiny", input="What's the weather in Paris?", tools=[WEATHER],
                                     temperature=0)

@@ -49,13 +49,13 @@ def only_call(reply) -> tuple[str, dict]:
 
 def test_the_weather_question_is_a_get_weather_call(client):
     reply = client.chat.completions.create(model="tiny", messages=ask("What's the weather in Paris?"),
-                                           tools=[WEATHER, TIME], temperature=0)
+                                           tools=[WEATHER, TIME], temperature=0, max_tokens=64)
     assert only_call(reply) == ("get_weather", {"city": "Paris"})
 
 
 def test_streamed_the_call_joins_into_the_same_arguments(client):
     chunks = list(client.chat.completions.create(model="tiny", messages=ask("What's the weather in Paris?"),
-                                                 tools=[WEATHER], temperature=0, stream=True))
+                                                 tools=[WEATHER], temperature=0, stream=True, max_tokens=64))
     heads = [delta for chunk in chunks for delta in chunk.choices[0].delta.tool_calls or () if delta.id]
     pieces = [delta.function.arguments for chunk in chunks for delta in chunk.choices[0].delta.tool_calls or ()
               if not delta.id]
@@ -67,38 +67,43 @@ def test_streamed_the_call_joins_into_the_same_arguments(client):
 
 def test_the_tool_result_becomes_the_answer(client):
     first = client.chat.completions.create(model="tiny", messages=ask("What's the weather in Paris?"),
-                                           tools=[WEATHER], temperature=0)
+                                           tools=[WEATHER], temperature=0, max_tokens=64)
     call = first.choices[0].message.tool_calls[0]
     messages = [*ask("What's the weather in Paris?"), first.choices[0].message.model_dump(exclude_none=True),
                 {"role": "tool", "tool_call_id": call.id, "content": json.dumps(PARIS)}]
-    reply = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], temperature=0)
+    reply = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], temperature=0,
+                                           max_tokens=64)
     answer = reply.choices[0].message.content
     assert reply.choices[0].finish_reason == "stop" and not reply.choices[0].message.tool_calls
     assert "18" in answer and "Paris" in answer and "sunny" in answer
 
 
-def test_the_other_demo_tools_and_a_city_it_never_saw(client):
+def test_the_other_demo_tools(client):
+    """The tiny model picks the right tool; copying an expression it never saw is beyond it
+    (scripts/train_tiny.py: "12 * 7" may come out "11 * 7"), so only the shape is asserted."""
     tools = [WEATHER, TIME, CALCULATE]
     name, arguments = only_call(client.chat.completions.create(
-        model="tiny", messages=ask("What time is it in Tokyo?"), tools=tools, temperature=0))
+        model="tiny", messages=ask("What time is it in Tokyo?"), tools=tools, temperature=0, max_tokens=64))
     assert name == "get_time" and set(arguments) == {"timezone"}
     name, arguments = only_call(client.chat.completions.create(
-        model="tiny", messages=ask("What is 12 * 7?"), tools=tools, temperature=0))
+        model="tiny", messages=ask("What is 12 * 7?"), tools=tools, temperature=0, max_tokens=64))
     assert name == "calculate" and set(arguments) == {"expression"}
 
 
 def test_forced_calls(client):
     named = client.chat.completions.create(
-        model="tiny", messages=ask("What time is it in Tokyo?"), tools=[WEATHER, TIME], temperature=0,
+        model="tiny", messages=ask("What time is it in Tokyo?"), tools=[WEATHER, TIME], temperature=0, max_tokens=64,
         tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert only_call(named)[0] == "get_time"
     required = client.chat.completions.create(model="tiny", messages=ask("What's the weather in Rome?"),
-                                              tools=[WEATHER], temperature=0, tool_choice="required")
+                                              tools=[WEATHER], temperature=0, tool_choice="required",
+                                              max_tokens=64)
     assert only_call(required) == ("get_weather", {"city": "Rome"})
 
 
 def test_without_tools_the_model_just_answers(client):
-    reply = client.chat.completions.create(model="tiny", messages=ask("What's the weather in Paris?"), temperature=0)
+    reply = client.chat.completions.create(model="tiny", messages=ask("What's the weather in Paris?"), temperature=0,
+                                           max_tokens=64)
     assert reply.choices[0].message.tool_calls is None and reply.choices[0].message.content
     assert "<tool_call>" not in reply.choices[0].message.content
 
@@ -107,14 +112,17 @@ def test_anthropic_round_trip(tiny_server):
     tool = {"name": "get_weather", "description": "The weather in a city",
             "input_schema": WEATHER["function"]["parameters"]}
     with anthropic.Anthropic(base_url=tiny_server.url, api_key="x", max_retries=0, timeout=60) as api:
-        first = api.messages.create(model="tiny", max_tokens=64, temperature=0, tools=[tool],
+        first = api.messages.create(model="tiny", max_tokens=64, extra_body={"temperature": 0}, tools=[tool],
                                     messages=ask("What's the weather in Paris?"))
         assert first.stop_reason == "tool_use"
         use = next(block for block in first.content if block.type == "tool_use")
         assert (use.name, use.input) == ("get_weather", {"city": "Paris"})
-        second = api.messages.create(model="tiny", max_tokens=64, temperature=0, tools=[tool], messages=[
-            *ask("What's the weather in Paris?"), {"role": "assistant", "content": [block.model_dump() for block in first.content]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": json.dumps(PARIS)}]}])
+        history = [*ask("What's the weather in Paris?"),
+                   {"role": "assistant", "content": [block.model_dump() for block in first.content]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                 "content": json.dumps(PARIS)}]}]
+        second = api.messages.create(model="tiny", max_tokens=64, extra_body={"temperature": 0}, tools=[tool],
+                                     messages=history)
     assert second.stop_reason == "end_turn" and "18" in second.content[0].text
 
 
