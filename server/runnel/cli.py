@@ -13,6 +13,7 @@ import sys
 from .config import LOG_LEVELS, Config, ConfigError, ServerConfig, apply_environment, load_config, override_server
 from .plugins import describe_plugins, make_plugin_manager
 from .server import Server
+from .supervisor import report_listening, serve_workers, watch_supervisor, worker_slot
 
 logger = logging.getLogger("runnel")
 
@@ -47,15 +48,22 @@ def _load(path: str | None, args=None) -> Config:
     config = load_config(path) if path else Config()
     config = apply_environment(config, os.environ)
     if args is not None:
-        config = override_server(config, host=args.host, port=args.port, log_level=args.log_level)
+        config = override_server(config, host=args.host, port=args.port, log_level=args.log_level,
+                                 workers=args.workers)
     return config
 
 
 async def _serve(server: Server) -> None:
     await server.start()
-    logger.info("runnel listening on %s", server.url)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []
+    orphaned: asyncio.Task[None] | None = None
+    if server.worker is None:
+        logger.info("runnel listening on %s", server.url)
+    else:
+        logger.info("runnel worker %d (pid %d) listening on %s", server.worker.index, os.getpid(), server.url)
+        report_listening(server.worker)
+        orphaned = loop.create_task(watch_supervisor(server.stop))
 
     def on_signal(signum: int) -> None:
         if stopping:
@@ -69,6 +77,8 @@ async def _serve(server: Server) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     await server.serve_forever()
+    if orphaned is not None:
+        orphaned.cancel()
     logger.info("runnel stopped")
 
 
@@ -77,9 +87,12 @@ def cmd_serve(args) -> int:
     logging.basicConfig(
         level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if config.source is None and not config.apps:
+    slot = worker_slot()
+    if config.source is None and not config.apps and (slot is None or slot.index == 0):
         logger.warning("%s", NO_CONFIG_HINT)
-    server = Server(config)
+    if slot is None and config.server.workers > 1:
+        return serve_workers(config, run)
+    server = Server(config, worker=slot)
     server.build()  # config mistakes are reported before anything binds
     run(_serve(server))
     return 0
@@ -115,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                        f"else [server] port, else {defaults.port})")
     serve.add_argument("--log-level", choices=LOG_LEVELS, help=f"log verbosity (default: $RUNNEL_LOG_LEVEL, "
                        f"else [server] log_level, else {defaults.log_level})")
+    serve.add_argument("--workers", type=int, metavar="N", help=f"processes serving the port, each with its own "
+                       f"event loop and apps (default: $RUNNEL_WORKERS, else [server] workers, "
+                       f"else {defaults.workers})")
     serve.set_defaults(func=cmd_serve)
     check = commands.add_parser("check-config", help="validate a config file and the plugins it names")
     check.add_argument("file")

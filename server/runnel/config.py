@@ -91,6 +91,9 @@ class ServerConfig:
     body_timeout: float = 30.0  # a body making no progress this long -> 408
     write_timeout: float = 30.0  # a client that stops reading this long is dropped
     shutdown_grace: float = 30.0  # in-flight requests get this long at shutdown
+    # Processes serving the port (runnel.supervisor): 1 serves in this process; more start
+    # a supervisor and that many workers, each with its own event loop and apps.
+    workers: int = 1
     # Hostile clients (issue 10): what one connection, and all of them, may hold.
     # Connections served at once; past it new ones get 503 + Retry-After and are closed.
     # 0 = derived from the open-file limit (see runnel.http.open_files), so the process
@@ -325,6 +328,7 @@ _SERVER_RULES: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
     "body_timeout": (float, _above(0)),
     "write_timeout": (float, _above(0)),
     "shutdown_grace": (float, _at_least(0)),
+    "workers": (int, _between(1, 256)),
     "max_connections": (int, _at_least(0)),
     "body_min_rate": (float, _at_least(0)),
     "runs_path": (str, None),
@@ -457,6 +461,7 @@ _ENV_SERVER = {
     "RUNNEL_LOG_LEVEL": "log_level",
     "RUNNEL_ACCESS_LOG": "access_log",
     "RUNNEL_RUNS_PATH": "runs_path",
+    "RUNNEL_WORKERS": "workers",
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

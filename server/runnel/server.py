@@ -28,13 +28,14 @@ from .http.cors import Cors
 from .http.open_files import connection_cap, raise_open_file_limit
 from .plugins import make_plugin_manager
 from .routing import Router
-from .runs import Runner
+from .runs import Runner, store_for
 from .serializers import Negotiator
 
 if TYPE_CHECKING:
     from .hookspecs import AuthFactory, BackendFactory
     from .http import Request
     from .serializers import Serializer
+    from .supervisor import WorkerSlot
 
 logger = logging.getLogger("runnel.server")
 
@@ -54,8 +55,11 @@ def _registry(kind: str, into: dict[Any, Any]) -> Callable[[Any, Any], None]:
 
 class Server:
     def __init__(self, config: Config | None = None, *, plugins: Iterable[object] = (),
-                 load_entrypoints: bool = True) -> None:
+                 load_entrypoints: bool = True, worker: WorkerSlot | None = None) -> None:
+        """``worker``: this server is one of a supervisor's workers (``runnel.supervisor``):
+        it listens with SO_REUSEPORT beside its siblings and shares their run store."""
         self.config = config if config is not None else Config()
+        self.worker = worker
         self.apps = AppRegistry()
         self.router = Router()
         self.backends: dict[str, BackendFactory] = {}
@@ -112,7 +116,7 @@ class Server:
                     )
                 self.apps.add(name, backend(app_config, config.table(f"apps.{name}", app_config.options), self))
             # Before the routes: surfaces register their run views on it.
-            self.runs = Runner(config, self.apps)
+            self.runs = Runner(config, self.apps, store=store_for(config, shared=True) if self.worker else None)
         except ConfigError as error:
             # The same error, or its copy naming the file: chained, the plugin's traceback stays.
             raise error.with_source(config.source) if config.source else error  # noqa: B904
@@ -165,7 +169,8 @@ class Server:
             await _call_lifecycle(pm.hook.runnel_startup(server=self))
             server_state = self._server_state
             listener = self._listener = await loop.create_server(
-                lambda: HttpProtocol(server_state, loop), settings.host, settings.port, backlog=settings.backlog
+                lambda: HttpProtocol(server_state, loop), settings.host, settings.port, backlog=settings.backlog,
+                reuse_port=self.worker is not None,
             )
         except BaseException:
             await runs.close()  # let go of the store (and its file lock)

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from runnel.supervisor import WorkerSlot, worker_slot
 from runnel.workers import DaemonThreads
 
 from .chat_template import CannotContinue, ChatTemplate, TemplateRaised, resolve_chat_template
@@ -22,21 +23,29 @@ logger = logging.getLogger("runnel.ctranslate2")
 @dataclass(frozen=True)
 class DeviceSettings:
     device: str  # "auto", "cpu" or "cuda"
-    device_index: int
+    device_index: int | None  # None: not set (0, or a worker's own GPU)
     compute_type: str
     inter_threads: int
     intra_threads: int
 
-    def resolve(self) -> DeviceSettings:
-        """Pick CUDA for "auto" when a device is present; keep CPU threads within the cores."""
+    def resolve(self, worker: WorkerSlot | None = None) -> DeviceSettings:
+        """Pick CUDA for "auto" when a device is present; keep CPU threads within the cores.
+
+        ``worker`` (``runnel serve --workers N``): on CPU the threads fit this worker's
+        share of the cores; on GPUs a worker with no ``device_index`` set takes GPU
+        ``worker.index`` modulo their count (one worker per GPU, round robin)."""
         import ctranslate2
 
         device = self.device
+        gpus = ctranslate2.get_cuda_device_count() if device != "cpu" else 0
         if device == "auto":
-            device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+            device = "cuda" if gpus > 0 else "cpu"
+        index = self.device_index
+        if index is None:
+            index = worker.index % gpus if worker is not None and device == "cuda" and gpus > 0 else 0
         inter, intra = self.inter_threads, self.intra_threads
         if device == "cpu":
-            cores = os.cpu_count() or 1
+            cores = worker.cores if worker is not None else os.cpu_count() or 1
             inter = inter or min(2, cores)
             # inter x intra <= cores: more oversubscribes, and on 2 cores intra_threads=2
             # collapses under any other busy thread (DESIGN: 3-11x slower).
@@ -44,7 +53,7 @@ class DeviceSettings:
         else:
             inter = inter or 2
             intra = intra or 1
-        return DeviceSettings(device, self.device_index, self.compute_type, inter, intra)
+        return DeviceSettings(device, index, self.compute_type, inter, intra)
 
 
 def model_directory(model: str) -> str:
@@ -116,7 +125,7 @@ class GeneratorApp:
         if self.seed is not None:
             ctranslate2.set_random_seed(self.seed)  # only seeds generators created after it
         model_dir = Path(model_directory(self.model))
-        self.device = self.device.resolve()
+        self.device = self.device.resolve(worker_slot())
         self.tokenizer = load_tokenizer(model_dir)
         self.context_length = _context_length(model_dir, self._context_length)
         source = resolve_chat_template(model_dir, self._template_name)
@@ -234,7 +243,7 @@ class EncoderApp:
     def _load(self) -> None:
         import ctranslate2
 
-        self.device = self.device.resolve()
+        self.device = self.device.resolve(worker_slot())
         self.tokenizer = load_tokenizer(self.model)
         self.context_length = _context_length(Path(self.model), None)
         self.encoder = ctranslate2.Encoder(

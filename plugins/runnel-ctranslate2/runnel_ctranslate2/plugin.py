@@ -27,13 +27,13 @@ def _device(table) -> DeviceSettings:
         raise table.error("compute_type", f"must be one of {', '.join(COMPUTE_TYPES)}")
     settings = DeviceSettings(
         device=device,
-        device_index=table.get("device_index", int, default=0),
+        device_index=table.get("device_index", int, default=None),
         compute_type=compute_type,
         inter_threads=table.get("inter_threads", int, default=0),
         intra_threads=table.get("intra_threads", int, default=0),
     )
     for name in ("device_index", "inter_threads", "intra_threads"):
-        if getattr(settings, name) < 0:
+        if (getattr(settings, name) or 0) < 0:
             raise table.error(name, "must be >= 0 (0 = chosen for the machine)")
     return settings
 

@@ -154,14 +154,15 @@ def default_runs_path(config, environ: Mapping[str, str] = os.environ) -> str:
     return os.path.join(data_home, "runnel", f"runs-{stem}-{port}-{digest}.sqlite3")
 
 
-def store_for(config) -> RunStore:
+def store_for(config, *, shared: bool = False) -> RunStore:
     """The store ``[server] runs_path`` names: that SQLite file ("" is memory; relative is
-    to the working directory), else the per-user default (``default_runs_path``)."""
+    to the working directory), else the per-user default (``default_runs_path``).
+    ``shared``: for a worker, whose supervisor holds the file (``SQLiteRunStore``)."""
     path = config.server.runs_path
     key, _ = config.origin("server.runs_path")
     if path is None:
-        return SQLiteRunStore(default_runs_path(config), key=key, make_directory=True)
-    return SQLiteRunStore(os.path.abspath(os.path.expanduser(path)) if path else "", key=key)
+        return SQLiteRunStore(default_runs_path(config), key=key, make_directory=True, shared=shared)
+    return SQLiteRunStore(os.path.abspath(os.path.expanduser(path)) if path else "", key=key, shared=shared)
 
 
 class Runner:

@@ -10,6 +10,13 @@ claim) the writer expects (see ``runnel.runs.store`` for the states and claims).
 opens a file, every claim in it belongs to a process that is gone: ``open``
 expires them all at once, and the runner's first ``recover`` takes them back
 without waiting for their leases to run out.
+
+Workers of one supervisor (``runnel serve --workers N``) share one file: the
+supervisor takes the lock and expires the old claims (``hold_for_workers``) before
+any worker starts, and each worker opens the file ``shared``: no lock, no expiring
+(a claim in it may be a sibling's). Claims stay exactly-once: each is one
+``UPDATE ... WHERE state = 'queued'``, atomic across processes in WAL mode. A worker
+that dies leaves its claims to expire by lease, for a sibling's ``recover``.
 """
 
 from __future__ import annotations
@@ -77,12 +84,15 @@ class SQLiteRunStore:
     created on first use, so a server that never takes a run leaves nothing behind.
     ``key`` is the setting that named the path, for errors. With ``make_directory``
     the file's directory is made when the file is (the per-user default's); else it
-    must exist.
+    must exist. ``shared``: the file's lock is held by this process's supervisor, for
+    its workers (see the module's doc).
     """
 
-    def __init__(self, path: str, *, key: str = "server.runs_path", make_directory: bool = False) -> None:
+    def __init__(self, path: str, *, key: str = "server.runs_path", make_directory: bool = False,
+                 shared: bool = False) -> None:
         self.path = path
         self.make_directory = make_directory
+        self.shared = shared
         self.name = path or "(memory)"
         self.key = key
         self._conn: sqlite3.Connection | None = None
@@ -121,7 +131,8 @@ class SQLiteRunStore:
                 raise StoreUnavailable(f"no such directory: {directory}", key=self.key)
             if not create and not os.path.exists(self.path):
                 return False
-            self._lock()
+            if not self.shared:
+                self._lock()
         try:
             conn = sqlite3.connect(self.path or ":memory:", isolation_level=None)
         except BaseException:
@@ -145,6 +156,25 @@ class SQLiteRunStore:
             raise
         self._conn = conn
         return True
+
+    def hold_for_workers(self) -> None:
+        """(A supervisor, before its workers start; blocking) take the file's lock for the
+        workers that will open it ``shared``, and expire every claim in it: no worker runs
+        yet, so whoever claimed them is gone. Held until ``release``."""
+        if not self.path:
+            raise StoreUnavailable("runs kept in memory (\"\") cannot be shared by several workers; give "
+                                   "them a file", key=self.key)
+        if self.make_directory:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        if not self._open(create=False):  # no file yet: nothing to expire, but the lock all the same
+            self._lock()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def release(self) -> None:
+        """Let go of the lock ``hold_for_workers`` took."""
+        self._unlock()
 
     def _lock(self) -> None:
         try:
