@@ -80,6 +80,8 @@ class SQLiteRunStore:
     must exist.
     """
 
+    shared = False  # one server at a time: the file lock
+
     def __init__(self, path: str, *, key: str = "server.runs_path", make_directory: bool = False) -> None:
         self.path = path
         self.make_directory = make_directory
