@@ -276,3 +276,30 @@ def test_insert_refuses_past_max_queued_counting_queued_runs_only(with_any_store
         assert await store.queued() == ["r4", "r5"]
 
     with_any_store(body)
+
+
+def test_final_runs_are_recorded_purged_deleted_and_their_webhooks_tracked(with_any_store):
+    async def body(store):
+        done = new_run("done")  # a call that ran in the foreground, kept (Runner.record)
+        done.state, done.output, done.finished_at = SUCCEEDED, {"a": 1}, time.time() - 10
+        await store.insert(done)
+        assert (await store.get("done")).output == {"a": 1}
+        hooked = new_run("hooked")
+        hooked.webhook, hooked.webhook_pending = "http://127.0.0.1:1/hook", True
+        await store.insert(hooked)
+        await store.insert(new_run("kept"))
+        assert await store.queued() == ["hooked", "kept"]
+        await store.claim("hooked", "a", LONG)
+        assert await store.pending_webhooks() == []  # not finished yet
+        assert await store.finish("hooked", SUCCEEDED, owner="a", output=b"1")
+        assert [run.id for run in await store.pending_webhooks()] == ["hooked"]
+        await store.webhook_done("hooked")
+        assert await store.pending_webhooks() == []
+        counts = await store.counts("lab", "cortex", time.time() - 60)
+        assert {k: v for k, v in counts.items() if v} == {QUEUED: 1, SUCCEEDED: 2}
+        assert await store.purge(time.time() - 5) == 1  # "done" only: finished 10 s ago
+        assert await store.get("done") is None and (await store.get("hooked")).state == SUCCEEDED
+        assert await store.delete("kept") and not await store.delete("kept")
+        assert await store.get("kept") is None and await store.queued() == []
+
+    with_any_store(body)

@@ -446,10 +446,10 @@ class RedisRunStore:
         return counts
 
     # -- what a shared store adds (runnel.runs.store.SharedRunStore) ----------------------------
-    async def take(self, owner: str, lease: float) -> str | None:
-        """The next run for ``owner`` to claim, from the stream (delivered to it alone), or one a
-        dead runner took and never finished (XAUTOCLAIM, idle past ``lease``); None when none
-        came within ``TAKE_WAIT``."""
+    async def take(self, owner: str, lease: float, count: int) -> list[str]:
+        """The next runs (``count`` at most) for ``owner`` to claim, from the stream (delivered
+        to it alone), or ones a dead runner took and never claimed (XAUTOCLAIM, idle past
+        ``lease``); none when none came within ``TAKE_WAIT``."""
         client = self._client()
         stream = f"{PREFIX}stream"
         try:
@@ -457,20 +457,18 @@ class RedisRunStore:
                 self._reclaimed_at = time.monotonic()
                 await self._reclaim(client, stream, owner, lease)
             if self._reclaimed:
-                return self._reclaimed.popleft()
+                return [self._reclaimed.popleft() for _ in range(min(count, len(self._reclaimed)))]
             try:
-                reply: Any = await client.xreadgroup(GROUP, owner, {stream: ">"}, count=1, block=int(TAKE_WAIT * 1000))
+                reply: Any = await client.xreadgroup(GROUP, owner, {stream: ">"}, count=count,
+                                                     block=int(TAKE_WAIT * 1000))
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 await self._make_group(client, stream)
-                return None
+                return []
         except _UNREACHABLE as exc:
             raise StoreDown(self.name, exc) from None
-        for _, entries in reply or ():
-            for _, entry in entries:
-                return entry[b"run"].decode()
-        return None
+        return [entry[b"run"].decode() for _, entries in reply or () for _, entry in entries]
 
     async def _make_group(self, client: aioredis.Redis, stream: str) -> None:
         try:

@@ -242,8 +242,10 @@ class Runner:
             return
         self._state = "started"
         try:
-            if not all(view.opens_lazily for view in views):
-                await self._open(create=False)  # a file is made on the first run
+            # A shared store opens at once (it makes no file, and other servers' runs are
+            # waiting in it); a file is made on the first run.
+            if self._shared is not None or not all(view.opens_lazily for view in views):
+                await self._open(create=False)
         except BaseException as exc:
             self._state = "closed"
             await self.store.close()
@@ -476,21 +478,24 @@ class Runner:
                     self._free.release()
 
     async def _take_forever(self, store: SharedRunStore) -> None:
-        """Shared store: take a run from its queue whenever a worker is free."""
+        """Shared store: take runs from its queue whenever workers are free, as many as are."""
         while True:
             await self._free.acquire()
+            free = 1
+            while not self._free.locked():
+                await self._free.acquire()  # at once: not locked
+                free += 1
             try:
-                run_id = await store.take(self.owner, self.lease)
+                run_ids = await store.take(self.owner, self.lease, free)
             except Exception as exc:
-                self._free.release()
+                run_ids = []
                 if not isinstance(exc, StoreDown):
                     logger.exception("run store %s: taking a run failed", self.store.name)
                 await asyncio.sleep(0.5)
-                continue
-            if run_id is None:
-                self._free.release()
-            else:
+            for run_id in run_ids:
                 self._queue.put_nowait(run_id)
+            for _ in range(free - len(run_ids)):
+                self._free.release()
 
     async def _ready_app(self, name: str):
         """The app once it has loaded; None if it failed or is gone. No deadline: a run

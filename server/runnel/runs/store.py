@@ -201,10 +201,10 @@ class SharedRunStore(RunStore, Protocol):
     generators' values are in the store, so that every server sees them. Calls raise
     StoreDown while the store cannot be reached."""
 
-    async def take(self, owner: str, lease: float) -> str | None:
-        """The id of the next run for ``owner`` to claim, delivered to it alone (or taken back
-        from a runner whose claims expired after ``lease`` seconds); None when none came
-        within a second or so."""
+    async def take(self, owner: str, lease: float, count: int) -> list[str]:
+        """The ids of the next runs (``count`` at most) for ``owner`` to claim, delivered to it
+        alone (or taken back from a runner that died, ``lease`` seconds after); none when none
+        came within a second or so."""
 
     async def request_cancel(self, run_id: str) -> None:
         """Ask whichever runner executes ``run_id`` to cancel it."""
