@@ -52,12 +52,12 @@ from urllib.parse import urlsplit
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from ..errors import HTTPError
 from .store import QUEUED, TERMINAL, QueueFull, Recovered, Run, StoreDown, error_record
@@ -338,7 +338,9 @@ class RedisRunStore:
     async def open(self, *, create: bool) -> bool:
         """Makes the client; no I/O: a Redis that is down now is reached when it is back."""
         if self._redis is None:
-            # One retry, at once: a connection Redis closed (a restart) fails the first try.
+            # One retry, at once: a connection Redis closed (a restart) fails the first try. A
+            # write whose answer was lost is never run twice by it: Redis is down then, and the
+            # retry fails too (the runner sorts such claims and finishes out; see _claim).
             self._redis = aioredis.Redis.from_url(
                 self.url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=CALL_TIMEOUT,
                 retry=Retry(NoBackoff(), 1), health_check_interval=30)
@@ -427,7 +429,23 @@ class RedisRunStore:
         return await self._call("delete", PREFIX, run_id, GROUP) == 1
 
     async def purge(self, before: float) -> int:
-        return int(await self._call("purge", PREFIX, repr(before)))
+        purged = int(await self._call("purge", PREFIX, repr(before)))
+        await self._forget_gone_runners()
+        return purged
+
+    async def _forget_gone_runners(self) -> None:
+        """Drop the group's consumers that hold nothing and have not read for a retention: runners
+        of servers long gone (each server start is a new one; a live runner reads every second)."""
+        client, stream = self._client(), f"{PREFIX}stream"
+        try:
+            consumers = await client.xinfo_consumers(stream, GROUP)
+        except ResponseError:  # no stream or group yet
+            return
+        except _UNREACHABLE as exc:
+            raise StoreDown(self.name, exc) from None
+        for consumer in consumers:
+            if consumer["pending"] == 0 and consumer["idle"] > self.retention * 1000:
+                await self._do(client.xgroup_delconsumer, stream, GROUP, consumer["name"])
 
     async def pending_webhooks(self) -> list[Run]:
         ids = await self._do(self._client().zrange, f"{PREFIX}webhooks", 0, -1)

@@ -465,6 +465,10 @@ class Runner:
     async def _work(self) -> None:
         while True:
             run_id = await self._queue.get()
+            if run_id in self._active:  # queued twice (a recovery, a redelivery): one worker runs it
+                if self._shared is not None:
+                    self._free.release()
+                continue
             active = self._active[run_id] = _Active()
             try:
                 await self._run(run_id, active)
@@ -514,7 +518,7 @@ class Runner:
             if await self.store.finish(run_id, FAILED, error=error):
                 await self._finished(run)
             return
-        run = await self.store.claim(run_id, self.owner, self.lease)
+        run = await self._claim(run_id)
         if run is None:  # cancelled while queued, or claimed by another runner
             return
         if active.cancelled:
@@ -537,6 +541,25 @@ class Runner:
         else:
             outcome = task.result()
         await self._finish(run, outcome)
+
+    async def _claim(self, run_id: str) -> Run | None:
+        """``store.claim``; with a shared store out of reach, tried until it is back (or the
+        server stops). A claim whose answer was lost (Redis died after writing it) is found
+        in the store as ours: it is run here, since only this runner renews it."""
+        while True:
+            try:
+                return await self.store.claim(run_id, self.owner, self.lease)
+            except StoreDown:
+                pass
+            while True:
+                await asyncio.sleep(0.5)
+                try:
+                    run = await self.store.get(run_id)
+                    break
+                except StoreDown:
+                    pass
+            if run is None or run.state != QUEUED:
+                return run if run is not None and run.state == RUNNING and run.owner == self.owner else None
 
     async def _call(self, run: Run, app) -> _Outcome:
         view = self.view(run)
@@ -582,8 +605,8 @@ class Runner:
     async def _finish(self, run: Run, outcome: _Outcome) -> None:
         # Shielded: a server stopping mid-write still records the outcome (the store
         # closes after it, on the same thread). A shared store out of reach is tried
-        # again for as long as the claim lasts.
-        deadline = time.monotonic() + self.lease
+        # until it is back: the run stays claimed by this runner until then (and is
+        # taken back if its lease ran out meanwhile: the outcome is refused then).
         while True:
             try:
                 written = await asyncio.shield(self.store.finish(
@@ -591,9 +614,12 @@ class Runner:
                     streamed=outcome.streamed, run_time_ms=outcome.run_time_ms))
                 break
             except StoreDown:
-                if time.monotonic() > deadline:
-                    raise
                 await asyncio.sleep(0.5)
+                with contextlib.suppress(StoreDown):  # the finish was written, its answer lost?
+                    recorded = await self.store.get(run.id)
+                    if recorded is not None and recorded.state == outcome.state and recorded.owner == self.owner:
+                        written = True
+                        break
         self._streams.pop(run.id, None)
         if written:
             await self._finished(run)

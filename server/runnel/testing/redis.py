@@ -15,8 +15,6 @@ import socket
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from .server import free_port, wait_until
 
 __all__ = ["RedisServer", "redis_server_binary"]
@@ -29,6 +27,8 @@ def redis_server_binary() -> str:
     """The ``redis-server`` to start; fails the test run (never skips) when there is none."""
     binary = shutil.which("redis-server")
     if binary is None:
+        import pytest  # only here: importing the harness does not import pytest
+
         pytest.fail(INSTALL_HINT, pytrace=False)
     return binary
 
