@@ -174,6 +174,28 @@ def test_a_generators_values_stream_from_any_server(tmp_path, redis_url):
             assert while_running[server.port], "no values were streamed while the job ran"
 
 
+def test_a_retry_on_another_server_finds_the_run_and_runsync_wakes_on_any_finish(tmp_path, redis_url):
+    ledger = tmp_path / "ledger"
+    with servers(tmp_path, write_config(tmp_path, redis_url, workers=1), 2) as pair:
+        body = orjson.dumps({"ledger": str(ledger), "tag": "once"})
+        key = ("Idempotency-Key", "order-66")
+        first, retry = (request(server.port, "POST", "/v4/p/lab/record?async=true", headers=[key], body=body)
+                        for server in pair)
+        assert (first.status, retry.status) == (202, 202)
+        assert first.json()["run_id"] == retry.json()["run_id"]  # the key is shared: one run
+        # A long run holds one server's only worker: the job below runs on the other, and the
+        # server waiting for it hears it finish.
+        request(pair[0].port, "POST", "/v2/lingering/run",
+                body=orjson.dumps({"input": {"ledger": str(tmp_path / "long"), "tag": "long"}}))
+        wait_until(lambda: ledger_lines(tmp_path / "long"), timeout=10)
+        took = time.monotonic()
+        for server in pair:
+            reply = request(server.port, "POST", "/v2/counting/runsync", body=orjson.dumps({"input": {"n": 3}}))
+            assert reply.json()["status"] == "COMPLETED" and reply.json()["output"] == [0, 1, 2]
+        assert time.monotonic() - took < 10  # woken by the finish, not by runsync_timeout (90 s)
+    assert [tag for tag, _ in ledger_lines(ledger)] == ["once"]
+
+
 @pytest.fixture
 def own_redis(tmp_path):
     server = RedisServer(tmp_path / "redis").start()
