@@ -303,3 +303,32 @@ def test_final_runs_are_recorded_purged_deleted_and_their_webhooks_tracked(with_
         assert await store.get("kept") is None and await store.queued() == []
 
     with_any_store(body)
+
+
+def test_runs_a_dead_server_was_delivered_are_claimed_back_by_a_live_one(redis_url):
+    """The Redis queue: a run goes to one runner; one delivered to a runner that died before
+    claiming it goes to a live runner once idle past the lease (XAUTOCLAIM); one it was
+    running is left to recover(); a finished one is acknowledged, never handed out."""
+    lease = 0.3
+
+    async def main():
+        dead, live = RedisRunStore(redis_url, retention=60), RedisRunStore(redis_url, retention=60)
+        try:
+            for store in (dead, live):
+                await store.open(create=True)
+            for run_id in ("taken", "running", "finished"):
+                await dead.insert(new_run(run_id))
+            assert await dead.take("dead", lease, 3) == ["taken", "running", "finished"]
+            assert await live.take("live", lease, 3) == []  # delivered to one runner only
+            await dead.claim("running", "dead", LONG)
+            await dead.claim("finished", "dead", LONG)
+            await dead.finish("finished", SUCCEEDED, owner="dead", output=b"1")
+            await asyncio.sleep(lease + 0.1)
+            assert await live.take("live", lease, 3) == ["taken"]
+            assert (await live.claim("taken", "live", LONG)).attempts == 1
+            assert await live.take("live", lease, 3) == []
+        finally:
+            for store in (dead, live):
+                await store.close()
+
+    run_on_uvloop(main())
