@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test clean bench
+.PHONY: install serve test clean bench redis-server
 
 # pip shows its progress (the first install takes about a minute). PYTHONWARNINGS reaches
 # the setuptools build that pip runs for each editable install and drops only its
@@ -25,8 +25,22 @@ install: $(STAMP)
 serve: install
 	$(BIN)/runnel serve --config conf/runnel.toml
 
+# The tests of runs shared through Redis start a real redis-server (never skipped).
+# Missing, it is installed where that can be done (Debian and Ubuntu, as root, as CI
+# runs); elsewhere this says how, and the tests that need it fail saying so too.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "==> Installing redis-server (the Redis tests start one)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server \
+	      || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; }; \
+	  else \
+	    echo "==> redis-server is missing and cannot be installed here: install Redis (7 or later) so that"; \
+	    echo "    redis-server is on PATH (apt-get install redis-server, brew install redis, dnf install redis)"; \
+	  fi; }
+
 # Lint and type-check server/ first (config in pyproject.toml), then the tests.
-test: install
+test: install redis-server
 	$(BIN)/ruff check server
 	$(BIN)/mypy
 	$(BIN)/pytest

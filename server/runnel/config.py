@@ -108,6 +108,12 @@ class ServerConfig:
     # None: one per server in the per-user data directory (runnel.runs.default_runs_path);
     # relative: to the working directory; "" = memory (runs are lost with the process).
     runs_path: str | None = None
+    # Runs shared by several servers: a Redis URL ("redis://host:6379/0", "rediss://...",
+    # "unix:///path?db=0"); runs_path is then not used. None: the SQLite file above.
+    runs: str | None = None
+    # Seconds a claim on a running run lasts unless renewed (every third of it): a server that
+    # died holding runs has them recovered this long after.
+    runs_lease: float = 30.0
     runs_retention: float = 1800.0  # finished runs are kept this long, then purged
     runs_workers: int = 8  # background runs executing at once
     runs_max_queued: int = 10000  # runs waiting in the store; past it a new run is refused (429)
@@ -306,6 +312,12 @@ def _origins(value: list) -> tuple[str, ...]:
     return tuple(origins)
 
 
+def _runs_url(value: str) -> str:
+    if value.partition("://")[0] not in ("redis", "rediss", "unix"):
+        raise ValueError(f"must be a Redis URL (redis://host:port/db, rediss://..., unix:///path), got {value!r}")
+    return value
+
+
 def _header_value(value: str) -> str:
     # A control character here would break (or split) every response's head.
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
@@ -332,6 +344,8 @@ _SERVER_RULES: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
     "max_connections": (int, _at_least(0)),
     "body_min_rate": (float, _at_least(0)),
     "runs_path": (str, None),
+    "runs": (str, _runs_url),
+    "runs_lease": (float, _above(0)),
     "runs_retention": (float, _above(0)),
     "runs_workers": (int, _between(1, 1024)),
     "runs_max_queued": (int, _between(1, 100_000_000)),
@@ -462,6 +476,7 @@ _ENV_SERVER = {
     "RUNNEL_ACCESS_LOG": "access_log",
     "RUNNEL_RUNS_PATH": "runs_path",
     "RUNNEL_WORKERS": "workers",
+    "RUNNEL_RUNS_URL": "runs",
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

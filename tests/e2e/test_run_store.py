@@ -1,4 +1,5 @@
-"""The run store's claims (runnel.runs.store), on the SQLite store with real files.
+"""The run store's claims (runnel.runs.store), on the SQLite store with real files and on
+the Redis store with a real redis-server (the tests taking ``with_any_store`` run on both).
 
 What a store shared by several runners must guarantee: of two claimants one wins;
 a claim is the owner's alone until it expires; an expired claim is taken back
@@ -26,9 +27,11 @@ from runnel.runs import (
     QueueFull,
     Run,
     RunStore,
+    SharedRunStore,
     SQLiteRunStore,
     StoreUnavailable,
 )
+from runnel.runs.redis import RedisRunStore
 
 INTERRUPTED = HTTPError(500, "The run was interrupted", code="interrupted")
 LONG, EXPIRED = 60.0, 0.0  # leases, in seconds
@@ -51,12 +54,40 @@ def with_store(path, body, *, create: bool = True):
     return run_on_uvloop(main())
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def with_any_store(request, tmp_path):
+    """``with_any_store(body)``: ``body(store)`` on an open store of each kind, a fresh one."""
+    if request.param == "sqlite":
+        return lambda body: with_store(tmp_path / "runs.sqlite3", body)
+    url = request.getfixturevalue("redis_url")
+
+    def run(body):
+        async def main():
+            store = RedisRunStore(url, retention=60)
+            try:
+                assert await store.open(create=True)
+                return await body(store)
+            finally:
+                await store.close()
+
+        return run_on_uvloop(main())
+
+    return run
+
+
 def test_the_sqlite_store_implements_the_interface():
     interface = {name for name in vars(RunStore) if not name.startswith("_")}
     assert interface <= set(dir(SQLiteRunStore)), interface - set(dir(SQLiteRunStore))
+    assert SQLiteRunStore.shared is False
 
 
-def test_of_two_claimants_one_wins(tmp_path):
+def test_the_redis_store_implements_the_shared_interface():
+    interface = {name for name in (*vars(RunStore), *vars(SharedRunStore)) if not name.startswith("_")}
+    assert interface <= set(dir(RedisRunStore)), interface - set(dir(RedisRunStore))
+    assert RedisRunStore.shared is True
+
+
+def test_of_two_claimants_one_wins(with_any_store):
     async def body(store):
         await store.insert(new_run("r1"))
         claims = await asyncio.gather(*(store.claim("r1", owner, LONG) for owner in ("a", "b", "c")))
@@ -68,10 +99,10 @@ def test_of_two_claimants_one_wins(tmp_path):
         assert await store.claim("r1", "d", LONG) is None  # not queued any more
         return won.owner
 
-    with_store(tmp_path / "runs.sqlite3", body)
+    with_any_store(body)
 
 
-def test_only_the_owner_finishes_a_running_run(tmp_path):
+def test_only_the_owner_finishes_a_running_run(with_any_store):
     async def body(store):
         await store.insert(new_run("r1"))
         await store.claim("r1", "a", LONG)
@@ -83,21 +114,21 @@ def test_only_the_owner_finishes_a_running_run(tmp_path):
         assert (run.state, run.output, run.lease_until) == (SUCCEEDED, "ours", None)
         assert not await store.finish("r1", FAILED, owner="a")  # final states are final
 
-    with_store(tmp_path / "runs.sqlite3", body)
+    with_any_store(body)
 
 
-def test_a_queued_run_is_finished_without_an_owner(tmp_path):
+def test_a_queued_run_is_finished_without_an_owner(with_any_store):
     async def body(store):
         await store.insert(new_run("r1"))
         assert not await store.finish("r1", CANCELLED, owner="a")  # nobody owns a queued run
         assert await store.finish("r1", CANCELLED)
         assert await store.claim("r1", "a", LONG) is None
 
-    with_store(tmp_path / "runs.sqlite3", body)
+    with_any_store(body)
 
 
 @pytest.mark.parametrize("idempotent", [False, True])
-def test_an_expired_claim_is_taken_back_and_the_old_owner_refused(tmp_path, idempotent):
+def test_an_expired_claim_is_taken_back_and_the_old_owner_refused(with_any_store, idempotent):
     async def body(store):
         for run_id in ("dead", "alive", "waiting"):
             await store.insert(new_run(run_id))
@@ -122,10 +153,10 @@ def test_an_expired_claim_is_taken_back_and_the_old_owner_refused(tmp_path, idem
         alive = await store.get("alive")  # a live claim is left alone
         assert (alive.state, alive.owner) == (RUNNING, "b")
 
-    with_store(tmp_path / "runs.sqlite3", body)
+    with_any_store(body)
 
 
-def test_renewing_keeps_a_claim_alive(tmp_path):
+def test_renewing_keeps_a_claim_alive(with_any_store):
     async def body(store):
         await store.insert(new_run("r1"))
         await store.insert(new_run("r2"))
@@ -137,7 +168,7 @@ def test_renewing_keeps_a_claim_alive(tmp_path):
         assert recovered.failed == ["r2"]
         assert (await store.get("r1")).state == RUNNING
 
-    with_store(tmp_path / "runs.sqlite3", body)
+    with_any_store(body)
 
 
 def test_opening_a_file_expires_the_claims_of_the_process_that_left_it(tmp_path):
@@ -196,23 +227,40 @@ def keyed_run(run_id: str, key: str, principal: str = "key:01") -> Run:
     return run
 
 
+async def insert_one_of_twenty_keyed(store):
+    recorded = await asyncio.gather(*(store.insert(keyed_run(f"r{i}", "k")) for i in range(20)))
+    assert {run.id for run in recorded} == {"r0"}
+    assert await store.queued() == ["r0"]
+    assert (await store.get("r0")).principal == "key:01"
+
+
+def test_an_idempotency_key_is_recorded_once_in_redis(redis_url):
+    async def main():
+        stores = [RedisRunStore(redis_url, retention=60) for _ in range(2)]  # two servers' stores
+        try:
+            for store in stores:
+                await store.open(create=True)
+            recorded = await asyncio.gather(*(stores[i % 2].insert(keyed_run(f"r{i}", "k")) for i in range(20)))
+            winners = {run.id for run in recorded}  # whichever reached Redis first
+            assert len(winners) == 1
+            assert await stores[1].queued() == list(winners)
+        finally:
+            for store in stores:
+                await store.close()
+
+    run_on_uvloop(main())
+
+
 def test_an_idempotency_key_is_recorded_once(tmp_path):
     path = tmp_path / "runs.sqlite3"
-
-    async def body(store):
-        recorded = await asyncio.gather(*(store.insert(keyed_run(f"r{i}", "k")) for i in range(20)))
-        assert {run.id for run in recorded} == {"r0"}
-        assert await store.queued() == ["r0"]
-        assert (await store.get("r0")).principal == "key:01"
-
-    with_store(path, body)
+    with_store(path, insert_one_of_twenty_keyed)
     with contextlib.closing(sqlite3.connect(path)) as conn, pytest.raises(sqlite3.IntegrityError):
         # The unique index, not only the lookup, keeps a key to one run (other writers, races).
         conn.execute("INSERT INTO runs (id, surface, app, function, input, state, created_at, idempotency_key) "
                      "VALUES ('other', 'cortex', 'lab', 'f', '{}', 'queued', 0, 'k')")
 
 
-def test_insert_refuses_past_max_queued_counting_queued_runs_only(tmp_path):
+def test_insert_refuses_past_max_queued_counting_queued_runs_only(with_any_store):
     async def body(store):
         await store.insert(new_run("r1"), max_queued=2)
         await store.insert(new_run("r2"), max_queued=2)
@@ -227,4 +275,60 @@ def test_insert_refuses_past_max_queued_counting_queued_runs_only(tmp_path):
         assert (await store.insert(keyed_run("r6", "k"), max_queued=1)).id == "r4"
         assert await store.queued() == ["r4", "r5"]
 
-    with_store(tmp_path / "runs.sqlite3", body)
+    with_any_store(body)
+
+
+def test_final_runs_are_recorded_purged_deleted_and_their_webhooks_tracked(with_any_store):
+    async def body(store):
+        done = new_run("done")  # a call that ran in the foreground, kept (Runner.record)
+        done.state, done.output, done.finished_at = SUCCEEDED, {"a": 1}, time.time() - 10
+        await store.insert(done)
+        assert (await store.get("done")).output == {"a": 1}
+        hooked = new_run("hooked")
+        hooked.webhook, hooked.webhook_pending = "http://127.0.0.1:1/hook", True
+        await store.insert(hooked)
+        await store.insert(new_run("kept"))
+        assert await store.queued() == ["hooked", "kept"]
+        await store.claim("hooked", "a", LONG)
+        assert await store.pending_webhooks() == []  # not finished yet
+        assert await store.finish("hooked", SUCCEEDED, owner="a", output=b"1")
+        assert [run.id for run in await store.pending_webhooks()] == ["hooked"]
+        await store.webhook_done("hooked")
+        assert await store.pending_webhooks() == []
+        counts = await store.counts("lab", "cortex", time.time() - 60)
+        assert {k: v for k, v in counts.items() if v} == {QUEUED: 1, SUCCEEDED: 2}
+        assert await store.purge(time.time() - 5) == 1  # "done" only: finished 10 s ago
+        assert await store.get("done") is None and (await store.get("hooked")).state == SUCCEEDED
+        assert await store.delete("kept") and not await store.delete("kept")
+        assert await store.get("kept") is None and await store.queued() == []
+
+    with_any_store(body)
+
+
+def test_runs_a_dead_server_was_delivered_are_claimed_back_by_a_live_one(redis_url):
+    """The Redis queue: a run goes to one runner; one delivered to a runner that died before
+    claiming it goes to a live runner once idle past the lease (XAUTOCLAIM); one it was
+    running is left to recover(); a finished one is acknowledged, never handed out."""
+    lease = 0.3
+
+    async def main():
+        dead, live = RedisRunStore(redis_url, retention=60), RedisRunStore(redis_url, retention=60)
+        try:
+            for store in (dead, live):
+                await store.open(create=True)
+            for run_id in ("taken", "running", "finished"):
+                await dead.insert(new_run(run_id))
+            assert await dead.take("dead", lease, 3) == ["taken", "running", "finished"]
+            assert await live.take("live", lease, 3) == []  # delivered to one runner only
+            await dead.claim("running", "dead", LONG)
+            await dead.claim("finished", "dead", LONG)
+            await dead.finish("finished", SUCCEEDED, owner="dead", output=b"1")
+            await asyncio.sleep(lease + 0.1)
+            assert await live.take("live", lease, 3) == ["taken"]
+            assert (await live.claim("taken", "live", LONG)).attempts == 1
+            assert await live.take("live", lease, 3) == []
+        finally:
+            for store in (dead, live):
+                await store.close()
+
+    run_on_uvloop(main())

@@ -10,11 +10,7 @@ again when its app is idempotent.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -22,32 +18,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from runnel.testing import free_port, request, wait_until
-
-class Serve:
-    """``python -m runnel serve --config ... --port ...``, output in a file."""
-
-    def __init__(self, tmp_path: Path, config: Path, name: str) -> None:
-        self.port = free_port()
-        self.log_path = tmp_path / f"{name}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNEL_")}
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "runnel", "serve", "--config", str(config), "--port", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-
-    def ready(self) -> bool:
-        assert self.proc.poll() is None, self.log_path.read_text()
-        try:
-            return request(self.port, "GET", "/health").status == 200
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
+from runnel.testing import ServeProcess as Serve
+from runnel.testing import request, wait_until
 
 GATED = Path(__file__).resolve().parents[1] / "apps" / "gated.py"
 
@@ -121,6 +93,7 @@ def test_sigkill_loses_no_accepted_run(tmp_path, idempotent):
 # -- claims in a live server -----------------------------------------------------------------------
 # A store may be shared: the runs below are claimed by "other runners", written straight
 # into the file. The lease is cut to 0.3 s, so claims are renewed every 0.1 s.
+LEASE = 0.3
 
 
 def insert_claimed(path: Path, run_id: str, owner: str, lease_until: float, tag: str) -> None:
@@ -134,7 +107,7 @@ def insert_claimed(path: Path, run_id: str, owner: str, lease_until: float, tag:
 def lab_server(start_server, tmp_path: Path, *, idempotent: bool = False):
     module = GATED
     store = tmp_path / "runs.sqlite3"
-    server = start_server({"server": {"runs_path": str(store)}, "apps": {"lab": {
+    server = start_server({"server": {"runs_path": str(store), "runs_lease": LEASE}, "apps": {"lab": {
         "backend": "python", "module": str(module), "functions": {"public": True, "idempotent": idempotent}}}})
     return server, store
 
@@ -149,8 +122,7 @@ def settled(server, run_id: str) -> dict:
 
 
 @pytest.mark.parametrize("idempotent", [False, True])
-def test_a_live_server_takes_back_claims_whose_lease_ran_out(start_server, tmp_path, monkeypatch, idempotent):
-    monkeypatch.setattr("runnel.runs.runner.LEASE", 0.3)
+def test_a_live_server_takes_back_claims_whose_lease_ran_out(start_server, tmp_path, idempotent):
     server, store = lab_server(start_server, tmp_path, idempotent=idempotent)
     first = request(server.port, "POST", "/v4/p/lab/quick?async=true", body=b'{"tag": "first"}')
     assert settled(server, first.json()["run_id"])["result"] == "first"  # the file exists now
@@ -166,8 +138,7 @@ def test_a_live_server_takes_back_claims_whose_lease_ran_out(start_server, tmp_p
     assert run_status(server, "alive") == {"run_id": "alive", "status": "running"}  # a live claim is left alone
 
 
-def test_a_run_longer_than_its_lease_keeps_its_claim(start_server, tmp_path, monkeypatch):
-    monkeypatch.setattr("runnel.runs.runner.LEASE", 0.3)
+def test_a_run_longer_than_its_lease_keeps_its_claim(start_server, tmp_path):
     server, store = lab_server(start_server, tmp_path)
     gate = tmp_path / "gate"
     try:

@@ -5,6 +5,8 @@
     sqlite.py    ``SQLiteRunStore``: the default store, one file per server
                  (``[server] runs_path``, ``RUNNEL_RUNS_PATH``, else ``default_runs_path``),
                  opened only when an app can take runs
+    redis.py     ``RedisRunStore``: runs shared by several servers (``[server] runs``,
+                 ``RUNNEL_RUNS_URL``: a Redis URL); imported only when configured
     idempotency.py  ``Idempotency-Key``: a retried request finds the run its first try made
     runner.py    ``Runner``: queues, claims and executes runs, recovers dead runners'
                  claims, purges; ``RunView``: how a surface's runs are called and shown
@@ -33,6 +35,8 @@ from .store import (
     Recovered,
     Run,
     RunStore,
+    SharedRunStore,
+    StoreDown,
     StoreUnavailable,
 )
 from .webhooks import Webhooks, check_target
@@ -40,6 +44,6 @@ from .webhooks import Webhooks, check_target
 __all__ = [
     "ANYONE", "CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "TERMINAL", "TIMED_OUT",
     "Idempotency", "QueueFull", "Recovered", "Run", "RunStore", "RunView", "Runner", "SQLiteRunStore",
-    "StoreUnavailable", "ValueStream", "Webhooks", "check_target", "default_runs_path", "idempotency_of",
-    "store_for",
+    "SharedRunStore", "StoreDown", "StoreUnavailable", "ValueStream", "Webhooks", "check_target",
+    "default_runs_path", "idempotency_of", "store_for",
 ]

@@ -31,11 +31,20 @@ that submitted it (``find`` shows it to no one else), and may carry an idempoten
 What lives only here, in this process: the queue of run ids to take (a run is in it
 at most once per submit or recovery; a stale id is skipped because the claim fails),
 the task running each run this runner holds, and a running generator's values so far.
+
+A store several servers share (``store.shared``: ``runnel.runs.redis``) keeps those in
+the store instead: runs are not queued here but taken from the store's queue, one at a
+time as workers come free (so an idle server takes what a busy one would only hold);
+a generator's values are appended to the store as they come; a cancel of a run that
+another server executes is sent to it, and every server hears when a run finishes (for
+``wait``). While such a store cannot be reached, run calls raise ``StoreDown`` (503);
+the background work retries until it is back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -64,6 +73,8 @@ from .store import (
     QueueFull,
     Run,
     RunStore,
+    SharedRunStore,
+    StoreDown,
     StoreUnavailable,
 )
 from .webhooks import Webhooks, check_target
@@ -73,7 +84,6 @@ logger = logging.getLogger("runnel.runs")
 __all__ = ["RunView", "Runner", "ValueStream"]
 
 CANCEL_GRACE = 5.0  # seconds a cancelled call gets to unwind (its finally blocks)
-LEASE = 30.0  # seconds a claim lasts unless renewed; renewed every LEASE / 3
 QUEUE_FULL_RETRY_AFTER = b"5"  # seconds: a full queue of runs drains no faster than its runs run
 
 
@@ -154,15 +164,23 @@ def default_runs_path(config, environ: Mapping[str, str] = os.environ) -> str:
     return os.path.join(data_home, "runnel", f"runs-{stem}-{port}-{digest}.sqlite3")
 
 
-def store_for(config, *, shared: bool = False) -> RunStore:
-    """The store ``[server] runs_path`` names: that SQLite file ("" is memory; relative is
-    to the working directory), else the per-user default (``default_runs_path``).
-    ``shared``: for a worker, whose supervisor holds the file (``SQLiteRunStore``)."""
+def store_for(config, *, under_supervisor: bool = False) -> RunStore:
+    """The store ``[server] runs`` names (a Redis URL: ``runnel.runs.redis``), else the one
+    ``[server] runs_path`` names: that SQLite file ("" is memory; relative is to the working
+    directory), else the per-user default (``default_runs_path``). ``under_supervisor``: for a
+    worker, whose supervisor holds the SQLite file's lock (``SQLiteRunStore``)."""
+    if config.server.runs is not None:
+        from .redis import RedisRunStore  # only servers that use Redis import its client
+
+        return RedisRunStore(config.server.runs, retention=config.server.runs_retention,
+                             key=config.origin("server.runs")[0])
     path = config.server.runs_path
     key, _ = config.origin("server.runs_path")
     if path is None:
-        return SQLiteRunStore(default_runs_path(config), key=key, make_directory=True, shared=shared)
-    return SQLiteRunStore(os.path.abspath(os.path.expanduser(path)) if path else "", key=key, shared=shared)
+        return SQLiteRunStore(default_runs_path(config), key=key, make_directory=True,
+                              under_supervisor=under_supervisor)
+    return SQLiteRunStore(os.path.abspath(os.path.expanduser(path)) if path else "", key=key,
+                          under_supervisor=under_supervisor)
 
 
 class Runner:
@@ -170,10 +188,13 @@ class Runner:
         """No I/O here: ``start()`` opens the store."""
         settings = config.server
         self.store = store if store is not None else store_for(config)
-        self._source = config.origin("server.runs_path")[1]  # where the store's path was set, for errors
+        # Where the store was chosen, for errors.
+        self._source = config.origin("server.runs" if settings.runs is not None else "server.runs_path")[1]
+        # The same store when several servers share it (its queue, cancels, values), else None.
+        self._shared: SharedRunStore | None = self.store if getattr(self.store, "shared", False) else None  # type: ignore[assignment]
         self.apps = apps  # runnel.apps.AppRegistry
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"  # this runner's claims
-        self.lease = LEASE
+        self.lease = settings.runs_lease  # renewed every lease / 3
         self.retention = settings.runs_retention
         self.workers = settings.runs_workers
         self.max_queued = settings.runs_max_queued
@@ -189,6 +210,8 @@ class Runner:
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._streams: dict[str, list] = {}  # a running generator's values so far
         self._opening = asyncio.Lock()
+        # Shared store: workers free to take a run from the store's queue.
+        self._free = asyncio.Semaphore(self.workers)
 
     def add_view(self, view: RunView) -> None:
         if view.name in self.views:
@@ -222,8 +245,10 @@ class Runner:
             return
         self._state = "started"
         try:
-            if not all(view.opens_lazily for view in views):
-                await self._open(create=False)  # a file is made on the first run
+            # A shared store opens at once (it makes no file, and other servers' runs are
+            # waiting in it); a file is made on the first run.
+            if self._shared is not None or not all(view.opens_lazily for view in views):
+                await self._open(create=False)
         except BaseException as exc:
             self._state = "closed"
             await self.store.close()
@@ -234,6 +259,9 @@ class Runner:
         self._tasks = [loop.create_task(self._work()) for _ in range(self.workers)]
         self._tasks.append(loop.create_task(self._keep_claims()))
         self._tasks.append(loop.create_task(self._purge_forever()))
+        if self._shared is not None:
+            self._tasks.append(loop.create_task(self._take_forever(self._shared)))
+            self._tasks.append(loop.create_task(self._shared.listen(self._cancel_here, self._wake_waiters)))
 
     async def _open(self, *, create: bool) -> bool:
         """Open the store if it is not yet (creating it when ``create``), and recover what a
@@ -242,15 +270,17 @@ class Runner:
             if not self.store.is_open:
                 if not await self.store.open(create=create):
                     return False
-                await self._recover_at_start()
+                try:
+                    await self._recover_at_start()
+                except StoreDown as exc:  # the claim keeper recovers once the store is back
+                    logger.warning("run store %s: nothing recovered at start: %s", self.store.name, exc.message)
         return True
 
     async def _recover_at_start(self) -> None:
         recovered = await self.store.recover(self.idempotent, _interrupted())
         purged = await self.store.purge(time.time() - self.retention)
         queued = await self.store.queued()
-        for run_id in queued:
-            self._queue.put_nowait(run_id)
+        self._enqueue(queued)
         pending = await self.store.pending_webhooks()  # those of runs failed just now included
         for run in pending:
             self._send_webhook(run)
@@ -290,8 +320,14 @@ class Runner:
                 raise HTTPError(422, "This Idempotency-Key was used for a different request; use a new key "
                                 "for a new request", param="Idempotency-Key", code="idempotency_key_reused")
             return recorded
-        self._queue.put_nowait(run.id)
+        self._enqueue((run.id,))
         return run
+
+    def _enqueue(self, run_ids) -> None:
+        """Queue runs here, for this runner's workers; a shared store queues them itself."""
+        if self._shared is None:
+            for run_id in run_ids:
+                self._queue.put_nowait(run_id)
 
     async def _insert(self, run: Run, max_queued: int | None) -> Run:
         """``store.insert``, its failures as the HTTPErrors a client sees (429, 503)."""
@@ -303,6 +339,8 @@ class Runner:
             if recorded.id != run.id and self._expired(recorded):  # its key went with it: purge, then record
                 await self.store.purge(time.time() - self.retention)
                 recorded = await self.store.insert(run, max_queued=max_queued)
+        except HTTPError:  # the store is unreachable for now (StoreDown): 503 with Retry-After
+            raise
         except QueueFull as exc:
             raise HTTPError(429, f"Too many runs are waiting ({exc.limit} queued); try again later",
                             code="queue_full", headers=((b"retry-after", QUEUE_FULL_RETRY_AFTER),)) from None
@@ -388,15 +426,35 @@ class Runner:
                 if active.task is not None:
                     active.task.cancel()
                 return await self.wait(run_id, CANCEL_GRACE * 2)
-            if run.state == RUNNING:  # claimed by another runner: not ours to stop
-                return run
+            if run.state == RUNNING:  # claimed by another runner: not ours to stop, unless shared
+                if self._shared is None:
+                    return run
+                await self._shared.request_cancel(run_id)
+                return await self.wait(run_id, CANCEL_GRACE * 2)
             await asyncio.sleep(0.01)
         return await self.get(run_id)
 
-    def values_so_far(self, run_id: str) -> list | None:
-        """The values a generator this runner is running has yielded so far (the live
-        list: read, don't keep); None when no generator of that run is running here."""
-        return self._streams.get(run_id)
+    async def values_so_far(self, run_id: str) -> list | None:
+        """The values a running generator has yielded so far (here: the live list, read,
+        don't keep); None when no generator of that run is running (here, or with a
+        shared store, anywhere)."""
+        values = self._streams.get(run_id)
+        if values is None and self._shared is not None:
+            return await self._shared.values(run_id)
+        return values
+
+    def _cancel_here(self, run_id: str) -> None:
+        """A cancel asked on another server: stop the run if it executes here."""
+        active = self._active.get(run_id)
+        if active is not None:
+            active.cancelled = True
+            if active.task is not None:
+                active.task.cancel()
+
+    def _wake_waiters(self, run_id: str) -> None:
+        for waiter in self._waiters.pop(run_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
 
     @property
     def busy(self) -> int:
@@ -410,6 +468,10 @@ class Runner:
     async def _work(self) -> None:
         while True:
             run_id = await self._queue.get()
+            if run_id in self._active:  # queued twice (a recovery, a redelivery): one worker runs it
+                if self._shared is not None:
+                    self._free.release()
+                continue
             active = self._active[run_id] = _Active()
             try:
                 await self._run(run_id, active)
@@ -419,6 +481,28 @@ class Runner:
                 logger.exception("run %s: the runner failed", run_id)
             finally:
                 self._active.pop(run_id, None)
+                if self._shared is not None:
+                    self._free.release()
+
+    async def _take_forever(self, store: SharedRunStore) -> None:
+        """Shared store: take runs from its queue whenever workers are free, as many as are."""
+        while True:
+            await self._free.acquire()
+            free = 1
+            while not self._free.locked():
+                await self._free.acquire()  # at once: not locked
+                free += 1
+            try:
+                run_ids = await store.take(self.owner, self.lease, free)
+            except Exception as exc:
+                run_ids = []
+                if not isinstance(exc, StoreDown):
+                    logger.exception("run store %s: taking a run failed", self.store.name)
+                await asyncio.sleep(0.5)
+            for run_id in run_ids:
+                self._queue.put_nowait(run_id)
+            for _ in range(free - len(run_ids)):
+                self._free.release()
 
     async def _ready_app(self, name: str):
         """The app once it has loaded; None if it failed or is gone. No deadline: a run
@@ -437,7 +521,7 @@ class Runner:
             if await self.store.finish(run_id, FAILED, error=error):
                 await self._finished(run)
             return
-        run = await self.store.claim(run_id, self.owner, self.lease)
+        run = await self._claim(run_id)
         if run is None:  # cancelled while queued, or claimed by another runner
             return
         if active.cancelled:
@@ -461,6 +545,25 @@ class Runner:
             outcome = task.result()
         await self._finish(run, outcome)
 
+    async def _claim(self, run_id: str) -> Run | None:
+        """``store.claim``; with a shared store out of reach, tried until it is back (or the
+        server stops). A claim whose answer was lost (Redis died after writing it) is found
+        in the store as ours: it is run here, since only this runner renews it."""
+        while True:
+            try:
+                return await self.store.claim(run_id, self.owner, self.lease)
+            except StoreDown:
+                pass
+            while True:
+                await asyncio.sleep(0.5)
+                try:
+                    run = await self.store.get(run_id)
+                    break
+                except StoreDown:
+                    pass
+            if run is None or run.state != QUEUED:
+                return run if run is not None and run.state == RUNNING and run.owner == self.owner else None
+
     async def _call(self, run: Run, app) -> _Outcome:
         view = self.view(run)
         started = time.perf_counter()
@@ -471,11 +574,16 @@ class Runner:
             if isinstance(result, ValueStream):
                 streamed = True
                 values = self._streams[run.id] = []
+                sharing = None if self._shared is None else _ValueSharing(self._shared, run.id, values)
                 try:
                     async for value in result:
                         values.append(value)
+                        if sharing is not None:
+                            sharing.poke()
                 finally:
                     await result.aclose()
+                    if sharing is not None:
+                        await sharing.close()
                 result = values
             output = orjson.dumps(view.check(run, result), option=orjson.OPT_SERIALIZE_NUMPY)
             return _Outcome(SUCCEEDED, output, streamed=streamed, run_time_ms=_ms_since(started))
@@ -499,10 +607,22 @@ class Runner:
 
     async def _finish(self, run: Run, outcome: _Outcome) -> None:
         # Shielded: a server stopping mid-write still records the outcome (the store
-        # closes after it, on the same thread).
-        written = await asyncio.shield(self.store.finish(
-            run.id, outcome.state, owner=self.owner, output=outcome.output, error=outcome.error,
-            streamed=outcome.streamed, run_time_ms=outcome.run_time_ms))
+        # closes after it, on the same thread). A shared store out of reach is tried
+        # until it is back: the run stays claimed by this runner until then (and is
+        # taken back if its lease ran out meanwhile: the outcome is refused then).
+        while True:
+            try:
+                written = await asyncio.shield(self.store.finish(
+                    run.id, outcome.state, owner=self.owner, output=outcome.output, error=outcome.error,
+                    streamed=outcome.streamed, run_time_ms=outcome.run_time_ms))
+                break
+            except StoreDown:
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(StoreDown):  # the finish was written, its answer lost?
+                    recorded = await self.store.get(run.id)
+                    if recorded is not None and recorded.state == outcome.state and recorded.owner == self.owner:
+                        written = True
+                        break
         self._streams.pop(run.id, None)
         if written:
             await self._finished(run)
@@ -511,9 +631,7 @@ class Runner:
                            run.id, outcome.state)
 
     async def _finished(self, run: Run) -> None:
-        for waiter in self._waiters.pop(run.id, ()):
-            if not waiter.done():
-                waiter.set_result(None)
+        self._wake_waiters(run.id)
         if run.webhook:
             final = await self.store.get(run.id)
             if final is not None:
@@ -549,11 +667,13 @@ class Runner:
             try:
                 await self.store.renew(self.owner, self.lease)
                 recovered = await self.store.recover(self.idempotent, _interrupted())
+            except StoreDown as exc:
+                logger.warning("run store %s: claims not renewed: %s", self.store.name, exc.message)
+                continue
             except Exception:
                 logger.exception("run store %s: renewing claims failed", self.store.name)
                 continue
-            for run_id in recovered.requeued:
-                self._queue.put_nowait(run_id)
+            self._enqueue(recovered.requeued)
             for run_id in recovered.failed:
                 run = await self.store.get(run_id)
                 if run is not None:
@@ -569,8 +689,44 @@ class Runner:
             await asyncio.sleep(interval)
             try:
                 await self.store.purge(time.time() - self.retention)
+            except StoreDown:
+                pass  # expired runs wait for the next round
             except Exception:
                 logger.exception("run store %s: purge failed", self.store.name)
+
+
+class _ValueSharing:
+    """A running generator's values, appended to a shared store as they come: one append
+    at a time, each taking every value yielded since the last, so a fast generator is
+    never held up by the store, nor sends it one call per value."""
+
+    def __init__(self, store: SharedRunStore, run_id: str, values: list) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.values = values  # the runner's live list
+        self.sent = 0
+        self._task: asyncio.Task | None = None
+
+    def poke(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        while self.sent < len(self.values):
+            new = self.values[self.sent:]
+            try:
+                await self.store.append_values(self.run_id, new)
+            except StoreDown:
+                return  # readers elsewhere see fewer values; the outcome has them all
+            self.sent += len(new)
+
+    async def close(self) -> None:
+        """Wait for the last append, so the run's finish (which drops the values) comes after it."""
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.sent < len(self.values):
+            with contextlib.suppress(StoreDown):
+                await self._send()
 
 
 def _interrupted() -> HTTPError:

@@ -13,7 +13,7 @@ without waiting for their leases to run out.
 
 Workers of one supervisor (``runnel serve --workers N``) share one file: the
 supervisor takes the lock and expires the old claims (``hold_for_workers``) before
-any worker starts, and each worker opens the file ``shared``: no lock, no expiring
+any worker starts, and each worker opens the file ``under_supervisor``: no lock, no expiring
 (a claim in it may be a sibling's). Claims stay exactly-once: each is one
 ``UPDATE ... WHERE state = 'queued'``, atomic across processes in WAL mode. A worker
 that dies leaves its claims to expire by lease, for a sibling's ``recover``.
@@ -84,15 +84,17 @@ class SQLiteRunStore:
     created on first use, so a server that never takes a run leaves nothing behind.
     ``key`` is the setting that named the path, for errors. With ``make_directory``
     the file's directory is made when the file is (the per-user default's); else it
-    must exist. ``shared``: the file's lock is held by this process's supervisor, for
+    must exist. ``under_supervisor``: the file's lock is held by this process's supervisor, for
     its workers (see the module's doc).
     """
 
+    shared = False  # not a store several servers share (runnel.runs.store.SharedRunStore)
+
     def __init__(self, path: str, *, key: str = "server.runs_path", make_directory: bool = False,
-                 shared: bool = False) -> None:
+                 under_supervisor: bool = False) -> None:
         self.path = path
         self.make_directory = make_directory
-        self.shared = shared
+        self.under_supervisor = under_supervisor
         self.name = path or "(memory)"
         self.key = key
         self._conn: sqlite3.Connection | None = None
@@ -131,7 +133,7 @@ class SQLiteRunStore:
                 raise StoreUnavailable(f"no such directory: {directory}", key=self.key)
             if not create and not os.path.exists(self.path):
                 return False
-            if not self.shared:
+            if not self.under_supervisor:
                 self._lock()
         try:
             conn = sqlite3.connect(self.path or ":memory:", isolation_level=None)
@@ -159,7 +161,7 @@ class SQLiteRunStore:
 
     def hold_for_workers(self) -> None:
         """(A supervisor, before its workers start; blocking) take the file's lock for the
-        workers that will open it ``shared``, and expire every claim in it: no worker runs
+        workers that will open it ``under_supervisor``, and expire every claim in it: no worker runs
         yet, so whoever claimed them is gone. Held until ``release``."""
         if not self.path:
             raise StoreUnavailable("runs kept in memory (\"\") cannot be shared by several workers; give "

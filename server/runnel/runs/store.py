@@ -34,7 +34,7 @@ expects, so several runners, in one process or many, may share one store.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,7 +42,8 @@ from ..errors import HTTPError
 
 __all__ = [
     "CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "TERMINAL", "TIMED_OUT",
-    "ANYONE", "QueueFull", "Recovered", "Run", "RunStore", "StoreUnavailable", "error_record",
+    "ANYONE", "QueueFull", "Recovered", "Run", "RunStore", "SharedRunStore", "StoreDown", "StoreUnavailable",
+    "error_record",
 ]
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, TIMED_OUT = (
@@ -109,6 +110,19 @@ class StoreUnavailable(RuntimeError):
         self.key = key
 
 
+class StoreDown(HTTPError):
+    """A shared store cannot be reached now (its server is down, or the network to it):
+    for now, not for good. An HTTPError, so a request that meets it, wherever, is answered
+    503 with Retry-After; background work logs it and tries again."""
+
+    RETRY_AFTER = b"2"  # seconds
+
+    def __init__(self, name: str, cause: BaseException) -> None:
+        super().__init__(503, f"The run store is unreachable ({type(cause).__name__}: {cause}); try again shortly",
+                         code="run_store_unreachable", headers=((b"retry-after", self.RETRY_AFTER),))
+        self.name = name
+
+
 class QueueFull(Exception):
     """``insert`` refused a run: ``limit`` runs are queued already (nothing was written)."""
 
@@ -121,6 +135,9 @@ class RunStore(Protocol):
     """The operations a runner needs from a store, local or shared by several processes."""
 
     name: str  # where the runs are, for logs
+    # False: this process's runner is the only one taking the store's runs (it queues them
+    # itself); True: a SharedRunStore, whose runs any server's runner may take.
+    shared: bool
 
     @property
     def is_open(self) -> bool: ...
@@ -177,3 +194,27 @@ class RunStore(Protocol):
     async def counts(self, app: str, surface: str, since: float) -> dict[str, int]:
         """Runs of ``app`` from ``surface`` per state (finished ones since ``since``), plus
         ``"retried"``: those claimed more than once."""
+
+
+class SharedRunStore(RunStore, Protocol):
+    """A store several servers share (``shared`` True): its queue, cancels and running
+    generators' values are in the store, so that every server sees them. Calls raise
+    StoreDown while the store cannot be reached."""
+
+    async def take(self, owner: str, lease: float, count: int) -> list[str]:
+        """The ids of the next runs (``count`` at most) for ``owner`` to claim, delivered to it
+        alone (or taken back from a runner that died, ``lease`` seconds after); none when none
+        came within a second or so."""
+
+    async def request_cancel(self, run_id: str) -> None:
+        """Ask whichever runner executes ``run_id`` to cancel it."""
+
+    async def listen(self, on_cancel: Callable[[str], None], on_done: Callable[[str], None]) -> None:
+        """Forever: ``on_cancel(run_id)`` for each cancel asked, ``on_done(run_id)`` for each
+        run finished, by any server."""
+
+    async def append_values(self, run_id: str, values: list) -> None:
+        """Add a running generator's newest values to what ``values`` reads, on any server."""
+
+    async def values(self, run_id: str) -> list | None:
+        """A running generator's values so far; None when it has none here (not started, or done)."""

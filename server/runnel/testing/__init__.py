@@ -6,6 +6,9 @@ package at run time, and it needs pytest only for its fixtures
 ``pytest_plugins = ["runnel.testing.pytest_plugin"]``) and to fail a ``wait_until``.
 
 - ``server``: ServerThread (a server on its own loop in a thread), free_port, wait_until;
+- ``process``: ServeProcess (``runnel serve`` in a subprocess, for SIGKILL and several servers);
+- ``redis``: RedisServer (a real redis-server on a free port, AOF on; fixtures ``redis_server``,
+  ``redis_url``);
 - ``wire``: raw sockets and the one reader of raw HTTP responses (RawResponse,
   ResponseReader, parse_all, exchange) and of SSE bodies (sse_events);
 - ``client``: H11Client, a keep-alive client on h11, and ``request``;
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 from .client import H11Client, Reply, request
 from .errors import assert_error, error_body
+from .process import ServeProcess
+from .redis import RedisServer
 from .server import ServerThread, free_port, server_config, wait_until
 from .wire import (
     RawResponse,
@@ -36,8 +41,10 @@ from .wire import (
 __all__ = [
     "H11Client",
     "RawResponse",
+    "RedisServer",
     "Reply",
     "ResponseReader",
+    "ServeProcess",
     "ServerThread",
     "assert_error",
     "connect",

@@ -15,6 +15,7 @@ import pytest
 
 import runnel
 
+from .redis import RedisServer, running_redis
 from .server import ServerThread, server_config
 
 ECHO_CONFIG = {"apps": {"echo": {"backend": "echo"}}}
@@ -56,3 +57,18 @@ def tiny_server() -> Iterator[ServerThread]:
     assert server.wait_ready()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real ``redis-server`` for the session (loopback, free port, AOF on). Missing, it fails
+    the tests that need it (it is never skipped): ``make test`` installs it."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, emptied for this test: ``[server] runs`` for servers sharing runs."""
+    assert redis_server.command("FLUSHALL").startswith(b"+OK")
+    return redis_server.url()

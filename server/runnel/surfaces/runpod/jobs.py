@@ -225,7 +225,7 @@ class RunPodJobAPI:
 
     async def stream(self, request):
         run = await self._job(request)
-        values = self.cursors.take(run, self.runs.values_so_far(run.id))
+        values = self.cursors.take(run, await self.runs.values_so_far(run.id))
         body = {"status": STATUS[run.state], "stream": [{"output": value} for value in values]}
         if run.error is not None:
             body["error"] = run.error["message"]
