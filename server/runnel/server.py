@@ -116,7 +116,8 @@ class Server:
                     )
                 self.apps.add(name, backend(app_config, config.table(f"apps.{name}", app_config.options), self))
             # Before the routes: surfaces register their run views on it.
-            self.runs = Runner(config, self.apps, store=store_for(config, under_supervisor=True) if self.worker else None)
+            store = store_for(config, under_supervisor=True) if self.worker else None
+            self.runs = Runner(config, self.apps, store=store)
         except ConfigError as error:
             # The same error, or its copy naming the file: chained, the plugin's traceback stays.
             raise error.with_source(config.source) if config.source else error  # noqa: B904

@@ -21,9 +21,7 @@ from runnel.config import Config, load_config
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PORT = 8000
-# Read by the Redis run store (issue 13's `redis` branch, merged separately); drop this
-# once server/runnel names it.
-RUNS_URL = "RUNNEL_RUNS_URL"
+RUNS_URL = "RUNNEL_RUNS_URL"  # the Redis run store's URL (config.py)
 
 
 def runnel_variables() -> set[str]:
@@ -35,7 +33,7 @@ def runnel_variables() -> set[str]:
 
 
 def check_variables(env: dict[str, str]) -> None:
-    unknown = {name for name in env if name.startswith("RUNNEL_")} - runnel_variables() - {RUNS_URL}
+    unknown = {name for name in env if name.startswith("RUNNEL_")} - runnel_variables()
     assert not unknown, f"variables runnel does not read: {unknown}"
     assert env["RUNNEL_PORT"] == str(PORT) and env["RUNNEL_HOST"] == "0.0.0.0"
     assert int(env["RUNNEL_WORKERS"]) >= 1
