@@ -51,6 +51,7 @@ import orjson
 from ..backends.python import is_function_app
 from ..config import ConfigError
 from ..errors import HTTPError
+from ..metrics import NoRunMetrics
 from .idempotency import Idempotency
 from .sqlite import SQLiteRunStore
 from .store import (
@@ -174,6 +175,7 @@ class Runner:
         self._active: dict[str, _Active] = {}
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._streams: dict[str, list] = {}  # a running generator's values so far
+        self.metrics: Any = NoRunMetrics()  # runnel.metrics.RunMetrics once a Server owns this runner
 
     def add_view(self, view: RunView) -> None:
         if view.name in self.views:
@@ -217,6 +219,7 @@ class Runner:
 
     async def _recover_at_start(self) -> None:
         recovered = await self.store.recover(self.idempotent, _interrupted())
+        self.metrics.runs_recovered(len(recovered.requeued), len(recovered.failed))
         purged = await self.store.purge(time.time() - self.retention)
         queued = await self.store.queued()
         for run_id in queued:
@@ -277,6 +280,7 @@ class Runner:
                                 "for a new request", param="Idempotency-Key", code="idempotency_key_reused")
             return recorded
         self._queue.put_nowait(run.id)
+        self.metrics.run_accepted(app)
         return run
 
     async def get(self, run_id: str) -> Run | None:
@@ -322,6 +326,7 @@ class Runner:
             if run is None or run.done:
                 return run
             if run.state == QUEUED and await self.store.finish(run_id, CANCELLED):
+                self.metrics.run_finished(run.app, CANCELLED, None)
                 await self._finished(run)
                 return await self.get(run_id)
             active = self._active.get(run_id)
@@ -339,6 +344,11 @@ class Runner:
         """The values a generator this runner is running has yielded so far (the live
         list: read, don't keep); None when no generator of that run is running here."""
         return self._streams.get(run_id)
+
+    @property
+    def queued(self) -> int:
+        """Runs waiting in this runner's queue (a cancelled one until a worker takes it off)."""
+        return self._queue.qsize()
 
     @property
     def busy(self) -> int:
@@ -377,6 +387,7 @@ class Runner:
             error = HTTPError(503, f"App '{run.app}' is not available: it is {self.apps.state(run.app) or 'gone'}",
                               code="app_not_ready")
             if await self.store.finish(run_id, FAILED, error=error):
+                self.metrics.run_finished(run.app, FAILED, None)
                 await self._finished(run)
             return
         run = await self.store.claim(run_id, self.owner, self.lease)
@@ -448,6 +459,8 @@ class Runner:
             streamed=outcome.streamed, run_time_ms=outcome.run_time_ms))
         self._streams.pop(run.id, None)
         if written:
+            seconds = outcome.run_time_ms / 1000 if outcome.run_time_ms is not None else None
+            self.metrics.run_finished(run.app, outcome.state, seconds)
             await self._finished(run)
         else:
             logger.warning("run %s: its claim was taken back (not renewed in time); its %s outcome is discarded",
@@ -477,11 +490,14 @@ class Runner:
             check_target(url, self.allowed_hosts)  # again: the config may have changed since
         except ValueError as exc:
             logger.warning("webhook for run %s not sent: %s", run.id, exc)
+            self.metrics.webhook_outcome("refused")
         else:
+            delivered = False
             try:
-                await self.webhooks.deliver(url, run.id, body)
+                delivered = await self.webhooks.deliver(url, run.id, body)
             except Exception:
                 logger.exception("webhook for run %s failed", run.id)
+            self.metrics.webhook_outcome("delivered" if delivered else "failed")
         await self.store.webhook_done(run.id)  # delivered or given up; a stop before this resends
 
     # -- housekeeping -------------------------------------------------------------------
@@ -495,11 +511,13 @@ class Runner:
             except Exception:
                 logger.exception("run store %s: renewing claims failed", self.store.name)
                 continue
+            self.metrics.runs_recovered(len(recovered.requeued), len(recovered.failed))
             for run_id in recovered.requeued:
                 self._queue.put_nowait(run_id)
             for run_id in recovered.failed:
                 run = await self.store.get(run_id)
                 if run is not None:
+                    self.metrics.run_finished(run.app, FAILED, None)
                     await self._finished(run)
             if recovered.requeued or recovered.failed:
                 logger.warning("run store %s: %d expired claims taken back (%d to run again, %d interrupted)",
