@@ -122,8 +122,11 @@ class Metrics:
         self.generated_tokens = Counter("runnel_generation_generated_tokens", "Tokens generated (those of "
                                         "finished choices)", ("app",), registry=registry)
         self.runs = RunMetrics(registry)
-        # Label children, looked up by a dict get instead of labels()' lock per request.
-        self._children: dict[tuple, Any] = {}
+        # Label children, looked up by one dict get per request instead of labels()' lock
+        # and argument checks: (route, method, status) -> (requests, duration, bytes), and
+        # (app, reason) -> that generation's children. The labels are few, so these stay small.
+        self._http_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self._generation_children: dict[tuple[str, str], tuple[Any, ...]] = {}
 
     def bind(self, server_state: ServerState, runner: Runner | None) -> None:
         """What the scrape-time gauges read, once the server has started."""
@@ -133,45 +136,49 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
     @hookimpl
     def runnel_request_finished(self, request: Request, status: int, elapsed: float) -> None:
         route = request.route
-        template = route.template if route is not None else UNMATCHED
-        method = request.method if request.method in _METHODS else "other"
-        child = self._child
-        child(self.http_requests, template, method, status_class(status)).inc()
-        child(self.http_duration, template, method).observe(elapsed)
+        key = (route.template if route is not None else UNMATCHED,
+               request.method if request.method in _METHODS else "other", status_class(status))
+        children = self._http_children.get(key)
+        if children is None:
+            template, method, status_label = key
+            children = self._http_children[key] = (self.http_requests.labels(template, method, status_label),
+                                                   self.http_duration.labels(template, method),
+                                                   self.http_bytes.labels(template))
+        requests, duration, sent = children
+        requests.inc()
+        duration.observe(elapsed)
         if request.bytes_sent:
-            child(self.http_bytes, template).inc(request.bytes_sent)
+            sent.inc(request.bytes_sent)
         record = request.generation
         if record is not None:
             self._generation(record, status)
 
     def _generation(self, record: GenerationRecord, status: int) -> None:
-        app = self.app_name(record.app)
-        reason = outcome(record, status)
-        child = self._child
-        child(self.generation_requests, app, reason).inc()
-        if reason == "rejected":
+        key = (self.app_name(record.app), outcome(record, status))
+        children = self._generation_children.get(key)
+        if children is None:
+            app, reason = key
+            children = self._generation_children[key] = (
+                self.generation_requests.labels(app, reason), self.prompt_tokens.labels(app),
+                self.generated_tokens.labels(app), self.ttft.labels(app), self.e2e.labels(app), self.itl.labels(app))
+        requests, prompt_tokens, generated_tokens, ttft_histogram, e2e_histogram, itl_histogram = children
+        requests.inc()
+        if key[1] == "rejected":
             return  # never admitted: nothing was computed
-        child(self.prompt_tokens, app).inc(record.prompt_tokens)
+        prompt_tokens.inc(record.prompt_tokens)
         if record.completion_tokens:
-            child(self.generated_tokens, app).inc(record.completion_tokens)
+            generated_tokens.inc(record.completion_tokens)
         ttft = record.time_to_first_token
         if ttft is not None:
-            child(self.ttft, app).observe(ttft)
+            ttft_histogram.observe(ttft)
         if record.ended_at and not record.failed:
-            child(self.e2e, app).observe(record.ended_at - record.started_at)
+            e2e_histogram.observe(record.ended_at - record.started_at)
             itl = record.inter_token_latency
             if itl is not None:
-                child(self.itl, app).observe(itl)
+                itl_histogram.observe(itl)
 
     def app_name(self, app: Any) -> str:
         for name, candidate in self._apps.items():  # a handful of apps: cheaper than keeping a map in step
