@@ -79,7 +79,9 @@ class ServerConfig:
     port: int = 8000  # 0 = pick a free port
     backlog: int = 2048
     log_level: str = "info"
-    access_log: bool = False
+    # One log line per finished request: False (off), True (text, as before "json" existed)
+    # or "json" (a JSON object a line). "text" and "off" are read as True and False.
+    access_log: bool | str = False
     server_header: str = "runnel"  # "" = send no Server header
     max_header_bytes: int = 16384  # whole request head: request line + headers
     max_body_bytes: int = 8388608
@@ -128,6 +130,18 @@ class ServerConfig:
     # Origins ("https://app.example.com", or "*") whose browser scripts may call the server:
     # preflights answered, responses carry Access-Control-Allow-Origin. Empty: CORS off.
     cors_allow_origins: tuple[str, ...] = ()
+    # Operations (issue 14).
+    metrics_public: bool = False  # GET /metrics without authentication (for a scraper inside the network)
+    # On SIGTERM, /readyz answers 503 this many seconds while requests are still taken, so a
+    # load balancer stops sending before the listener closes and shutdown_grace begins.
+    shutdown_drain_delay: float = 0.0
+
+    @property
+    def access_log_format(self) -> str | None:
+        """``"text"``, ``"json"``, or None when the access log is off."""
+        if self.access_log is True:
+            return "text"
+        return self.access_log or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +332,20 @@ def _runs_url(value: str) -> str:
     return value
 
 
+ACCESS_LOG_FORMATS = ("text", "json")
+
+
+def _access_log(value: bool | str) -> bool | str:
+    # true/false as before; "text" is what true always meant, "off" what false did.
+    if type(value) is bool:
+        return value
+    if value == "json":
+        return value
+    if value in ("text", "off"):
+        return value == "text"
+    raise ValueError(f'must be true, false, "text" or "json", got {value!r}')
+
+
 def _header_value(value: str) -> str:
     # A control character here would break (or split) every response's head.
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
@@ -325,12 +353,12 @@ def _header_value(value: str) -> str:
     return value
 
 
-_SERVER_RULES: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
+_SERVER_RULES: dict[str, tuple[type | tuple[type, ...], Callable[[Any], Any] | None]] = {
     "host": (str, _non_empty),
     "port": (int, _between(0, 65535)),
     "backlog": (int, _at_least(1)),
     "log_level": (str, _log_level),
-    "access_log": (bool, None),
+    "access_log": ((bool, str), _access_log),
     "server_header": (str, _header_value),
     "max_header_bytes": (int, _at_least(1024)),
     "max_body_bytes": (int, _at_least(0)),
@@ -355,6 +383,8 @@ _SERVER_RULES: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
     "runsync_timeout": (float, _above(0)),
     "ignore_unknown_fields": (bool, None),
     "cors_allow_origins": (list, _origins),
+    "metrics_public": (bool, None),
+    "shutdown_drain_delay": (float, _at_least(0)),
 }
 _SERVER_KEYS = tuple(_SERVER_RULES)
 
@@ -483,7 +513,14 @@ _FALSE = ("0", "false", "no", "off")
 _ENV = "environment"
 
 
-def _from_env_string(name: str, text: str, kind: type) -> Any:
+def _from_env_string(name: str, text: str, kind: type | tuple[type, ...]) -> Any:
+    if kind == (bool, str):  # RUNNEL_ACCESS_LOG: a boolean word, or a format name
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        if text in ACCESS_LOG_FORMATS:
+            return text
+        raise ConfigError(f"expected one of {'/'.join(_TRUE + _FALSE)} or {'/'.join(ACCESS_LOG_FORMATS)}, "
+                          f"got {text!r}", key=name, source=_ENV)
     if kind is int:
         try:
             return int(text)

@@ -99,8 +99,11 @@ def runnel_authenticate(request: Request, route: Route) -> Principal | None:
 def runnel_request_finished(request: Request, status: int, elapsed: float) -> None:
     """Observe a request whose response is complete (metrics, access logs).
 
-    :param status: the status code sent.
+    :param status: the status code sent; 499 when the client went away before the response
+        was complete (nginx's "client closed request").
     :param elapsed: seconds from the request head to the last byte of the response.
+    ``request.generation`` (a ``runnel.generation_record.GenerationRecord``, or None) is what
+    its generation did; ``request.bytes_sent`` the size of a whole response (0 for a stream).
     Called only when some plugin implements it, so it costs nothing otherwise.
     """
 

@@ -604,3 +604,36 @@ def test_cors_allow_origins_default_off_and_normalised():
     assert config_from_dict({}).server.cors_allow_origins == ()
     config = config_from_dict({"server": {"cors_allow_origins": ["*", "HTTPS://App.Example.com:8443"]}})
     assert config.server.cors_allow_origins == ("*", "https://app.example.com:8443")
+
+
+# -- operations (issue 14) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, stored, log_format", [(False, False, None), (True, True, "text"),
+                                                       ("off", False, None), ("text", True, "text"),
+                                                       ("json", "json", "json")])
+def test_access_log_takes_a_format_and_the_old_booleans(value, stored, log_format):
+    server = config_from_dict({"server": {"access_log": value}}).server
+    assert server.access_log == stored and type(server.access_log) is type(stored)
+    assert server.access_log_format == log_format
+
+
+def test_access_log_refuses_other_formats_naming_the_choices():
+    error = raises_config_error(config_from_dict, {"server": {"access_log": "xml"}})
+    assert error.key == "server.access_log"
+    assert '"text" or "json"' in error.message and "'xml'" in error.message
+
+
+def test_environment_access_log_format():
+    assert apply_environment(Config(), {"RUNNEL_ACCESS_LOG": "json"}).server.access_log_format == "json"
+    assert apply_environment(Config(), {"RUNNEL_ACCESS_LOG": "text"}).server.access_log_format == "text"
+    error = raises_config_error(apply_environment, Config(), {"RUNNEL_ACCESS_LOG": "JSONL"})
+    assert "json" in error.message and error.key == "RUNNEL_ACCESS_LOG"
+
+
+def test_metrics_public_and_drain_delay():
+    server = config_from_dict({"server": {"metrics_public": True, "shutdown_drain_delay": 5}}).server
+    assert (server.metrics_public, server.shutdown_drain_delay) == (True, 5.0)
+    assert (ServerConfig().metrics_public, ServerConfig().shutdown_drain_delay) == (False, 0.0)
+    error = raises_config_error(config_from_dict, {"server": {"shutdown_drain_delay": -1}})
+    assert error.key == "server.shutdown_drain_delay"

@@ -215,6 +215,12 @@ class GeneratorApp:
         return {**scheduler.stats.to_dict(), "waiting": len(scheduler.waiting), "running_batches": scheduler.running,
                 "device": self.device.device}
 
+    def batching_stats(self) -> dict | None:
+        """What runnel's /metrics reads at scrape time (runnel.metrics.LiveState): the
+        scheduler's own counters, so /stats and /metrics never disagree."""
+        scheduler = self.scheduler
+        return None if scheduler is None else scheduler.batching_stats()
+
 
 class EncoderApp:
     """A ``ctranslate2.Encoder`` serving /v1/embeddings: mean pooling, optional normalization."""

@@ -180,6 +180,8 @@ class SchedulerStats:
     rows: int = 0
     largest_batch: int = 0
     recent_batch_sizes: collections.deque = None
+    # size_counts[k]: batches launched with k rows (the /metrics batch size histogram).
+    size_counts: list = None
 
     def to_dict(self) -> dict:
         return {"batches": self.batches, "rows": self.rows, "largest_batch": self.largest_batch,
@@ -204,7 +206,15 @@ class BatchScheduler:
         # One thread per batch that may run at once: each makes one generate_batch call.
         # Daemons: a batch stuck in CTranslate2 is abandoned at close, not joined (runnel.workers).
         self._threads = DaemonThreads(slots, "runnel-ct2-batch")
-        self.stats = SchedulerStats(recent_batch_sizes=collections.deque(maxlen=32))
+        self.stats = SchedulerStats(recent_batch_sizes=collections.deque(maxlen=32),
+                                    size_counts=[0] * (max_batch_size + 1))
+
+    def batching_stats(self) -> dict:
+        """Rows waiting (cancelled ones are dropped at the next flush: not counted), rows
+        decoding, and the batch sizes so far; read at scrape time, never on the hot path."""
+        return {"waiting_rows": sum(not row.done for row in self.waiting),
+                "running_rows": sum(not row.done for batch in self._batches for row in batch.rows),
+                "batch_sizes": self.stats.size_counts}
 
     # -- generations -------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, n: int, sink) -> BatchedGeneration:
@@ -267,6 +277,7 @@ class BatchScheduler:
         stats.rows += len(rows)
         stats.largest_batch = max(stats.largest_batch, len(rows))
         stats.recent_batch_sizes.append(len(rows))
+        stats.size_counts[len(rows)] += 1
         # The call runs on one of our threads, which waits with the GIL released while
         # CTranslate2 decodes: setting a batch up takes ~0.5 ms that the loop must not spend.
         start_tokens = [row.start_tokens for row in rows]

@@ -72,6 +72,10 @@ _NO_BODY = frozenset((204, 304))
 # What the single connection deadline is guarding at the moment.
 _IDLE, _HEAD, _BODY = 1, 2, 3
 
+# The status a request whose client went away before its response was complete is
+# reported with (to the access log and the metrics): nginx's "client closed request".
+CLIENT_GONE = 499
+
 # How long a refused connection (over max_connections) is kept open after its 503, so
 # the client reads the answer instead of a reset caused by closing on its unread request.
 REFUSED_LINGER = 1.0
@@ -152,6 +156,7 @@ class HttpProtocol(asyncio.Protocol):
         self._refused = self._closing = True
         state.connections.add(self)  # so stop() closes it too
         state.refusing += 1
+        state.refused_total += 1
         error = HTTPError(503, "Server is at its connection limit; retry later", code="too_many_connections",
                           headers=((b"retry-after", b"1"),))
         body = orjson.dumps(error.to_dict())
@@ -211,6 +216,11 @@ class HttpProtocol(asyncio.Protocol):
             request.incoming.fail(ConnectionResetError("client disconnected"))
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the handler and whatever it started stop now
+        if request is not None:
+            # Reported too, so dropped requests show in the log and the metrics; once
+            # only: a cycle that completed or was refused has no _request any more.
+            self._request = None
+            self._report_status(request, CLIENT_GONE)
 
     def pause_writing(self) -> None:
         self.flow.pause_writing()
@@ -427,8 +437,10 @@ class HttpProtocol(asyncio.Protocol):
             head = self._head(request, 500, b"content-type: %b\r\ncontent-length: %d\r\n" % (JSON, len(body)))
         if request.method == "HEAD" or status in _NO_BODY or not body:
             self.transport.write(head)
+            request.bytes_sent = len(head)
         else:
             self.transport.write(head + body)
+            request.bytes_sent = len(head) + len(body)
         request.status = status
         self._cycle_done(request)
 
@@ -460,10 +472,13 @@ class HttpProtocol(asyncio.Protocol):
         self.abort()
 
     def _report_finished(self, request: Request) -> None:
+        self._report_status(request, request.status)
+
+    def _report_status(self, request: Request, status: int) -> None:
         finished = self.server_state.finished
         if finished is not None:
             try:
-                finished(request, request.status, self.loop.time() - request.started_at)
+                finished(request, status, self.loop.time() - request.started_at)
             except Exception:
                 self.server_state.logger.exception("request-finished observer failed")
 
@@ -517,9 +532,12 @@ class HttpProtocol(asyncio.Protocol):
             return
         body = orjson.dumps(HTTPError(status, message).to_dict())
         fields = b"content-type: %b\r\ncontent-length: %d\r\n" % (JSON, len(body))
-        self.transport.write(self._head(request, status, fields) + body)
+        answer = self._head(request, status, fields) + body
+        self.transport.write(answer)
         if request is not None:
             request.status = status
+            request.bytes_sent = len(answer)
+            self._request = None  # answered: connection_lost does not report it again
             self._report_finished(request)
         self.transport.close()
 

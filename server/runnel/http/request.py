@@ -13,6 +13,7 @@ from ..errors import HTTPError
 
 if TYPE_CHECKING:
     from ..auth import Principal
+    from ..generation_record import GenerationRecord
     from ..routing import Route
     from ..serializers import Serializer
     from .body import RequestBody
@@ -76,6 +77,8 @@ class Request:
         "principal",
         "started_at",
         "status",
+        "generation",
+        "bytes_sent",
         "incoming",
         "_protocol",
         "_query_params",
@@ -98,8 +101,11 @@ class Request:
         self.route: Route | None = None  # set by the dispatcher once matched
         self.path_params: dict[str, str] = {}
         self.principal: Principal | None = None  # set by the dispatcher before the handler runs
-        self.started_at = 0.0
+        self.started_at = 0.0  # loop.time() when its head arrived
         self.status = 0
+        # What its generation did (runnel.generation_record), for the metrics and the access log.
+        self.generation: GenerationRecord | None = None
+        self.bytes_sent = 0  # a whole response's head and body; 0 for a stream (never counted per token)
         self.incoming = incoming  # the body as the protocol feeds it
         self._query_params: dict[str, list[str]] | None = None
         self._response_stream: ResponseStream | None = None

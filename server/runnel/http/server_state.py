@@ -57,9 +57,11 @@ class ServerState:
     server_header: bytes = b"runnel"
     cors: Cors | None = None  # [server] cors_allow_origins; None: off
     # Called once per finished request with (request, status, seconds); None when nobody listens.
+    # A request whose client went away first is reported too, with status 499 (protocol.CLIENT_GONE).
     finished: Callable[[Request, int, float], None] | None = None
     dates: DateHeader = field(default_factory=DateHeader)
     new_request_id: Callable[[], str] = new_request_id
     connections: set[HttpProtocol] = field(default_factory=set)
     refusing: int = 0  # of the connections, those refused (past max_connections) and about to close
+    refused_total: int = 0  # connections refused since start (read by the metrics at scrape time)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("runnel.http"))

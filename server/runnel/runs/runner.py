@@ -60,6 +60,7 @@ import orjson
 from ..backends.python import is_function_app
 from ..config import ConfigError
 from ..errors import HTTPError
+from ..metrics import NoRunMetrics
 from .idempotency import Idempotency
 from .sqlite import SQLiteRunStore
 from .store import (
@@ -212,6 +213,7 @@ class Runner:
         self._opening = asyncio.Lock()
         # Shared store: workers free to take a run from the store's queue.
         self._free = asyncio.Semaphore(self.workers)
+        self.metrics: Any = NoRunMetrics()  # runnel.metrics.RunMetrics once a Server owns this runner
 
     def add_view(self, view: RunView) -> None:
         if view.name in self.views:
@@ -278,6 +280,7 @@ class Runner:
 
     async def _recover_at_start(self) -> None:
         recovered = await self.store.recover(self.idempotent, _interrupted())
+        self.metrics.runs_recovered(len(recovered.requeued), len(recovered.failed))
         purged = await self.store.purge(time.time() - self.retention)
         queued = await self.store.queued()
         self._enqueue(queued)
@@ -321,6 +324,7 @@ class Runner:
                                 "for a new request", param="Idempotency-Key", code="idempotency_key_reused")
             return recorded
         self._enqueue((run.id,))
+        self.metrics.run_accepted(app)
         return run
 
     def _enqueue(self, run_ids) -> None:
@@ -418,6 +422,7 @@ class Runner:
             if run is None or run.done:
                 return run
             if run.state == QUEUED and await self.store.finish(run_id, CANCELLED):
+                self.metrics.run_finished(run.app, CANCELLED, None)
                 await self._finished(run)
                 return await self.get(run_id)
             active = self._active.get(run_id)
@@ -455,6 +460,11 @@ class Runner:
         for waiter in self._waiters.pop(run_id, ()):
             if not waiter.done():
                 waiter.set_result(None)
+
+    @property
+    def queued(self) -> int:
+        """Runs waiting in this runner's queue (a cancelled one until a worker takes it off)."""
+        return self._queue.qsize()
 
     @property
     def busy(self) -> int:
@@ -519,6 +529,7 @@ class Runner:
             error = HTTPError(503, f"App '{run.app}' is not available: it is {self.apps.state(run.app) or 'gone'}",
                               code="app_not_ready")
             if await self.store.finish(run_id, FAILED, error=error):
+                self.metrics.run_finished(run.app, FAILED, None)
                 await self._finished(run)
             return
         run = await self._claim(run_id)
@@ -625,6 +636,8 @@ class Runner:
                         break
         self._streams.pop(run.id, None)
         if written:
+            seconds = outcome.run_time_ms / 1000 if outcome.run_time_ms is not None else None
+            self.metrics.run_finished(run.app, outcome.state, seconds)
             await self._finished(run)
         else:
             logger.warning("run %s: its claim was taken back (not renewed in time); its %s outcome is discarded",
@@ -652,11 +665,14 @@ class Runner:
             check_target(url, self.allowed_hosts)  # again: the config may have changed since
         except ValueError as exc:
             logger.warning("webhook for run %s not sent: %s", run.id, exc)
+            self.metrics.webhook_outcome("refused")
         else:
+            delivered = False
             try:
-                await self.webhooks.deliver(url, run.id, body)
+                delivered = await self.webhooks.deliver(url, run.id, body)
             except Exception:
                 logger.exception("webhook for run %s failed", run.id)
+            self.metrics.webhook_outcome("delivered" if delivered else "failed")
         await self.store.webhook_done(run.id)  # delivered or given up; a stop before this resends
 
     # -- housekeeping -------------------------------------------------------------------
@@ -673,10 +689,12 @@ class Runner:
             except Exception:
                 logger.exception("run store %s: renewing claims failed", self.store.name)
                 continue
+            self.metrics.runs_recovered(len(recovered.requeued), len(recovered.failed))
             self._enqueue(recovered.requeued)
             for run_id in recovered.failed:
                 run = await self.store.get(run_id)
                 if run is not None:
+                    self.metrics.run_finished(run.app, FAILED, None)
                     await self._finished(run)
             if recovered.requeued or recovered.failed:
                 logger.warning("run store %s: %d expired claims taken back (%d to run again, %d interrupted)",

@@ -65,11 +65,11 @@ class AnthropicAPI:
         if stream:
             sink = MessageStream(usage, message) if tool_use is None else MessageToolStream(usage, message, tool_use)
             opened = lambda: sink.open(request.stream(serializer=EVENTS, headers=NO_CACHE))  # noqa: E731
-            await run_generations(app, [tokens], parsed.params, 1, sink, opened)
+            await run_generations(app, [tokens], parsed.params, 1, sink, opened, request=request)
             sink.stream.end()
             return None
         collector = MessageCollector(usage) if tool_use is None else MessageToolCollector(usage, tool_use)
-        await run_generations(app, [tokens], parsed.params, 1, collector)
+        await run_generations(app, [tokens], parsed.params, 1, collector, request=request)
         content = (collector.content() if isinstance(collector, MessageToolCollector)
                    else [{"type": "text", "text": collector.text(0).lstrip()}])
         body = {**message, "content": content,

@@ -295,7 +295,7 @@ class OpenAIAPI:
         if stream is not None:
             serializer = SSE if reply.sse else NDJSON
             opened = lambda: stream.open(request.stream(serializer=serializer, headers=NO_CACHE))  # noqa: E731
-        await run_generations(app, prompts, parsed.params, n, sink, opened)
+        await run_generations(app, prompts, parsed.params, n, sink, opened, request=request)
         if stream is not None:
             stream.stream.end()
             return None

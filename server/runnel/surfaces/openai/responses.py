@@ -168,10 +168,11 @@ def fit(app, request: CompletionRequest, tokens: list[int]) -> None:
 
 
 async def generate(app, tokens: list[int], params: SamplingParams, response: dict[str, Any],
-                   tool_use: ToolUse | None) -> dict[str, Any]:
-    """One response, not streamed: ``response`` finished, with its output."""
+                   tool_use: ToolUse | None, request=None) -> dict[str, Any]:
+    """One response, not streamed: ``response`` finished, with its output. ``request``: the
+    HTTP request it answers, whose metrics record it (a background run has none)."""
     output = ResponseOutput(Usage(len(tokens)), response, tool_use)
-    await run_generations(app, [tokens], params, 1, output, lambda: output.open(None))
+    await run_generations(app, [tokens], params, 1, output, lambda: output.open(None), request=request)
     return output.response
 
 
@@ -268,7 +269,7 @@ class ResponsesAPI:
             sink = ResponseOutput(Usage(len(tokens)), response, tool_use)
             opened = lambda: sink.open(request.stream(serializer=EVENTS, headers=NO_CACHE))  # noqa: E731
             try:
-                await run_generations(app, [tokens], params, 1, sink, opened)
+                await run_generations(app, [tokens], params, 1, sink, opened, request=request)
             except HTTPError as error:
                 if sink.stream is None:  # refused before the stream started: a plain error status
                     raise
@@ -279,7 +280,7 @@ class ResponsesAPI:
                 await self._record(name, data, sink.response, principal)
             sink.stream.end()
             return None
-        result = await generate(app, tokens, params, response, tool_use)
+        result = await generate(app, tokens, params, response, tool_use, request)
         if parsed.store:
             await self._record(name, data, result, principal)
         return Response(200, orjson.dumps(result), media_type=JSON)

@@ -21,10 +21,11 @@ import orjson
 
 from ...errors import HTTPError
 from ...generation import SamplingParams, TokenLogprob, TokenSink
+from ...generation_record import GenerationRecord, RecordingTap, started_at_of
 from ...tools import ToolCallParser, ToolUse
 
 if TYPE_CHECKING:
-    from ...http import ResponseStream
+    from ...http import Request, ResponseStream
 
 
 def generation_error(error: BaseException) -> HTTPError:
@@ -365,17 +366,24 @@ class IndexShift:
 
 
 async def run_generations(app, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int, sink: SinkBase,
-                          opened: Callable[[], None] | None = None) -> None:
+                          opened: Callable[[], None] | None = None, *, request: Request | None = None) -> None:
     """Generate ``n`` choices for each prompt into ``sink`` (prompt k's at index k*n)
     until every choice is done; ``opened`` (a stream's start) runs once all are admitted.
 
     Any failure or cancellation (the client went away) cancels all of the work. Every
-    surface that generates text runs its generations through here.
+    surface that generates text runs its generations through here. With ``request``, the
+    generation is recorded as ``request.generation`` (runnel.generation_record), which
+    the metrics and the access log read once the request is finished.
     """
+    into: TokenSink = sink
+    if request is not None:
+        record = request.generation = GenerationRecord(app, started_at_of(request.started_at),
+                                                       sum(map(len, prompts)), n * len(prompts))
+        into = RecordingTap(sink, record)
     generations = []
     try:
         for number, tokens in enumerate(prompts):
-            target = IndexShift(sink, number * n) if number else sink
+            target = IndexShift(into, number * n) if number else into
             generations.append(app.generate(tokens, params, n, target))
         if opened is not None:
             # Backends push from loop callbacks, never inside generate(): nothing
