@@ -276,11 +276,9 @@ class Supervisor:
 
     def _mark_dead(self, pid: int) -> None:
         """prometheus_client's multiprocess mode: drop a dead worker's live gauges."""
+        from prometheus_client import multiprocess  # a dependency; imported only where workers die
+
         directory = self._environ.get("PROMETHEUS_MULTIPROC_DIR")
-        try:
-            from prometheus_client import multiprocess  # type: ignore[import-not-found]
-        except ImportError:
-            return
         with contextlib.suppress(Exception):
             multiprocess.mark_process_dead(pid, directory)
 
