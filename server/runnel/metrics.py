@@ -18,22 +18,31 @@ Where each number comes from, and what it costs:
   with their duration, recovered after a crash, webhook deliveries by outcome.
 - Process: prometheus_client's process, platform and GC collectors.
 
-Each server has its own registry, so several servers in one process stay apart. For
-``--workers`` (issue 13, not built yet): prometheus_client's multiprocess mode (set
-``PROMETHEUS_MULTIPROC_DIR``) covers the counters and histograms here as they are; the
-scrape-time gauges of ``LiveState`` would become per-worker gauges (``multiprocess_mode
-= "livesum"``) refreshed by each worker, and ``render`` would collect with a
-``MultiProcessCollector``. README "Operating runnel" keeps that list.
+Each server has its own registry, so several servers in one process stay apart.
+
+Workers (``runnel serve --workers N``): the supervisor gives each worker one
+``PROMETHEUS_MULTIPROC_DIR``, so prometheus_client keeps every counter and histogram in
+files there, one per process, and ``render`` sums them over every worker, dead ones too
+(a scrape reaches one worker; its answer is the whole server's). The scrape-time state
+(``LiveState``) cannot be read across processes, so each worker copies it into
+multiprocess gauges (``LiveGauges``) every ``LIVE_REFRESH`` seconds and before it renders:
+summed over the live workers (connections, rows, runs), their minimum for ``app_ready``
+(ready only when every worker is); refused connections and batch sizes go in as counter
+and histogram increments, so they survive the worker that counted them. The process
+collectors are not summed (prometheus_client has no multiprocess form of them).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -87,17 +96,27 @@ def outcome(record: GenerationRecord, status: int) -> str:
     return "cancelled" if status == CLIENT_GONE else "interrupted"
 
 
-class Metrics:
-    """The metrics of one server; a plugin (``runnel_request_finished``) once registered."""
+LIVE_REFRESH = 1.0  # seconds between a worker's copies of its live state (multiprocess mode)
 
-    def __init__(self, apps: AppRegistry) -> None:
+
+class Metrics:
+    """The metrics of one server; a plugin (``runnel_request_finished``) once registered.
+    ``multiprocess_dir``: this server is one of several workers summed there (see above)."""
+
+    def __init__(self, apps: AppRegistry, multiprocess_dir: str | None = None) -> None:
         self.registry = registry = CollectorRegistry()
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
-        GCCollector(registry=registry)
+        self.multiprocess_dir = multiprocess_dir
         self._apps = apps
         self._live = LiveState(apps)
-        registry.register(self._live)
+        self._live_gauges: LiveGauges | None = None
+        self._refreshing: asyncio.Task[None] | None = None
+        if multiprocess_dir is None:
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+            registry.register(self._live)
+        else:
+            self._live_gauges = LiveGauges(self._live)
         self.http_requests = Counter("runnel_http_requests", "HTTP requests finished, by route template, "
                                      "method and status class (499: the client went away first)",
                                      ("route", "method", "status"), registry=registry)
@@ -129,12 +148,33 @@ class Metrics:
         self._generation_children: dict[tuple[str, str], tuple[Any, ...]] = {}
 
     def bind(self, server_state: ServerState, runner: Runner | None) -> None:
-        """What the scrape-time gauges read, once the server has started."""
+        """What the scrape-time gauges read, once the server has started (on its loop)."""
         self._live.server_state = server_state
         self._live.runner = runner
+        if self._live_gauges is not None and self._refreshing is None:
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_forever(self._live_gauges))
+
+    async def _refresh_forever(self, gauges: LiveGauges) -> None:
+        while True:
+            gauges.refresh()
+            await asyncio.sleep(LIVE_REFRESH)
+
+    async def close(self) -> None:
+        """Stop copying the live state (the server stops)."""
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refreshing
+            self._refreshing = None
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        assert self._live_gauges is not None
+        self._live_gauges.refresh()  # this worker's state as of now; the others' as of their last copy
+        summed = CollectorRegistry()
+        MultiProcessCollector(summed, path=self.multiprocess_dir)
+        return generate_latest(summed)
 
     @hookimpl
     def runnel_request_finished(self, request: Request, status: int, elapsed: float) -> None:
@@ -286,6 +326,65 @@ class LiveState:
         if runner is not None:
             yield _gauge("runnel_runs_queued", "Runs waiting in this server's queue", runner.queued)
             yield _gauge("runnel_runs_running", "Runs executing now", runner.busy)
+
+
+class LiveGauges:
+    """A worker's ``LiveState`` copied into prometheus_client's multiprocess metrics (one
+    process's files, summed by ``Metrics.render`` in whichever worker is scraped)."""
+
+    def __init__(self, live: LiveState) -> None:
+        self.live = live
+        # Not in any registry: MultiProcessCollector reads them from their files.
+        self.connections = Gauge("runnel_http_connections_open", "Connections open (being served)",
+                                 registry=None, multiprocess_mode="livesum")
+        self.in_flight = Gauge("runnel_http_requests_in_flight", "Requests received and not yet answered in full",
+                               registry=None, multiprocess_mode="livesum")
+        self.refused = Counter("runnel_http_connections_rejected", "Connections answered 503 and closed at once: "
+                               "past [server] max_connections", registry=None)
+        self.ready = Gauge("runnel_app_ready", "1 when the app serves on every worker, else 0", ("app",),
+                           registry=None, multiprocess_mode="livemin")
+        self.waiting = Gauge("runnel_generation_waiting_rows", "Rows (choices) admitted and waiting for a batch",
+                             ("app",), registry=None, multiprocess_mode="livesum")
+        self.running = Gauge("runnel_generation_running_rows", "Rows (choices) decoding now", ("app",),
+                             registry=None, multiprocess_mode="livesum")
+        self.sizes = Histogram("runnel_generation_batch_size_rows", "Rows per batch launched", ("app",),
+                               buckets=BATCH_SIZE_BUCKETS, registry=None)
+        self.runs_queued = Gauge("runnel_runs_queued", "Runs waiting in the workers' queues", registry=None,
+                                 multiprocess_mode="livesum")
+        self.runs_running = Gauge("runnel_runs_running", "Runs executing now", registry=None,
+                                  multiprocess_mode="livesum")
+        self._refused_seen = 0
+        self._sizes_seen: dict[str, list[int]] = {}
+
+    def refresh(self) -> None:
+        live = self.live
+        state = live.server_state
+        if state is not None:
+            self.connections.set(len(state.connections) - state.refusing)
+            self.in_flight.set(sum(1 for connection in state.connections if connection.busy))
+            if state.refused_total > self._refused_seen:
+                self.refused.inc(state.refused_total - self._refused_seen)
+                self._refused_seen = state.refused_total
+        for name, app in live.apps.items():
+            self.ready.labels(name).set(1.0 if live.apps.state(name) == "ready" else 0.0)
+            report: Callable[[], Mapping[str, Any] | None] | None = getattr(app, "batching_stats", None)
+            stats = report() if callable(report) else None
+            if not stats:
+                continue
+            self.waiting.labels(name).set(stats["waiting_rows"])
+            self.running.labels(name).set(stats["running_rows"])
+            counts = stats["batch_sizes"]
+            seen = self._sizes_seen.setdefault(name, [])
+            seen.extend([0] * (len(counts) - len(seen)))
+            histogram = self.sizes.labels(name)
+            for size, count in enumerate(counts):
+                for _ in range(count - seen[size]):  # the batches launched since the last copy
+                    histogram.observe(size)
+                seen[size] = count
+        runner = live.runner
+        if runner is not None:
+            self.runs_queued.set(runner.queued)
+            self.runs_running.set(runner.busy)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -125,7 +126,10 @@ class Server:
         except ConfigError as error:
             # The same error, or its copy naming the file: chained, the plugin's traceback stays.
             raise error.with_source(config.source) if config.source else error  # noqa: B904
-        self.runs.metrics = (metrics := Metrics(self.apps)).runs
+        # A worker's metrics are summed with its siblings' (runnel.metrics; the supervisor
+        # gives every worker one PROMETHEUS_MULTIPROC_DIR).
+        multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") if self.worker is not None else None
+        self.runs.metrics = (metrics := Metrics(self.apps, multiprocess_dir or None)).runs
         self.metrics = metrics
         pm.register(metrics, name="metrics")
         log_format = config.server.access_log_format
@@ -279,6 +283,8 @@ class Server:
         await _call_lifecycle(self.pm.hook.runnel_shutdown(server=self))
         await self.runs.close()  # before the apps: no run calls a closed app
         await self.apps.close_all()
+        if self.metrics is not None:
+            await self.metrics.close()
         stopped.set()
 
     async def __aenter__(self) -> Server:

@@ -18,9 +18,8 @@ terminal's Ctrl-C reaches them once, through the supervisor; a worker whose
 supervisor is gone stops itself (``watch_supervisor``).
 
 Prometheus: each worker gets ``PROMETHEUS_MULTIPROC_DIR`` (the supervisor's own, else
-a directory it makes and removes), so ``prometheus_client``'s multiprocess mode can
-sum every worker's metrics; a dead worker's files are marked dead when the library is
-installed.
+a directory it makes and removes), so ``prometheus_client``'s multiprocess mode sums
+every worker's metrics (``runnel.metrics``); a dead worker's live gauges are dropped.
 """
 
 from __future__ import annotations

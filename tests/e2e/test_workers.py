@@ -214,3 +214,25 @@ def test_a_port_in_use_stops_the_supervisor_before_any_worker_starts(tmp_path, w
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1].startswith("runnel: ") and "in use" in result.stderr
     assert "worker" not in result.stderr.lower()
+
+
+def test_metrics_are_summed_over_the_workers(tmp_path):
+    """A scrape reaches one worker; its counters are every worker's (prometheus_client's
+    multiprocess files), and the live gauges are summed (or, for readiness, the minimum)."""
+    from test_metrics import Scrape
+
+    with Workers(tmp_path, echo_config(tmp_path, "metrics_public = true")) as serve:
+        serve.wait_up()
+        before = [Scrape(serve.port) for _ in range(4)]  # whichever workers answer: one sum
+        health = before[0].value("runnel_http_requests_total", route="/health", method="GET", status="2xx")
+        assert health > 0 and all(scrape.value("runnel_http_requests_total", route="/health", method="GET",
+                                               status="2xx") == health for scrape in before)
+        pids = [worker_pid(serve.port) for _ in range(30)]
+        assert len(set(pids)) == 2  # both workers served some of the 30
+        for _ in range(6):
+            after = Scrape(serve.port)
+            assert after.value("runnel_http_requests_total", route="/health", method="GET", status="2xx") == \
+                health + 30
+            assert after.value("runnel_app_ready", app="echo") == 1.0
+            assert after.value("runnel_http_connections_open") >= 1  # this scrape's own connection
+        assert serve.stop() == 0
