@@ -202,10 +202,17 @@ def write_decoder_model(
     attention and FFN, rotary positions on every dimension of each head in Hugging Face's
     rotate_half layout (base 10000), no biases, a final RMSNorm, then the projection.
     ``sp_bytes`` is the sentencepiece model; its pieces in id order are the vocabulary.
+    The caller's arrays are left as they were (CTranslate2 quantizes the ones it is given
+    in place: it gets copies, one per distinct array, so tied weights stay tied).
     """
     import sentencepiece as spm
     from ctranslate2.specs import common_spec, transformer_spec
 
+    copies: dict[int, np.ndarray] = {}
+    for array in weights.values():
+        if id(array) not in copies:
+            copies[id(array)] = np.array(array, copy=True)
+    weights = {name: copies[id(array)] for name, array in weights.items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     layers = sum(1 for name in weights if name.endswith(".qkv"))

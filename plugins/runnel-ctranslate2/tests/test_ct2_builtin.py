@@ -128,3 +128,33 @@ def test_ensure_builtin_racing_processes_share_one_model(tmp_path):
     (path,) = paths
     assert sorted(os.listdir(path)) == FILES
     assert os.listdir(cache) == [os.path.basename(path)]
+
+
+def test_write_decoder_model_leaves_the_callers_arrays_alone_and_tied_weights_tied(tmp_path):
+    """CTranslate2 quantizes the arrays it is given in place: the writer hands it copies, so
+    the same weights written twice give the same model."""
+    import numpy as np
+
+    import sentencepiece as spm
+
+    sp_bytes = builtin._train_sentencepiece(builtin._corpus(0), 512)
+    vocab = spm.SentencePieceProcessor(model_proto=sp_bytes).get_piece_size()
+    rng = np.random.default_rng(0)
+    d, ffn = 32, 64
+
+    def linear(out_dim, in_dim):
+        return rng.standard_normal((out_dim, in_dim), dtype=np.float32) / np.float32(np.sqrt(in_dim))
+
+    weights = {"embeddings": rng.standard_normal((vocab, d), dtype=np.float32), "norm": np.ones(d, np.float32),
+               "layers.0.attention_norm": np.ones(d, np.float32), "layers.0.qkv": linear(3 * d, d),
+               "layers.0.out": linear(d, d), "layers.0.ffn_norm": np.ones(d, np.float32),
+               "layers.0.gate": linear(ffn, d), "layers.0.up": linear(ffn, d), "layers.0.down": linear(d, ffn)}
+    weights["projection"] = weights["embeddings"]  # tied
+    before = {name: array.copy() for name, array in weights.items()}
+    first = builtin.write_decoder_model(tmp_path / "a", weights, sp_bytes, heads=4, max_position=64,
+                                        quantization="int8")
+    assert all(np.array_equal(weights[name], before[name]) and weights[name].dtype == np.float32
+               for name in weights)
+    second = builtin.write_decoder_model(tmp_path / "b", weights, sp_bytes, heads=4, max_position=64,
+                                         quantization="int8")
+    assert (first / "model.bin").read_bytes() == (second / "model.bin").read_bytes()
