@@ -1,0 +1,120 @@
+"""A request's sampling settings as a llama.cpp sampler chain, and ``response_format`` as a grammar.
+
+The chain, in llama.cpp's order: logit bias (``ignore_eos``: the end token can't be
+picked), penalties (repetition, presence, frequency: over the tokens this row generated,
+which are the ones the chain accepts, as OpenAI counts them), the grammar (structured
+output), then greedy or top-k / top-p / temperature and a seeded draw. A per-request
+``seed`` seeds the draw (choice ``i`` of ``n`` with ``seed + i``, so they differ and each
+repeats); without one, llama.cpp seeds it at random.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+from runnel import HTTPError
+from runnel.generation import SamplingParams
+
+# A row's own seed when the request gives none: llama.cpp's "pick one at random".
+_RANDOM_SEED = 0xFFFFFFFF
+
+
+def _bad_format(message: str) -> HTTPError:
+    return HTTPError(400, message, param="response_format", code="invalid_value")
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_grammar(schema_json: str) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(schema_json)
+    except (ValueError, KeyError, TypeError, AssertionError, NotImplementedError, RecursionError) as error:
+        raise _bad_format(f"Invalid 'response_format.json_schema.schema': llama.cpp cannot follow it "
+                          f"({type(error).__name__}: {error}).") from None
+
+
+def grammar_for(params: SamplingParams) -> str | None:
+    """The GBNF grammar a ``response_format`` asks for (None: free text). The surface has
+    checked the shape (``runnel.surfaces.openai.params``); a schema llama.cpp's converter
+    can't take is a 400 naming it. Converted schemas are cached: clients repeat them."""
+    response_format = params.response_format
+    if not response_format or response_format.get("type") == "text":
+        return None
+    if response_format.get("type") == "json_object":
+        from llama_cpp.llama_grammar import JSON_GBNF
+
+        return JSON_GBNF
+    schema = (response_format.get("json_schema") or {}).get("schema")
+    if schema is None:
+        schema = {}  # OpenAI accepts a json_schema without a schema: any JSON value
+    if not isinstance(schema, dict):
+        raise _bad_format("Invalid 'response_format.json_schema.schema': expected a JSON schema object.")
+    return _schema_grammar(json.dumps(schema, sort_keys=True))
+
+
+class Sampler:
+    """One row's sampler chain; a context manager that frees it (the chain owns its samplers)."""
+
+    __slots__ = ("_chain", "_ctx", "_sample")
+
+    def __init__(self, llama, params: SamplingParams, grammar: str | None, *, seed_offset: int = 0) -> None:
+        import llama_cpp
+
+        self._ctx = llama._ctx.ctx
+        self._sample = llama_cpp.llama_sampler_sample
+        self._chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        try:
+            self._build(llama_cpp, llama, params, grammar, seed_offset)
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, llama_cpp, sampler) -> None:
+        llama_cpp.llama_sampler_chain_add(self._chain, sampler)
+
+    def _build(self, llama_cpp, llama, params: SamplingParams, grammar: str | None, seed_offset: int) -> None:
+        n_vocab = llama.n_vocab()
+        if params.ignore_eos:
+            bias = (llama_cpp.llama_logit_bias * 1)()
+            bias[0].token = llama.token_eos()
+            bias[0].bias = float("-inf")
+            self._add(llama_cpp, llama_cpp.llama_sampler_init_logit_bias(n_vocab, 1, bias))
+        if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+            self._add(llama_cpp, llama_cpp.llama_sampler_init_penalties(
+                n_vocab, llama.n_ctx(), params.repetition_penalty, params.frequency_penalty,
+                params.presence_penalty))
+        if grammar is not None:
+            compiled = llama_cpp.llama_sampler_init_grammar(llama._model.vocab, grammar.encode(), b"root")
+            if not compiled:  # NULL: llama.cpp could not parse what the converter wrote
+                raise _bad_format("llama.cpp could not compile a grammar for this 'response_format'.")
+            self._add(llama_cpp, compiled)
+        if params.temperature == 0 or params.top_k == 1:
+            self._add(llama_cpp, llama_cpp.llama_sampler_init_greedy())
+            return
+        if params.top_k > 0:
+            self._add(llama_cpp, llama_cpp.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            self._add(llama_cpp, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        self._add(llama_cpp, llama_cpp.llama_sampler_init_temp(params.temperature))
+        seed = _RANDOM_SEED if params.seed is None else (params.seed + seed_offset) % _RANDOM_SEED
+        self._add(llama_cpp, llama_cpp.llama_sampler_init_dist(seed))
+
+    def sample(self) -> int:
+        """The next token from the last evaluated position's logits (and accept it: the
+        penalties and the grammar move on)."""
+        return self._sample(self._chain, self._ctx, -1)
+
+    def close(self) -> None:
+        if self._chain is not None:
+            import llama_cpp
+
+            llama_cpp.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __enter__(self) -> Sampler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,217 @@
+"""builtin:tiny on llama.cpp behind the real server, driven by the openai SDK.
+
+The GGUF is written from the weights CTranslate2 serves (runnel_llamacpp.builtin); greedy
+output must be CTranslate2's on the same numbers (float32), token for token.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pydantic
+import pytest
+
+from runnel.testing import wait_until
+from runnel.testing.wire import connect, send_post
+
+PROMPTS = ["The cat sees", "User: What is your name?\nAssistant:", "Number 7 is", "a tired student reads the map",
+           "El niño"]
+CHAT = [{"role": "user", "content": "Can you tell me a story?"}]
+
+
+def continuation(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
+    before = tokenizer.decode(prompt_ids)
+    return tokenizer.decode(prompt_ids + ids)[len(before):]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_completions_are_ctranslate2s_on_the_same_weights(client, reference, prompt):
+    prompt_ids = reference.tokenizer.encode(prompt, add_bos=True)
+    expected = continuation(reference.tokenizer, prompt_ids, reference.greedy_ids(prompt_ids, 24))
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+    assert reply.usage.prompt_tokens == len(prompt_ids)  # llama.cpp tokenizes as sentencepiece
+    assert reply.choices[0].text == expected
+
+
+def test_a_greedy_chat_reply_is_ctranslate2s_and_streams_the_same(client, reference):
+    from runnel_ctranslate2.builtin import ensure_builtin
+    from runnel_ctranslate2.chat_template import ChatTemplate, load_chat_template
+
+    template = ChatTemplate(load_chat_template(ensure_builtin("tiny")), bos_token="<s>", eos_token="</s>")
+    prompt_ids = reference.tokenizer.encode(template.render(CHAT), add_bos=False)
+    ids = reference.greedy_ids(prompt_ids, 48)
+    reply = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=48, temperature=0)
+    assert reply.usage.prompt_tokens == len(prompt_ids)
+    assert reply.choices[0].message.content.strip() == reference.tokenizer.decode(ids).strip()
+    # CTranslate2 leaves the end token out of its result: fewer tokens than asked is a stop.
+    assert reply.choices[0].finish_reason == ("stop" if len(ids) < 48 else "length")
+    chunks = list(client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=48, temperature=0,
+                                                 stream=True))
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == \
+        reply.choices[0].message.content
+    assert len([chunk for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]) > 3  # token by token
+
+
+class Order(pydantic.BaseModel):
+    city: str
+    count: int
+    urgent: bool
+
+
+def test_json_schema_output_parses_and_validates_through_the_sdks_parse(client):
+    reply = client.chat.completions.parse(model="tiny", messages=[{"role": "user", "content": "An order, please."}],
+                                          response_format=Order, max_tokens=120, temperature=0)
+    message = reply.choices[0].message
+    assert reply.choices[0].finish_reason == "stop", message.content
+    assert isinstance(message.parsed, Order)
+    assert Order.model_validate_json(message.content) == message.parsed
+
+
+@pytest.mark.parametrize(("temperature", "seed"), [(0, None), (0.7, 1), (0.7, 2)])
+def test_json_object_output_is_json_even_when_sampled(client, temperature, seed):
+    # The tiny model writes JSON only for tool calls: unconstrained it answers in prose.
+    reply = client.chat.completions.create(model="tiny", messages=CHAT, response_format={"type": "json_object"},
+                                           max_tokens=300, temperature=temperature, seed=seed)
+    assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+
+def test_an_impossible_schema_is_a_400_naming_response_format(client):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=8,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}})
+    assert raised.value.body["param"] == "response_format"
+
+
+def test_a_seed_repeats_a_sampled_reply_and_another_seed_changes_it(client):
+    def sample(seed):
+        return client.completions.create(model="tiny", prompt="The cat", max_tokens=40, temperature=1.2,
+                                         seed=seed).choices[0].text
+
+    assert sample(7) == sample(7)
+    assert len({sample(7), sample(8), sample(9)}) > 1
+
+
+def test_n_choices_with_a_seed_differ_from_each_other_and_repeat(client):
+    def sample():
+        reply = client.completions.create(model="tiny", prompt="The cat", max_tokens=30, temperature=1.2, seed=3, n=3)
+        return [choice.text for choice in reply.choices]
+
+    first = sample()
+    assert len(set(first)) > 1 and sample() == first
+
+
+def test_top_logprobs_are_the_models_best_alternatives(client):
+    reply = client.completions.create(model="tiny", prompt="The cat sees", max_tokens=6, temperature=0, logprobs=5)
+    logprobs = reply.choices[0].logprobs
+    for token, value, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert len(top) == 5
+        values = list(top.values())
+        assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+        assert top[token] == pytest.approx(value) and value == pytest.approx(values[0])  # greedy: the best
+    chat = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0, logprobs=True,
+                                          top_logprobs=20)
+    assert all(len(item.top_logprobs) == 20 for item in chat.choices[0].logprobs.content)
+
+
+def test_penalties_change_a_repetitive_greedy_reply(client):
+    def complete(**penalty):
+        return client.completions.create(model="tiny", prompt="It is a good day.", max_tokens=30, temperature=0,
+                                         extra_body={"ignore_eos": True}, **penalty).choices[0].text
+
+    plain = complete()
+    assert "City City City" in plain  # greedy repeats itself
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        penalized = complete(**penalty)
+        assert "City City" not in penalized and penalized.split(".")[0] == plain.split(".")[0], penalty
+
+
+def test_min_tokens_is_refused_with_a_400_naming_it(client):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body={"min_tokens": 3})
+    assert raised.value.body["param"] == "min_tokens"
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_the_weather_question_is_a_get_weather_call(client):
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user",
+                                                                    "content": "What's the weather in Paris?"}],
+                                           tools=[WEATHER], temperature=0, max_tokens=64)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    call = choice.message.tool_calls[0]
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+
+
+# -- cancellation and the bounded queue -------------------------------------------------------
+
+
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """Every decoding step takes 3 ms more, so a row decoded after its client left can't hide."""
+    import time
+
+    from runnel_llamacpp import sampling
+
+    sample = sampling.Sampler.sample
+
+    def slow(self):
+        time.sleep(0.003)
+        return sample(self)
+
+    monkeypatch.setattr(sampling.Sampler, "sample", slow)
+
+
+def open_stream(port: int, prompt: str, max_tokens: int):
+    sock = connect(port, timeout=30)
+    send_post(sock, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
+                                        "temperature": 0, "stream": True, "ignore_eos": True})
+    data = b""
+    while data.count(b'"text":"') < 3:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ")
+    return sock
+
+
+def test_a_stream_whose_client_leaves_stops_decoding_and_frees_its_context(start_server, slow_steps, app_config):
+    server = start_server(app_config(max_queue=1))
+    app = server.server.apps.get("tiny")
+
+    def stats():
+        return server.call_soon(app.stats)
+
+    sock = open_stream(server.port, "The cat", 400)
+    sock.close()
+    wait_until(lambda: stats()["busy"] == 0)
+    assert 3 <= stats()["tokens"] < 100  # stopped within a few steps of the client leaving, not at 400
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+        assert client.completions.create(model="tiny", prompt="The cat", max_tokens=5).usage.completion_tokens == 5
+
+
+def test_a_full_queue_is_a_429_and_a_running_stream_is_not_cut(start_server, slow_steps, app_config):
+    server = start_server(app_config(max_queue=1))
+    app = server.server.apps.get("tiny")
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+        def run(prompt):
+            return client.completions.create(model="tiny", prompt=prompt, max_tokens=150, temperature=0,
+                                             extra_body={"ignore_eos": True})
+
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(run, "The cat")
+            wait_until(lambda: server.call_soon(app.stats)["busy"] == 1)
+            waiting = pool.submit(run, "The dog")
+            wait_until(lambda: server.call_soon(app.stats)["waiting"] == 1)
+            with pytest.raises(openai.RateLimitError):
+                run("A bird")
+            # Unlike llama-cpp-python's own server, a newer request never interrupts a running one.
+            assert running.result(60).usage.completion_tokens == 150
+            assert waiting.result(60).usage.completion_tokens == 150
