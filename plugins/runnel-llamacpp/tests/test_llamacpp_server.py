@@ -215,3 +215,40 @@ def test_a_full_queue_is_a_429_and_a_running_stream_is_not_cut(start_server, slo
             # Unlike llama-cpp-python's own server, a newer request never interrupts a running one.
             assert running.result(60).usage.completion_tokens == 150
             assert waiting.result(60).usage.completion_tokens == 150
+
+
+# -- the other surfaces reach the same app ---------------------------------------------------
+
+
+def test_a_required_tool_call_is_made(client):
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello!"}],
+                                           tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=64)
+    assert reply.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
+def test_the_responses_api_streams_the_same_greedy_text(client):
+    plain = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=24, temperature=0)
+    events = list(client.responses.create(model="tiny", input="Can you tell me a story?", max_output_tokens=24,
+                                          temperature=0, stream=True))
+    done = events[-1].response
+    assert done.status in ("completed", "incomplete") and done.output_text == plain.choices[0].message.content
+
+
+def test_the_anthropic_messages_api_calls_the_tool(llama_server):
+    import anthropic
+
+    tool = {"name": "get_weather", "description": "The weather in a city",
+            "input_schema": WEATHER["function"]["parameters"]}
+    with anthropic.Anthropic(base_url=llama_server.url, api_key="x", max_retries=0, timeout=60) as api:
+        reply = api.messages.create(model="tiny", max_tokens=64, extra_body={"temperature": 0}, tools=[tool],
+                                    messages=[{"role": "user", "content": "What's the weather in Paris?"}])
+    use = next(block for block in reply.content if block.type == "tool_use")
+    assert reply.stop_reason == "tool_use" and (use.name, use.input) == ("get_weather", {"city": "Paris"})
+
+
+def test_the_runpod_openai_path_serves_it(llama_server, client):
+    # The endpoint id is the app's name by default.
+    plain = client.completions.create(model="tiny", prompt="The cat sees", max_tokens=12, temperature=0)
+    with openai.OpenAI(base_url=llama_server.url + "/v2/tiny/openai/v1", api_key="x", max_retries=0) as runpod:
+        reply = runpod.completions.create(model="tiny", prompt="The cat sees", max_tokens=12, temperature=0)
+    assert reply.choices[0].text == plain.choices[0].text
