@@ -167,3 +167,88 @@ class LlamaApp:
             return {"state": "loading"}
         return {"contexts": pool.count, "busy": pool.count - len(pool.free), "waiting": len(pool.waiting),
                 "rows": pool.rows_served, "tokens": pool.tokens_made}
+
+
+POOLING = ("model", "mean", "cls", "last")
+
+
+class LlamaEmbedApp:
+    """A GGUF embedding model serving /v1/embeddings: one vector per input, pooled as the
+    model says (``pooling = "model"``) or as configured, normalized unless told not to."""
+
+    owned_by = "runnel"
+
+    def __init__(self, *, name: str, model: str, served_model_name: str | None, context_length: int | None,
+                 threads: int, n_gpu_layers: int, pooling: str, normalize: bool, close_wait: float = 5.0) -> None:
+        self.name = name
+        self.model = model
+        self.model_id = served_model_name or (name if model.startswith("builtin:") else Path(model).stem)
+        self._context_length = context_length
+        self.context_length = context_length or 0
+        self.threads = threads
+        self.n_gpu_layers = n_gpu_layers
+        self.pooling = pooling
+        self.normalize = normalize
+        self.close_wait = close_wait
+        self.vocab_size: int | None = None
+        self.llama = None
+        self._pieces: list[bytes] = []
+        # One context, one call at a time; a daemon, so a stuck call never holds the process.
+        self._threads = DaemonThreads(1, "runnel-llamacpp-embed")
+        self._running: set = set()
+
+    async def start(self) -> None:
+        await self._threads.run(self._load)
+
+    def _load(self) -> None:
+        import llama_cpp
+
+        pooling = {"model": llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED, "mean": llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                   "cls": llama_cpp.LLAMA_POOLING_TYPE_CLS, "last": llama_cpp.LLAMA_POOLING_TYPE_LAST}[self.pooling]
+        slot = worker_slot()
+        threads = self.threads or (slot.cores if slot is not None else os.cpu_count() or 1)
+        llama = llama_cpp.Llama(model_path=model_path(self.model), embedding=True, pooling_type=pooling,
+                                n_ctx=self._context_length or 0, n_threads=threads, n_threads_batch=threads,
+                                n_gpu_layers=self.n_gpu_layers, verbose=False)
+        if llama.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+            llama.close()
+            raise ValueError(f"app {self.name!r}: the model names no pooling (not an embedding model?); "
+                             "set pooling = \"mean\", \"cls\" or \"last\"")
+        # One input is one batch: no input may be longer than a batch.
+        self.context_length = min(llama.n_ctx(), llama.n_batch)
+        self.vocab_size = llama.n_vocab()
+        self._pieces = [_piece(llama._model.vocab, i) for i in range(self.vocab_size)]
+        self.llama = llama
+
+    async def close(self) -> None:
+        finished = True
+        if self._running:  # never blocks the loop: waits with a deadline, then abandons
+            import asyncio
+
+            _, stuck = await asyncio.wait(set(self._running), timeout=self.close_wait)
+            finished = not stuck
+        self._threads.close()
+        if self.llama is not None and finished:
+            self.llama.close()
+        self.llama = None
+
+    def decode(self, token_ids: list[int]) -> str:
+        return b"".join(self._pieces[i] for i in token_ids).decode("utf-8", "replace")
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        running = self._threads.run(lambda: self._embed(texts))
+        self._running.add(running)
+        running.add_done_callback(self._running.discard)
+        return await running
+
+    def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        from runnel import HTTPError
+
+        llama = self.llama
+        for index, text in enumerate(texts):
+            size = len(llama.tokenize(text.encode("utf-8")))
+            if size > self.context_length:  # llama-cpp-python would cut it silently
+                raise HTTPError(400, f"Input {index} is {size} tokens; this model takes at most "
+                                f"{self.context_length}.", param=f"input[{index}]", code="context_length_exceeded")
+        vectors, tokens = llama.embed(texts, normalize=self.normalize, truncate=False, return_count=True)
+        return vectors, tokens

@@ -7,6 +7,8 @@
     threads = 0                     # per context; 0: the cores shared among the contexts
     parallel = 1                    # contexts, each serving one stream at a time
     n_gpu_layers = 0                # layers offloaded, on a GPU build (-1: all)
+    task = "generate"               # or "embed": /v1/embeddings from a GGUF embedding model
+    pooling = "model"               # embed: the model's own, or "mean", "cls", "last"
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 
 from runnel import hookimpl
 
-from .apps import LlamaApp
+from .apps import POOLING, LlamaApp, LlamaEmbedApp
 
 
 def _positive(table, name: str, kind: type, default):
@@ -44,14 +46,24 @@ def make_app(app_config, table, server):
         if chat_template not in BUILTIN_TEMPLATES:
             raise table.error("chat_template", f"unknown chat template {chat_template!r}; built-in: "
                               f"{', '.join(BUILTIN_TEMPLATES)}")
-    app = LlamaApp(
-        name=app_config.name, model=model, served_model_name=table.get("served_model_name", str, default=None),
-        context_length=_positive(table, "context_length", int, None), threads=threads,
-        n_gpu_layers=table.get("n_gpu_layers", int, default=0), parallel=_positive(table, "parallel", int, 1),
-        max_queue=_positive(table, "max_queue", int, 256),
-        default_max_tokens=_positive(table, "default_max_tokens", int, 16), chat_template=chat_template,
-        close_wait=min(server.config.server.shutdown_grace, 5.0),
-    )
+    task = table.get("task", str, default="generate")
+    common = dict(name=app_config.name, model=model,
+                  served_model_name=table.get("served_model_name", str, default=None),
+                  context_length=_positive(table, "context_length", int, None), threads=threads,
+                  n_gpu_layers=table.get("n_gpu_layers", int, default=0),
+                  close_wait=min(server.config.server.shutdown_grace, 5.0))
+    if task == "embed":
+        pooling = table.get("pooling", str, default="model")
+        if pooling not in POOLING:
+            raise table.error("pooling", f"must be one of {', '.join(POOLING)}")
+        app = LlamaEmbedApp(**common, pooling=pooling, normalize=table.get("normalize", bool, default=True))
+        table.finish()
+        return app
+    if task != "generate":
+        raise table.error("task", f"must be 'generate' or 'embed', not {task!r}")
+    app = LlamaApp(**common, parallel=_positive(table, "parallel", int, 1),
+                   max_queue=_positive(table, "max_queue", int, 256),
+                   default_max_tokens=_positive(table, "default_max_tokens", int, 16), chat_template=chat_template)
     table.finish()
     return app
 
