@@ -55,6 +55,8 @@ bench:
 	  benchmarks/.venv-peers/bin/pip install --quiet --upgrade pip && \
 	  benchmarks/.venv-peers/bin/pip install --quiet -r benchmarks/requirements-peers.txt \
 	    -e . -e plugins/runnel-echo -e plugins/runnel-ctranslate2 && \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    benchmarks/.venv-peers/bin/pip install --quiet -e plugins/runnel-llamacpp 'llama-cpp-python[server]' && \
 	  { benchmarks/.venv-peers/bin/pip install --quiet granian || echo "granian did not install: the report says so"; } && \
 	  touch benchmarks/.venv-peers/.installed; }
 	benchmarks/.venv-peers/bin/python benchmarks/run.py --quick $(BENCH_ARGS)
