@@ -38,6 +38,8 @@ class SamplingParams:
     # "strict"}}: output constrained to it, by a backend with logits control (it lists "response_format" in
     # ``supported``; a backend without is refused the request with a 400 naming the parameter).
     response_format: dict | None = None
+    # OpenAI's logit_bias: (token id, bias added to its logit, -100..100), ids in increasing order.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 _DEFAULTS = SamplingParams()

@@ -45,7 +45,7 @@ class LlamaApp:
     # real top-k alternatives). Not min_tokens: llama.cpp's chain has no "not before n".
     supported = frozenset({"temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs",
                            "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                           "ignore_eos", "response_format"})
+                           "ignore_eos", "response_format", "logit_bias"})
 
     def __init__(self, *, name: str, model: str, served_model_name: str | None, context_length: int | None,
                  threads: int, n_gpu_layers: int, parallel: int, max_queue: int, default_max_tokens: int,

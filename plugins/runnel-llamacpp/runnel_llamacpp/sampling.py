@@ -1,7 +1,7 @@
 """A request's sampling settings as a llama.cpp sampler chain, and ``response_format`` as a grammar.
 
-The chain, in llama.cpp's order: logit bias (``ignore_eos``: the end token can't be
-picked), penalties (repetition, presence, frequency: over the tokens this row generated,
+The chain, in llama.cpp's order: logit bias (the request's ``logit_bias``; ``ignore_eos``:
+the end token can't be picked), penalties (repetition, presence, frequency: over the tokens this row generated,
 which are the ones the chain accepts, as OpenAI counts them), the grammar (structured
 output), then greedy or top-k / top-p / temperature and a seeded draw. A per-request
 ``seed`` seeds the draw (choice ``i`` of ``n`` with ``seed + i``, so they differ and each
@@ -76,11 +76,14 @@ class Sampler:
 
     def _build(self, llama_cpp, llama, params: SamplingParams, grammar: str | None, seed_offset: int) -> None:
         n_vocab = llama.n_vocab()
+        biases = dict(params.logit_bias)  # added to the logits, as OpenAI's -100..100
         if params.ignore_eos:
-            bias = (llama_cpp.llama_logit_bias * 1)()
-            bias[0].token = llama.token_eos()
-            bias[0].bias = float("-inf")
-            self._add(llama_cpp, llama_cpp.llama_sampler_init_logit_bias(n_vocab, 1, bias))
+            biases[llama.token_eos()] = float("-inf")
+        if biases:
+            array = (llama_cpp.llama_logit_bias * len(biases))()
+            for item, (token, bias) in zip(array, biases.items(), strict=True):
+                item.token, item.bias = token, bias
+            self._add(llama_cpp, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), array))
         if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
             self._add(llama_cpp, llama_cpp.llama_sampler_init_penalties(
                 n_vocab, llama.n_ctx(), params.repetition_penalty, params.frequency_penalty,

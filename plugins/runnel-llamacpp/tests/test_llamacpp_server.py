@@ -252,3 +252,25 @@ def test_the_runpod_openai_path_serves_it(llama_server, client):
     with openai.OpenAI(base_url=llama_server.url + "/v2/tiny/openai/v1", api_key="x", max_retries=0) as runpod:
         reply = runpod.completions.create(model="tiny", prompt="The cat sees", max_tokens=12, temperature=0)
     assert reply.choices[0].text == plain.choices[0].text
+
+
+def test_logit_bias_bans_and_forces_tokens(client, reference):
+    def tokens(**bias):
+        reply = client.completions.create(model="tiny", prompt="The cat sees", max_tokens=4, temperature=0,
+                                          logprobs=1, **bias)
+        return reply.choices[0].logprobs.tokens
+
+    first = reference.greedy_ids(reference.tokenizer.encode("The cat sees", add_bos=True), 1)[0]
+    plain = tokens()
+    banned = tokens(logit_bias={str(first): -100})  # greedy's first token
+    assert banned[0] != plain[0] and banned[1:] != plain[1:]
+    dog = reference.tokenizer.encode("dog", add_bos=False)[-1]
+    assert len(set(tokens(logit_bias={str(dog): 100}))) == 1 != len(set(plain))
+
+
+@pytest.mark.parametrize(("bias", "why"), [({"1000": 5}, "not a token id"), ({"7": 101}, "-100 to 100"),
+                                           ({"x": 1}, "not a token id")])
+def test_a_bad_logit_bias_is_a_400_naming_it(client, bias, why):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, logit_bias=bias)
+    assert raised.value.body["param"] == "logit_bias" and why in raised.value.body["message"]
