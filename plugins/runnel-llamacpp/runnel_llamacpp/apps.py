@@ -10,7 +10,6 @@ from runnel.supervisor import worker_slot
 from runnel.workers import DaemonThreads
 
 from .engine import ContextPool
-from .sampling import grammar_for
 
 logger = logging.getLogger("runnel.llamacpp")
 
@@ -79,7 +78,7 @@ class LlamaApp:
         finally:
             threads.close()
         self.pool = ContextPool(self.contexts, max_queue=self.max_queue, eos_id=self._eos_id, pieces=self._pieces,
-                                texts=self._texts, grammar_for=grammar_for)
+                                texts=self._texts)
 
     def _threads_each(self) -> int:
         if self.threads:
@@ -165,7 +164,8 @@ class LlamaApp:
         pool = self.pool
         if pool is None:
             return {"state": "loading"}
-        return {"contexts": pool.count, "busy": pool.count - len(pool.free), "waiting": len(pool.waiting),
+        return {"contexts": pool.count, "busy": pool.count - len(pool.free),
+                "waiting": sum(not row.done for row in pool.waiting),
                 "rows": pool.rows_served, "tokens": pool.tokens_made}
 
 

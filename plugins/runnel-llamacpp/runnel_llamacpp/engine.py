@@ -21,7 +21,7 @@ import codecs
 import collections
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from runnel.choices import Choice
 from runnel.generation import SamplingParams
 from runnel.workers import DaemonThreads
 
-from .sampling import Sampler
+from .sampling import Sampler, grammar_for
 
 logger = logging.getLogger("runnel.llamacpp")
 
@@ -77,15 +77,14 @@ class Row(Choice):
     which ``deliver`` drops). Everything else is the loop's.
     """
 
-    __slots__ = ("generation", "prompt_ids", "grammar", "steps", "scheduled", "loop", "vocab_pieces", "made")
+    __slots__ = ("generation", "prompt_ids", "steps", "scheduled", "loop", "vocab_pieces", "made")
 
     def __init__(self, generation: Generation, sink, index: int, prompt_ids: list[int], params: SamplingParams,
-                 grammar: str | None, eos_id: int | None, pieces: Sequence[bytes], texts: Sequence[str],
+                 eos_id: int | None, pieces: Sequence[bytes], texts: Sequence[str],
                  loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(sink, index, params, eos_id=eos_id, detokenizer=Detokenizer(pieces))
         self.generation = generation
         self.prompt_ids = prompt_ids
-        self.grammar = grammar
         self.steps: collections.deque = collections.deque()
         self.scheduled = False
         self.loop = loop
@@ -120,7 +119,7 @@ class ContextPool:
     """``contexts`` (one ``Llama`` each) and the rows waiting for one."""
 
     def __init__(self, contexts: list, *, max_queue: int, eos_id: int | None, pieces: Sequence[bytes],
-                 texts: Sequence[str], grammar_for: Callable[[SamplingParams], str | None]) -> None:
+                 texts: Sequence[str]) -> None:
         self.loop = asyncio.get_running_loop()
         self.free = list(contexts)
         self.count = len(contexts)
@@ -128,7 +127,6 @@ class ContextPool:
         self.eos_id = eos_id
         self.pieces = pieces
         self.texts = texts
-        self.grammar_for = grammar_for
         self.waiting: collections.deque[Row] = collections.deque()
         self.running: set[Row] = set()
         self._idle: asyncio.Event | None = None
@@ -144,10 +142,9 @@ class ContextPool:
         if queued + n > self.max_queue:
             raise HTTPError(429, f"The server is busy: {queued} requests are waiting. Retry shortly.",
                             type="rate_limit_error", code="queue_full", headers=((b"retry-after", b"1"),))
-        grammar = self.grammar_for(params)  # a schema it can't take is a 400 before any work
         generation = Generation()
-        generation.rows = [Row(generation, sink, index, prompt_ids, params, grammar, self.eos_id, self.pieces,
-                               self.texts, self.loop) for index in range(n)]
+        generation.rows = [Row(generation, sink, index, prompt_ids, params, self.eos_id, self.pieces, self.texts,
+                               self.loop) for index in range(n)]
         self.waiting.extend(generation.rows)
         self._dispatch()
         return generation
@@ -216,7 +213,10 @@ def decode_row(llama, row: Row) -> None:
     """(The context's thread) generate one row: prompt, then a token per step until a rule ends it."""
     params = row.params
     prompt = row.prompt_ids
-    with Sampler(llama, params, row.grammar, seed_offset=row.index) as sampler:
+    # Here, not on the loop: converting a large schema takes a while. A schema llama.cpp can't
+    # follow fails the row before its first token, so the client gets a plain 400.
+    grammar = grammar_for(params)
+    with Sampler(llama, params, grammar, seed_offset=row.index) as sampler:
         # Reuse the context's cached prefix; at least one prompt token is evaluated, for its logits.
         reuse = min(_common_prefix(llama.input_ids[: llama.n_tokens], prompt), len(prompt) - 1)
         llama.n_tokens = reuse

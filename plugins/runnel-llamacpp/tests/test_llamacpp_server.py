@@ -274,3 +274,40 @@ def test_a_bad_logit_bias_is_a_400_naming_it(client, bias, why):
     with pytest.raises(openai.BadRequestError) as raised:
         client.completions.create(model="tiny", prompt="x", max_tokens=2, logit_bias=bias)
     assert raised.value.body["param"] == "logit_bias" and why in raised.value.body["message"]
+
+
+def test_a_request_cancelled_while_waiting_never_runs_and_frees_its_queue_slot(start_server, slow_steps,
+                                                                               app_config):
+    server = start_server(app_config(max_queue=1))
+    app = server.server.apps.get("tiny")
+
+    def stats():
+        return server.call_soon(app.stats)
+
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+        def run(prompt, max_tokens):
+            return client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             extra_body={"ignore_eos": True})
+
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(run, "The cat", 200)
+            wait_until(lambda: stats()["busy"] == 1)
+            sock = connect(server.port, timeout=30)
+            send_post(sock, "/v1/completions", {"model": "tiny", "prompt": "The dog", "max_tokens": 50,
+                                                "stream": True})
+            wait_until(lambda: stats()["waiting"] == 1)
+            sock.close()  # gives up while waiting for a context
+            wait_until(lambda: stats()["waiting"] == 0)
+            admitted = pool.submit(run, "A bird", 5)  # its slot is free: admitted, not a 429
+            assert admitted.result(60).usage.completion_tokens == 5
+            assert running.result(60).usage.completion_tokens == 200
+    assert stats()["rows"] == 2  # the cancelled one never ran
+
+
+def test_a_schema_llama_cpp_cannot_follow_ends_a_stream_with_an_error_naming_it(client):
+    # The schema is converted on the context's thread, not the loop: a stream has begun by then.
+    with pytest.raises(openai.APIError) as raised:
+        list(client.chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=8, stream=True,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}))
+    assert "response_format" in str(raised.value.body)
