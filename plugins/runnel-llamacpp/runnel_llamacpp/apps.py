@@ -38,17 +38,13 @@ def _piece(vocab, token: int) -> bytes:
         size = -length  # too small: llama.cpp answers the size it needs, negated
 
 
-class LlamaApp:
+class _GGUFApp:
+    """What both apps share: the model file, its settings, and the text of its token ids."""
+
     owned_by = "runnel"
-    # Beyond CTranslate2: logits control (structured output, penalties, per-request seeds,
-    # real top-k alternatives). Not min_tokens: llama.cpp's chain has no "not before n".
-    supported = frozenset({"temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs",
-                           "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                           "ignore_eos", "response_format", "logit_bias"})
 
     def __init__(self, *, name: str, model: str, served_model_name: str | None, context_length: int | None,
-                 threads: int, n_gpu_layers: int, parallel: int, max_queue: int, default_max_tokens: int,
-                 chat_template: str | None, close_wait: float = 5.0) -> None:
+                 threads: int, n_gpu_layers: int, close_wait: float = 5.0) -> None:
         self.name = name
         self.model = model
         self.model_id = served_model_name or (name if model.startswith("builtin:") else Path(model).stem)
@@ -56,18 +52,34 @@ class LlamaApp:
         self.context_length = context_length or 0
         self.threads = threads
         self.n_gpu_layers = n_gpu_layers
+        self.close_wait = close_wait  # how long close() waits for running work
+        self.vocab_size: int | None = None
+        self._pieces: list[bytes] = []  # what each id adds to the text, made at load
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids`` (runnel.generation.ModelApp's optional detokenizer); thread-safe."""
+        return b"".join(self._pieces[i] for i in token_ids).decode("utf-8", "replace")
+
+
+class LlamaApp(_GGUFApp):
+    # Beyond CTranslate2: logits control (structured output, penalties, per-request seeds,
+    # real top-k alternatives). Not min_tokens: llama.cpp's chain has no "not before n".
+    supported = frozenset({"temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs",
+                           "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                           "ignore_eos", "response_format", "logit_bias"})
+
+    def __init__(self, *, parallel: int, max_queue: int, default_max_tokens: int, chat_template: str | None,
+                 **common) -> None:
+        super().__init__(**common)
         self.parallel = parallel
         self.max_queue = max_queue
         self.default_max_tokens = default_max_tokens
         self._template_name = chat_template
-        self.close_wait = close_wait
         self.contexts: list = []
         self.pool: ContextPool | None = None
         self.template = None
-        self.vocab_size: int | None = None
         self._eos_id: int | None = None
         self._bos_text = ""
-        self._pieces: list[bytes] = []
         self._texts: list[str] = []
 
     # -- life cycle ------------------------------------------------------------------------
@@ -143,9 +155,6 @@ class LlamaApp:
         add_bos = not (self._bos_text and text.startswith(self._bos_text))
         return self.contexts[0].tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
-    def decode(self, token_ids: list[int]) -> str:
-        return b"".join(self._pieces[i] for i in token_ids).decode("utf-8", "replace")
-
     def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None, prefill: str = "") -> str:
         # The same jinja2 rendering as the CTranslate2 app (transformers' environment); it
         # lives in runnel-ctranslate2 for now (see the plugin README).
@@ -172,27 +181,15 @@ class LlamaApp:
 POOLING = ("model", "mean", "cls", "last")
 
 
-class LlamaEmbedApp:
+class LlamaEmbedApp(_GGUFApp):
     """A GGUF embedding model serving /v1/embeddings: one vector per input, pooled as the
     model says (``pooling = "model"``) or as configured, normalized unless told not to."""
 
-    owned_by = "runnel"
-
-    def __init__(self, *, name: str, model: str, served_model_name: str | None, context_length: int | None,
-                 threads: int, n_gpu_layers: int, pooling: str, normalize: bool, close_wait: float = 5.0) -> None:
-        self.name = name
-        self.model = model
-        self.model_id = served_model_name or (name if model.startswith("builtin:") else Path(model).stem)
-        self._context_length = context_length
-        self.context_length = context_length or 0
-        self.threads = threads
-        self.n_gpu_layers = n_gpu_layers
+    def __init__(self, *, pooling: str, normalize: bool, **common) -> None:
+        super().__init__(**common)
         self.pooling = pooling
         self.normalize = normalize
-        self.close_wait = close_wait
-        self.vocab_size: int | None = None
         self.llama = None
-        self._pieces: list[bytes] = []
         # One context, one call at a time; a daemon, so a stuck call never holds the process.
         self._threads = DaemonThreads(1, "runnel-llamacpp-embed")
         self._running: set = set()
@@ -231,9 +228,6 @@ class LlamaEmbedApp:
         if self.llama is not None and finished:
             self.llama.close()
         self.llama = None
-
-    def decode(self, token_ids: list[int]) -> str:
-        return b"".join(self._pieces[i] for i in token_ids).decode("utf-8", "replace")
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         running = self._threads.run(lambda: self._embed(texts))
