@@ -62,11 +62,12 @@ class _GGUFApp:
 
 
 class LlamaApp(_GGUFApp):
-    # Beyond CTranslate2: logits control (structured output, penalties, per-request seeds,
-    # real top-k alternatives). Not min_tokens: llama.cpp's chain has no "not before n".
+    # Beyond CTranslate2: logits control (structured output, forced tool calls held to their
+    # schemas, penalties, logit_bias, per-request seeds, real top-k alternatives). Not
+    # min_tokens: llama.cpp's chain has no "not before n".
     supported = frozenset({"temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs",
                            "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                           "ignore_eos", "response_format", "logit_bias"})
+                           "ignore_eos", "response_format", "logit_bias", "tool_call"})
 
     def __init__(self, *, parallel: int, max_queue: int, default_max_tokens: int, chat_template: str | None,
                  **common) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 from runnel import HTTPError
 from runnel.generation import SamplingParams
@@ -35,10 +36,26 @@ def _schema_grammar(schema_json: str) -> str:
                           f"({type(error).__name__}: {error}).") from None
 
 
+@functools.lru_cache(maxsize=64)
+def _tool_call_grammar(schema_json: str, suffix: str) -> str:
+    """One JSON value the schema allows, then the text that closes the call."""
+    try:
+        value = _schema_grammar(schema_json)
+    except HTTPError as error:
+        raise HTTPError(400, error.message.replace("response_format.json_schema.schema", "tools"), param="tools",
+                        code="invalid_value") from None
+    return re.sub(r"^root ::=", "forced-call ::=", value, count=1, flags=re.MULTILINE) + \
+        f"\nroot ::= forced-call {json.dumps(suffix)}\n"
+
+
 def grammar_for(params: SamplingParams) -> str | None:
-    """The GBNF grammar a ``response_format`` asks for (None: free text). The surface has
-    checked the shape (``runnel.surfaces.openai.params``); a schema llama.cpp's converter
-    can't take is a 400 naming it. Converted schemas are cached: clients repeat them."""
+    """The GBNF grammar a forced tool call or a ``response_format`` asks for (None: free
+    text). The surface has checked the shapes (``runnel.surfaces.openai.params``,
+    ``runnel.tools``); a schema llama.cpp's converter can't take is a 400 naming it.
+    Converted schemas are cached: clients repeat them."""
+    if params.tool_call is not None:  # the reply is the call; response_format is for text
+        call = params.tool_call
+        return _tool_call_grammar(json.dumps(call["schema"]), call["suffix"])
     response_format = params.response_format
     if not response_format or response_format.get("type") == "text":
         return None
@@ -51,7 +68,7 @@ def grammar_for(params: SamplingParams) -> str | None:
         schema = {}  # OpenAI accepts a json_schema without a schema: any JSON value
     if not isinstance(schema, dict):
         raise _bad_format("Invalid 'response_format.json_schema.schema': expected a JSON schema object.")
-    return _schema_grammar(json.dumps(schema, sort_keys=True))
+    return _schema_grammar(json.dumps(schema))  # key order kept: it is the output's
 
 
 class Sampler:

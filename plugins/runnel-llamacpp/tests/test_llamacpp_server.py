@@ -311,3 +311,48 @@ def test_a_schema_llama_cpp_cannot_follow_ends_a_stream_with_an_error_naming_it(
             model="tiny", messages=CHAT, max_tokens=8, stream=True,
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}))
     assert "response_format" in str(raised.value.body)
+
+
+# -- forced tool calls, held to their schemas by grammar -------------------------------------
+
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The time in a time zone",
+    "parameters": {"type": "object", "properties": {"timezone": {"type": "string", "enum": ["UTC", "CET"]}},
+                   "required": ["timezone"]}}}
+
+
+def test_a_named_call_follows_its_schema_even_where_the_model_would_not(client):
+    # Asked about the weather but told to call get_time, whose timezone the schema limits to two values.
+    for temperature, seed in ((0, None), (1.5, 1), (1.5, 2)):
+        reply = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+            tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_time"}},
+            temperature=temperature, seed=seed, max_tokens=64)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "get_time"
+        assert json.loads(call.function.arguments) in ({"timezone": "UTC"}, {"timezone": "CET"})
+
+
+def test_a_required_call_is_one_of_the_tools_even_sampled(client):
+    for seed in (1, 2, 3):
+        reply = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Tell me a story."}], tools=[WEATHER, TIME],
+            tool_choice="required", temperature=1.0, seed=seed, max_tokens=128)
+        calls = reply.choices[0].message.tool_calls
+        assert reply.choices[0].finish_reason == "tool_calls" and len(calls) == 1
+        arguments = json.loads(calls[0].function.arguments)
+        assert (calls[0].function.name, list(arguments)) in (("get_weather", ["city"]), ("get_time", ["timezone"]))
+
+
+def test_a_forced_call_is_held_to_its_schema_on_the_anthropic_api_too(llama_server):
+    import anthropic
+
+    tool = {"name": "get_time", "description": "The time", "input_schema": TIME["function"]["parameters"]}
+    with anthropic.Anthropic(base_url=llama_server.url, api_key="x", max_retries=0, timeout=60) as api:
+        reply = api.messages.create(model="tiny", max_tokens=64, extra_body={"temperature": 1.0},
+                                    tools=[tool], tool_choice={"type": "tool", "name": "get_time"},
+                                    messages=[{"role": "user", "content": "Hello"}])
+    use = next(block for block in reply.content if block.type == "tool_use")
+    assert use.name == "get_time" and use.input in ({"timezone": "UTC"}, {"timezone": "CET"})
