@@ -356,3 +356,12 @@ def test_a_forced_call_is_held_to_its_schema_on_the_anthropic_api_too(llama_serv
                                     messages=[{"role": "user", "content": "Hello"}])
     use = next(block for block in reply.content if block.type == "tool_use")
     assert use.name == "get_time" and use.input in ({"timezone": "UTC"}, {"timezone": "CET"})
+
+
+def test_the_baseten_bridge_serves_structured_output(start_server, app_config):
+    server = start_server(app_config(baseten={"model_id": "abcd1234"}))
+    with openai.OpenAI(base_url=server.url + "/v1/direct", api_key="x", max_retries=0, timeout=60) as baseten:
+        reply = baseten.chat.completions.parse(
+            model="tiny", messages=[{"role": "user", "content": "An order, please."}], response_format=Order,
+            max_tokens=120, temperature=0, extra_body={"baseten": {"model_id": "abcd1234"}})
+    assert isinstance(reply.choices[0].message.parsed, Order)
