@@ -1,11 +1,12 @@
-"""A request's sampling settings as a llama.cpp sampler chain, and ``response_format`` as a grammar.
+"""A request's sampling settings as a llama.cpp sampler chain, and constraints as a grammar.
 
-The chain, in llama.cpp's order: logit bias (the request's ``logit_bias``; ``ignore_eos``:
-the end token can't be picked), penalties (repetition, presence, frequency: over the tokens this row generated,
-which are the ones the chain accepts, as OpenAI counts them), the grammar (structured
-output), then greedy or top-k / top-p / temperature and a seeded draw. A per-request
-``seed`` seeds the draw (choice ``i`` of ``n`` with ``seed + i``, so they differ and each
-repeats); without one, llama.cpp seeds it at random.
+The chain, in llama.cpp's order: the request's ``logit_bias``, penalties (repetition,
+presence, frequency: over the tokens this row generated, which are the ones the chain
+accepts, as OpenAI counts them), the grammar (a forced tool call, or ``response_format``),
+then greedy or top-k / top-p / temperature and a seeded draw. A per-request ``seed`` seeds
+the draw (choice ``i`` of ``n`` with ``seed + i``, so they differ and each repeats); without
+one, llama.cpp seeds it at random. ``ignore_eos`` is not the chain's: the end token may
+still be picked, and the row goes on past it (as in vLLM and the CTranslate2 app).
 """
 
 from __future__ import annotations
@@ -93,14 +94,11 @@ class Sampler:
 
     def _build(self, llama_cpp, llama, params: SamplingParams, grammar: str | None, seed_offset: int) -> None:
         n_vocab = llama.n_vocab()
-        biases = dict(params.logit_bias)  # added to the logits, as OpenAI's -100..100
-        if params.ignore_eos:
-            biases[llama.token_eos()] = float("-inf")
-        if biases:
-            array = (llama_cpp.llama_logit_bias * len(biases))()
-            for item, (token, bias) in zip(array, biases.items(), strict=True):
+        if params.logit_bias:  # added to the logits, as OpenAI's -100..100
+            array = (llama_cpp.llama_logit_bias * len(params.logit_bias))()
+            for item, (token, bias) in zip(array, params.logit_bias, strict=True):
                 item.token, item.bias = token, bias
-            self._add(llama_cpp, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), array))
+            self._add(llama_cpp, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), array))
         if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
             self._add(llama_cpp, llama_cpp.llama_sampler_init_penalties(
                 n_vocab, llama.n_ctx(), params.repetition_penalty, params.frequency_penalty,

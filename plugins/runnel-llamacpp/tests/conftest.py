@@ -61,10 +61,11 @@ class Float32Reference:
         self.tokenizer = load_tokenizer(model_dir)
         self.generator = ctranslate2.Generator(model_dir, device="cpu", compute_type="float32", intra_threads=1)
 
-    def greedy_ids(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    def greedy_ids(self, prompt_ids: list[int], max_tokens: int, ignore_eos: bool = False) -> list[int]:
         start = [self.tokenizer.id_to_token(i) for i in prompt_ids]
         result = self.generator.generate_batch([start], max_length=max_tokens, sampling_topk=1,
-                                               include_prompt_in_result=False)
+                                               include_prompt_in_result=False,
+                                               **({"end_token": []} if ignore_eos else {}))
         return list(result[0].sequences_ids[0])
 
     def close(self) -> None:

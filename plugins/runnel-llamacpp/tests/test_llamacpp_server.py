@@ -35,6 +35,18 @@ def test_greedy_completions_are_ctranslate2s_on_the_same_weights(client, referen
     assert reply.choices[0].text == expected
 
 
+def test_with_ignore_eos_greedy_goes_on_past_the_end_token_as_ctranslate2_does(client, reference):
+    # ignore_eos does not ban the end token (vLLM's meaning, and the CTranslate2 app's): the
+    # model may pick it, and the reply goes on after it. 64 tokens of each prompt agree.
+    for prompt in PROMPTS:
+        prompt_ids = reference.tokenizer.encode(prompt, add_bos=True)
+        ids = reference.greedy_ids(prompt_ids, 64, ignore_eos=True)
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=64, temperature=0,
+                                          extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 64
+        assert reply.choices[0].text == continuation(reference.tokenizer, prompt_ids, ids), prompt
+
+
 def test_a_greedy_chat_reply_is_ctranslate2s_and_streams_the_same(client, reference):
     from runnel_ctranslate2.builtin import ensure_builtin
     from runnel_ctranslate2.chat_template import ChatTemplate, load_chat_template
@@ -117,16 +129,16 @@ def test_top_logprobs_are_the_models_best_alternatives(client):
     assert all(len(item.top_logprobs) == 20 for item in chat.choices[0].logprobs.content)
 
 
-def test_penalties_change_a_repetitive_greedy_reply(client):
-    def complete(**penalty):
-        return client.completions.create(model="tiny", prompt="It is a good day.", max_tokens=30, temperature=0,
-                                         extra_body={"ignore_eos": True}, **penalty).choices[0].text
+def test_penalties_change_a_greedy_reply_once_it_repeats_itself(client):
+    def complete(prompt, **penalty):
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0,
+                                         **penalty).choices[0].text
 
-    plain = complete()
-    assert "City City City" in plain  # greedy repeats itself
-    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
-        penalized = complete(**penalty)
-        assert "City City" not in penalized and penalized.split(".")[0] == plain.split(".")[0], penalty
+    assert complete("City City City") == " City" * 40  # greedy repeats itself
+    assert "City City City" not in complete("City City City", frequency_penalty=2.0)
+    story = complete("Once upon a time")  # a story repeats its words, which presence penalizes
+    penalized = complete("Once upon a time", presence_penalty=2.0)
+    assert penalized != story and penalized[:20] == story[:20]
 
 
 def test_min_tokens_is_refused_with_a_400_naming_it(client):
