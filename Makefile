@@ -11,12 +11,25 @@ STAMP := $(VENV)/.installed
 # pip shows its progress (the first install takes about a minute). PYTHONWARNINGS reaches
 # the setuptools build that pip runs for each editable install and drops only its
 # "Editable installation." notice, a warning banner about nothing that is wrong here.
-$(STAMP): pyproject.toml plugins/runnel-echo/pyproject.toml plugins/runnel-ctranslate2/pyproject.toml
-	@echo "==> Setting up $(VENV): runnel, its test tools and both plugins, as editable installs"
+#
+# llama-cpp-python (the llamacpp plugin's engine) compiles llama.cpp from source: about
+# 11 minutes on 2 cores the first time, then pip reuses the wheel it cached. It is built
+# portably (LLAMA_CMAKE_ARGS): a native build uses every instruction set the CPU
+# advertises, and machines that advertise AMX but fault on it crash with an illegal
+# instruction (Q8_0). AVX2/FMA/F16C stay on; LLAVA_BUILD=OFF skips the multimodal library.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF \
+  -DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF
+
+$(STAMP): pyproject.toml plugins/runnel-echo/pyproject.toml plugins/runnel-ctranslate2/pyproject.toml \
+          plugins/runnel-llamacpp/pyproject.toml
+	@echo "==> Setting up $(VENV): runnel, its test tools and the three plugins, as editable installs"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	PYTHONWARNINGS='ignore:Editable installation' \
 	  $(BIN)/pip install -e '.[test]' -e plugins/runnel-echo -e plugins/runnel-ctranslate2
+	@echo "==> llama-cpp-python: a portable build, ~11 minutes the first time (CMAKE_ARGS=$(LLAMA_CMAKE_ARGS))"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) PYTHONWARNINGS='ignore:Editable installation' \
+	  $(BIN)/pip install -e plugins/runnel-llamacpp
 	touch $(STAMP)
 	@echo "==> $(VENV) is ready"
 
@@ -67,6 +80,8 @@ bench:
 	  benchmarks/.venv-peers/bin/pip install --quiet --upgrade pip && \
 	  benchmarks/.venv-peers/bin/pip install --quiet -r benchmarks/requirements-peers.txt \
 	    -e . -e plugins/runnel-echo -e plugins/runnel-ctranslate2 && \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    benchmarks/.venv-peers/bin/pip install --quiet -e plugins/runnel-llamacpp 'llama-cpp-python[server]' && \
 	  { benchmarks/.venv-peers/bin/pip install --quiet granian || echo "granian did not install: the report says so"; } && \
 	  touch benchmarks/.venv-peers/.installed; }
 	benchmarks/.venv-peers/bin/python benchmarks/run.py --quick $(BENCH_ARGS)

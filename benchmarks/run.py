@@ -337,22 +337,47 @@ def scenario_inference(settings: dict, tmp: str) -> dict:
     apps = ('[apps.tiny]\nbackend = "ctranslate2"\nmodel = "builtin:tiny"\nserved_model_name = "tiny"\n'
             'device = "cpu"\ninter_threads = 2\nintra_threads = 1\n'
             f"max_batch_size = {max(levels)}\nbatch_window_ms = {BATCH_WINDOW_MS}\n")
+    skipped: dict[str, str] = {}
+    # The llama.cpp app serves the same weights (builtin:tiny's GGUF, written from them) on the same
+    # two threads: two contexts of one thread each. llama-cpp-python's own server is the peer its
+    # users would otherwise run: one context on two threads, never interrupting a running stream.
+    llama_apps = ('[apps.tiny]\nbackend = "llamacpp"\nmodel = "builtin:tiny"\nserved_model_name = "tiny"\n'
+                  "parallel = 2\nthreads = 1\n")
     servers = [Server("runnel", runnel_command(tmp, "inference", apps), ready="/health"),
                Server("FastAPI+CTranslate2", peer("fastapi_ct2.py", "--model-dir", model_dir))]
+    extra: dict[str, dict] = {}  # a server's request fields in place of ignore_eos and include_usage
+    try:
+        from runnel_ctranslate2.tokenizer import load_tokenizer
+        from runnel_llamacpp.builtin import ensure_builtin_gguf
+
+        gguf = ensure_builtin_gguf("tiny")
+        servers.append(Server("runnel llama.cpp", runnel_command(tmp, "inference-llamacpp", llama_apps),
+                              ready="/health"))
+        servers.append(Server("llama-cpp-python server", [PY, "-m", "llama_cpp.server", "--model", gguf,
+                                                          "--model_alias", "tiny", "--n_threads", "2",
+                                                          "--interrupt_requests", "False"]))
+        # It has no ignore_eos: the end token is biased away instead (llama.cpp's logit_bias).
+        extra["llama-cpp-python server"] = {"logit_bias": {str(load_tokenizer(model_dir).eos_id): -100}}
+    except ImportError as error:
+        skipped["runnel llama.cpp"] = skipped["llama-cpp-python server"] = f"not installed: {error}"
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     passes: dict[str, list[list[dict]]] = {}
-    skipped = {}
     for _ in range(settings["repeat"]):  # each pass starts every server in turn
         for server in servers:
             try:
                 with server:
-                    status, raw = request(server.port, "POST", "/v1/completions", json.dumps(body).encode())
+                    if server.name in extra:  # checked unstreamed: its streams carry no usage
+                        fields = extra[server.name]
+                        check = {"model": "tiny", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, **fields}
+                    else:
+                        fields, check = {"ignore_eos": True}, body
+                    status, raw = request(server.port, "POST", "/v1/completions", json.dumps(check).encode())
                     usage = re.findall(rb'"completion_tokens": ?(\d+)', raw)
                     if status != 200 or not usage or int(usage[-1]) != tokens:
                         raise RuntimeError(f"a stream did not make {tokens} tokens: {status} {raw[-300:]!r}")
                     workload = Workload.openai_completion(f"http://127.0.0.1:{server.port}", "tiny", PROMPT,
-                                                          tokens, True, temperature=0, ignore_eos=True)
+                                                          tokens, True, temperature=0, **fields)
                     points = run_points(server, workload, levels, duration, warmup)
             except RuntimeError as error:
                 skipped[server.name] = str(error)

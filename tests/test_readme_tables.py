@@ -15,6 +15,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def backends() -> dict[str, type]:
     from runnel_ctranslate2.apps import GeneratorApp
     from runnel_echo import EchoApp
+    from runnel_llamacpp.apps import LlamaApp
 
     # runnel-markov is the README's example plugin, installed only by its own test: load its one file.
     spec = importlib.util.spec_from_file_location("runnel_markov", README.parent / "plugins" / "runnel-markov" /
@@ -22,7 +23,7 @@ def backends() -> dict[str, type]:
     assert spec is not None and spec.loader is not None
     markov = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(markov)
-    return {"ctranslate2": GeneratorApp, "echo": EchoApp, "markov": markov.Markov}
+    return {"ctranslate2": GeneratorApp, "llamacpp": LlamaApp, "echo": EchoApp, "markov": markov.Markov}
 
 
 def support_table() -> tuple[list[str], dict[str, list[str]]]:
@@ -50,7 +51,7 @@ def test_every_sampling_parameter_row_matches_the_backends_supported_sets():
             for name in names:
                 assert (cell == "yes") == (name in classes[column].supported), (label, column)
                 checked += 1
-    assert checked >= 14 * 3
+    assert checked >= 14 * 4
 
 
 def test_the_tools_row_says_every_text_backend_can_be_given_a_parser():

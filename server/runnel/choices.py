@@ -19,6 +19,7 @@ own ``__slots__``) to keep its per-row state in the same object, and override
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from .generation import SamplingParams, StopStrings, TokenLogprob, TokenSink
@@ -61,9 +62,12 @@ class Choice:
         self.pending_ids: list[int] = []
         self.pending_logprobs: list[TokenLogprob] | None = [] if params.logprobs else None
 
-    def consume(self, token_id: int, piece: str = "", logprob: float | None = None, last: bool = False) -> None:
+    def consume(self, token_id: int, piece: str = "", logprob: float | None = None, last: bool = False,
+                top: Sequence[tuple[int, float]] | None = None) -> None:
         """One generated token: its id, its text ``piece`` (ignored when there is a
         detokenizer), its log probability, and whether the backend makes no more.
+        ``top``: the most likely tokens at this step as (id, logprob), best first, from
+        a backend that has them (else the alternatives are the token alone).
         Finishes the choice when a rule says so; the caller stops once ``done``."""
         params = self.params
         past_min = self.count >= params.min_tokens
@@ -79,7 +83,9 @@ class Choice:
         if self.pending_logprobs is not None:
             token = self.logprob_token(token_id, piece)
             value = float(logprob or 0.0)
-            self.pending_logprobs.append(TokenLogprob(token, value, [(token, value)][: params.top_logprobs]))
+            alternatives = ([(token, value)] if top is None else
+                            [(self.logprob_token(other, ""), other_value) for other, other_value in top])
+            self.pending_logprobs.append(TokenLogprob(token, value, alternatives[: params.top_logprobs]))
         if self.stops.stopped:
             self.finish("stop")
         elif self.count >= params.max_tokens or last:

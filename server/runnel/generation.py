@@ -38,6 +38,13 @@ class SamplingParams:
     # "strict"}}: output constrained to it, by a backend with logits control (it lists "response_format" in
     # ``supported``; a backend without is refused the request with a 400 naming the parameter).
     response_format: dict | None = None
+    # OpenAI's logit_bias: (token id, bias added to its logit, -100..100), ids in increasing order.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # A forced tool call, held to its tools' schemas by a backend that decodes by grammar (it
+    # lists "tool_call" in ``supported``; the surfaces set it for no other, which are forced
+    # by the chat prompt's prefill alone): {"schema": a JSON schema, "suffix": str}: after the
+    # prefill, the reply is one JSON value the schema allows, then the suffix, then the end.
+    tool_call: dict | None = None
 
 
 _DEFAULTS = SamplingParams()

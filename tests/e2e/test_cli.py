@@ -97,7 +97,8 @@ class Serve:
 
 @pytest.mark.parametrize(
     ("name", "summary"),
-    [("echo.toml", "1 app, auth none"), ("server.toml", "0 apps, auth none"), ("api_keys.toml", "0 apps, auth api_key")],
+    [("echo.toml", "1 app, auth none"), ("server.toml", "0 apps, auth none"), ("api_keys.toml", "0 apps, auth api_key"),
+     ("llamacpp.toml", "1 app, auth none")],
 )
 def test_check_config_accepts_examples(name, summary):
     path = f"conf/examples/{name}"

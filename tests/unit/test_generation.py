@@ -223,10 +223,12 @@ def test_sampling_params_defaults():
     assert params.ignore_eos is False
     assert params.min_tokens == 0
     assert params.response_format is None
+    assert params.logit_bias == ()
+    assert params.tool_call is None
     assert {item.name for item in fields(SamplingParams)} == {
         "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs",
         "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "no_repeat_ngram_size",
-        "ignore_eos", "min_tokens", "response_format",
+        "ignore_eos", "min_tokens", "response_format", "logit_bias", "tool_call",
     }
 
 

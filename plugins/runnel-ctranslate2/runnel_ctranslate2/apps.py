@@ -13,7 +13,7 @@ from pathlib import Path
 from runnel.supervisor import WorkerSlot, worker_slot
 from runnel.workers import DaemonThreads
 
-from .chat_template import CannotContinue, ChatTemplate, TemplateRaised, resolve_chat_template
+from .chat_template import ChatTemplate, chat_prompt, resolve_chat_template
 from .scheduler import BatchScheduler
 from .tokenizer import load_tokenizer
 
@@ -183,21 +183,7 @@ class GeneratorApp:
         return self.tokenizer.decode(token_ids)
 
     def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None, prefill: str = "") -> str:
-        from runnel import HTTPError
-
-        if self.template is None:
-            raise HTTPError(400, f"Model `{self.model_id}` has no chat template; use /v1/completions or set "
-                            "chat_template in its config.", param="messages", code="no_chat_template")
-        try:
-            if not prefill:
-                return self.template.render(messages, add_generation_prompt=True, tools=tools or None)
-            return self.template.continue_reply(messages, prefill, tools=tools or None)
-        except TemplateRaised as error:  # e.g. roles that do not alternate: a 400, not a 500
-            raise HTTPError(400, f"The model's chat template refused the messages: {error}", param="messages",
-                            code="invalid_messages") from None
-        except CannotContinue as error:
-            raise HTTPError(400, f"Model `{self.model_id}` cannot be made to call a tool: {error}",
-                            param="tool_choice", code="unsupported_parameter") from None
+        return chat_prompt(self.template, self.model_id, messages, tools=tools, prefill=prefill)
 
     @property
     def tool_parser(self) -> str | None:

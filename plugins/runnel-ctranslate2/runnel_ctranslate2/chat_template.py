@@ -173,6 +173,28 @@ class ChatTemplate:
         return rendered[: at + len(text)]
 
 
+def chat_prompt(template: ChatTemplate | None, model_id: str, messages: list[dict], *,
+                tools: list[dict] | None = None, prefill: str = "") -> str:
+    """An app's ``chat_prompt`` (runnel.generation.ModelApp): the messages through ``template``,
+    what the client got wrong as a 400 (no template, a conversation the template refuses, a
+    reply that can't be begun for a forced tool call)."""
+    from runnel import HTTPError
+
+    if template is None:
+        raise HTTPError(400, f"Model `{model_id}` has no chat template; use /v1/completions or set "
+                        "chat_template in its config.", param="messages", code="no_chat_template")
+    try:
+        if not prefill:
+            return template.render(messages, add_generation_prompt=True, tools=tools or None)
+        return template.continue_reply(messages, prefill, tools=tools or None)
+    except TemplateRaised as error:  # e.g. roles that do not alternate: a 400, not a 500
+        raise HTTPError(400, f"The model's chat template refused the messages: {error}", param="messages",
+                        code="invalid_messages") from None
+    except CannotContinue as error:
+        raise HTTPError(400, f"Model `{model_id}` cannot be made to call a tool: {error}",
+                        param="tool_choice", code="unsupported_parameter") from None
+
+
 def render_chat(
     template: str,
     messages: Sequence[Mapping[str, Any]],

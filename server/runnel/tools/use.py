@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import HTTPError
+from ..generation import SamplingParams
 from .formats import FORMATS, ToolCallFormat
 from .parser import ToolCallParser, ToolEvents, functions_by_name, new_call_id
 
@@ -110,6 +111,30 @@ class ToolUse:
         if self.choice == AUTO:
             return ""
         return self.format.prefill(None if self.choice == REQUIRED else self.choice)
+
+    @property
+    def constraint(self) -> dict[str, Any] | None:
+        """What a forced call's reply must be after the prefill, for a backend that decodes by
+        grammar (runnel.generation.SamplingParams.tool_call): one JSON value and the text that
+        closes the call. None when no call is forced, or when the prefill leaves no whole value
+        to follow (Llama 3's required call begins with "{")."""
+        if self.choice == AUTO:
+            return None
+        form = self.format
+        closing = form.closing or ("]" if form.skip_before == "[" else "")
+        if self.choice != REQUIRED:  # the prefill ends '"arguments":'
+            return {"schema": self.functions[self.choice], "suffix": "}" + closing}
+        if form.leading_object:
+            return None
+        calls = [{"type": "object", "properties": {"name": {"const": name}, form.arguments_key: parameters},
+                  "required": ["name", form.arguments_key]} for name, parameters in self.functions.items()]
+        return {"schema": calls[0] if len(calls) == 1 else {"anyOf": calls}, "suffix": closing}
+
+    def constrain(self, params: SamplingParams, app: Any) -> None:
+        """Hold a forced call to its schemas where ``app``'s backend can ("tool_call" in its
+        ``supported``); elsewhere the prefill alone forces it."""
+        if "tool_call" in getattr(app, "supported", ()):
+            params.tool_call = self.constraint
 
     def parser(self, events: ToolEvents, new_id: Callable[[], str] = new_call_id) -> ToolCallParser:
         """A parser for one choice, already fed the prefill (which the model continues)."""

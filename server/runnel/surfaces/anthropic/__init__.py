@@ -58,6 +58,8 @@ class AnthropicAPI:
         OpenAIAPI.check_supported(app, parsed)
         assert parsed.messages is not None  # parse_messages makes them
         tool_use = self._tool_use(app, parsed)
+        if tool_use is not None:
+            tool_use.constrain(parsed.params, app)
         tokens = await chat_prompt_tokens(app, parsed.messages, tool_use=tool_use)
         fit_to_model(parsed, app, len(tokens))
         usage = Usage(len(tokens))

@@ -230,6 +230,8 @@ class OpenAIAPI:
         tool_use = None
         if parsed.messages is not None:
             tool_use = self.tool_use(app, parsed.tools, parsed.tool_choice, parsed.parallel_tool_calls)
+            if tool_use is not None:
+                tool_use.constrain(parsed.params, app)
             tokens = await chat_prompt_tokens(app, parsed.messages, tool_use=tool_use)
         else:
             prompt = parsed.prompt

@@ -38,7 +38,8 @@ MAX_EMBEDDING_INPUTS = 2048  # as OpenAI
 # OpenAI parameters that change what the answer means. Ignoring one silently
 # would hand back something the client did not ask for, so setting one is a 400.
 # (functions and function_call are the deprecated spelling of tools: send tools.)
-_UNSUPPORTED_FEATURES = ("functions", "function_call", "audio", "prediction", "web_search_options", "logit_bias")
+_UNSUPPORTED_FEATURES = ("functions", "function_call", "audio", "prediction", "web_search_options")
+MAX_LOGIT_BIAS = 1024  # entries: each is work for every step of every choice
 
 
 # Every field a request may carry; anything else is a 400 naming it, as OpenAI does, unless
@@ -48,7 +49,7 @@ _NO_OP_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "safety_
 _SAMPLING_FIELDS = frozenset({"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
                               "stop", "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty",
                               "no_repeat_ngram_size", "ignore_eos", "min_tokens", "n", "stream", "stream_options",
-                              "response_format", *_UNSUPPORTED_FEATURES}) | _NO_OP_FIELDS
+                              "response_format", "logit_bias", *_UNSUPPORTED_FEATURES}) | _NO_OP_FIELDS
 CHAT_FIELDS = _SAMPLING_FIELDS | {"messages", "prompt", "logprobs", "top_logprobs", "tools", "tool_choice",
                                    "parallel_tool_calls"}
 COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt", "echo", "logprobs", "best_of", "suffix"}
@@ -249,6 +250,24 @@ def _int_list(body: dict, name: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"token id": bias}`` as sorted (id, bias) pairs; the ids are checked against
+    the model's vocabulary with the rest (fit_to_model)."""
+    value = typed_field(body, "logit_bias", dict)
+    if not value:
+        return ()
+    if len(value) > MAX_LOGIT_BIAS:
+        raise invalid("logit_bias", f"'logit_bias' may hold at most {MAX_LOGIT_BIAS} tokens.")
+    pairs = []
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 9):
+            raise invalid("logit_bias", f"Invalid 'logit_bias': {key[:20]!r} is not a token id.")
+        if type(bias) not in (int, float) or not -100 <= bias <= 100:
+            raise invalid("logit_bias", f"Invalid 'logit_bias' for token {key}: a number from -100 to 100.")
+        pairs.append((int(key), float(bias)))
+    return tuple(sorted(pairs))
+
+
 def _sampling(body: dict) -> tuple[SamplingParams, bool]:
     max_tokens = typed_field(body, "max_completion_tokens", int)
     if max_tokens is None:
@@ -272,6 +291,7 @@ def _sampling(body: dict) -> tuple[SamplingParams, bool]:
         no_repeat_ngram_size=typed_field(body, "no_repeat_ngram_size", int, 0),
         ignore_eos=typed_field(body, "ignore_eos", bool, False),
         min_tokens=typed_field(body, "min_tokens", int, 0),
+        logit_bias=_logit_bias(body),
     )
     check_range("temperature", params.temperature, 0.0, 2.0)
     if 0 < params.temperature < MIN_TEMPERATURE:
@@ -446,6 +466,9 @@ def fit_to_model(request: CompletionRequest, app: ModelApp, longest_prompt: int,
             if token_id >= vocab_size:
                 raise invalid("stop_token_ids", f"Invalid value for 'stop_token_ids': {token_id} is not a token id "
                               f"of this model (its vocabulary has {vocab_size}).")
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab_size:  # sorted: the last is the largest
+            raise invalid("logit_bias", f"Invalid 'logit_bias': {params.logit_bias[-1][0]} is not a token id of "
+                          f"this model (its vocabulary has {vocab_size}).")
 
 
 def check_prompt_size(param: str, chars: int, context_length: int) -> None:

@@ -195,7 +195,10 @@ class ResponseRuns(RunView):
         tool_use = self.openai.tool_use(app, data["tools"], data["tool_choice"], data["parallel"])
         messages = chat_messages(data["response"]["instructions"], data["items"])
         tokens = await chat_prompt_tokens(app, messages, param="input", tool_use=tool_use)
-        return await generate(app, tokens, SamplingParams(**data["params"]), data["response"], tool_use)
+        params = SamplingParams(**data["params"])
+        if tool_use is not None:
+            tool_use.constrain(params, app)
+        return await generate(app, tokens, params, data["response"], tool_use)
 
     def render(self, run: Run) -> dict[str, Any]:
         if run.state == SUCCEEDED and run.output is not None:
@@ -246,6 +249,8 @@ class ResponsesAPI:
                                           tool_use=tool_use)
         fit(app, completion, tokens)
         params = parsed.params
+        if tool_use is not None:
+            tool_use.constrain(params, app)
         response = {
             "id": "resp_" + uuid.uuid4().hex, "object": "response", "created_at": int(time.time()),
             "status": "queued" if parsed.background else "in_progress", "background": parsed.background,

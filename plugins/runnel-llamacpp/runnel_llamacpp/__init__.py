@@ -1,0 +1,1 @@
+"""runnel backend: GGUF models on llama.cpp (through llama-cpp-python)."""
