@@ -13,7 +13,7 @@ from pathlib import Path
 from runnel.supervisor import WorkerSlot, worker_slot
 from runnel.workers import DaemonThreads
 
-from .chat_template import ChatTemplate, chat_prompt, resolve_chat_template
+from runnel.chat_template import ChatTemplate, chat_prompt, resolve_chat_template
 from .scheduler import BatchScheduler
 from .tokenizer import load_tokenizer
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat_template import BUILTIN_TEMPLATES
+from runnel.chat_template import BUILTIN_TEMPLATES
 
 # Bump when the builder's output changes, so caches built by older code are not reused.
 BUILD_VERSION = 2  # 2: the chat template ends assistant turns with </s>

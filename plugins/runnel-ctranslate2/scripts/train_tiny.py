@@ -48,15 +48,17 @@ from pathlib import Path
 import numpy as np
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
-if str(PLUGIN_DIR) not in sys.path:
-    sys.path.insert(0, str(PLUGIN_DIR))
+CORE_DIR = PLUGIN_DIR.parents[1] / "server"  # runnel.chat_template
+for path in (PLUGIN_DIR, CORE_DIR):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 from runnel_ctranslate2.builtin import (  # noqa: E402
     TINY_CHAT_TEMPLATE,
     _train_sentencepiece,
     write_decoder_model,
 )
-from runnel_ctranslate2.chat_template import ChatTemplate  # noqa: E402
+from runnel.chat_template import ChatTemplate  # noqa: E402
 from runnel_ctranslate2.tokenizer import SentencePieceTokenizer  # noqa: E402
 
 DEFAULT_OUT = PLUGIN_DIR / "runnel_ctranslate2" / "models" / "tiny"

@@ -39,6 +39,12 @@ def test_directory_is_a_complete_model(tiny_dir):
     assert "add_generation_prompt" in config["chat_template"]
 
 
+def test_the_model_carries_the_plain_chat_template(tiny_dir):
+    from runnel.chat_template import BUILTIN_TEMPLATES, load_chat_template
+
+    assert load_chat_template(tiny_dir) == BUILTIN_TEMPLATES["plain"]
+
+
 def test_greedy_is_deterministic_across_generators(tiny_dir):
     first = greedy(tiny_dir)
     assert first == greedy(tiny_dir)

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from runnel_ctranslate2.builtin import TINY_CHAT_TEMPLATE, ensure_builtin
-from runnel_ctranslate2.chat_template import ChatTemplate
+from runnel.chat_template import ChatTemplate
 from runnel_ctranslate2.tokenizer import load_tokenizer
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+from runnel.chat_template import BUILTIN_TEMPLATES, ChatTemplate, chat_prompt
 from runnel.supervisor import worker_slot
 from runnel.workers import DaemonThreads
 
@@ -122,12 +123,8 @@ class LlamaApp(_GGUFApp):
         eos_text = model.token_get_text(self._eos_id) if self._eos_id >= 0 else ""
         source = metadata.get("tokenizer.chat_template")
         if self._template_name is not None:
-            from runnel_ctranslate2.chat_template import BUILTIN_TEMPLATES
-
             source = BUILTIN_TEMPLATES[self._template_name]
         if source:
-            from runnel_ctranslate2.chat_template import ChatTemplate
-
             self.template = ChatTemplate(source, bos_token=self._bos_text, eos_token=eos_text)
         logger.info("app %r: %s, %d context(s) x %d thread(s), n_ctx %d, %d GPU layers", self.name, path,
                     self.parallel, threads, self.context_length, self.n_gpu_layers)
@@ -157,10 +154,7 @@ class LlamaApp(_GGUFApp):
         return self.contexts[0].tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None, prefill: str = "") -> str:
-        # The same jinja2 rendering as the CTranslate2 app (transformers' environment); it
-        # lives in runnel-ctranslate2 for now (see the plugin README).
-        from runnel_ctranslate2.chat_template import chat_prompt
-
+        # The core's jinja2 rendering (transformers' environment), as the CTranslate2 app's.
         return chat_prompt(self.template, self.model_id, messages, tools=tools, prefill=prefill)
 
     @property

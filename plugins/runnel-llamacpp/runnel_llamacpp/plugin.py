@@ -41,7 +41,7 @@ def make_app(app_config, table, server):
         raise table.error("threads", "must be >= 0 (0 = chosen for the machine)")
     chat_template = table.get("chat_template", str, default=None)
     if chat_template is not None:
-        from runnel_ctranslate2.chat_template import BUILTIN_TEMPLATES
+        from runnel.chat_template import BUILTIN_TEMPLATES
 
         if chat_template not in BUILTIN_TEMPLATES:
             raise table.error("chat_template", f"unknown chat template {chat_template!r}; built-in: "

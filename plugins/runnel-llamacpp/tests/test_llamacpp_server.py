@@ -49,7 +49,7 @@ def test_with_ignore_eos_greedy_goes_on_past_the_end_token_as_ctranslate2_does(c
 
 def test_a_greedy_chat_reply_is_ctranslate2s_and_streams_the_same(client, reference):
     from runnel_ctranslate2.builtin import ensure_builtin
-    from runnel_ctranslate2.chat_template import ChatTemplate, load_chat_template
+    from runnel.chat_template import ChatTemplate, load_chat_template
 
     template = ChatTemplate(load_chat_template(ensure_builtin("tiny")), bos_token="<s>", eos_token="</s>")
     prompt_ids = reference.tokenizer.encode(template.render(CHAT), add_bos=False)

@@ -3,7 +3,7 @@ import json
 import jinja2
 import pytest
 
-from runnel_ctranslate2.chat_template import (
+from runnel.chat_template import (
     BUILTIN_TEMPLATES,
     ChatTemplate,
     load_chat_template,
@@ -84,8 +84,11 @@ def test_helpers_match_transformers():
     assert rendered == '{"role": "user", "content": "é <b>"}'
 
 
-def test_load_chat_template(tmp_path, tiny_dir):
-    assert load_chat_template(tiny_dir) == BUILTIN_TEMPLATES["plain"]
+def test_load_chat_template(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": BUILTIN_TEMPLATES["plain"]}))
+    assert load_chat_template(model) == BUILTIN_TEMPLATES["plain"]
     assert load_chat_template(tmp_path) is None
     (tmp_path / "tokenizer_config.json").write_text(
         json.dumps(
