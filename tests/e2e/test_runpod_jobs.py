@@ -110,6 +110,25 @@ def test_runsync_gives_up_waiting_after_runsync_timeout(start_server, module, tm
     assert settled(server, "jobs", body["id"])["status"] == "COMPLETED"
 
 
+def test_runsync_wait_sets_how_long_it_waits(start_server, module, tmp_path):
+    """RunPod's ``?wait=`` (ms): 1 s here instead of the configured 90 s; out of range is a 400
+    that submits nothing."""
+    gate = tmp_path / "gate"
+    server = start_server({"server": {"runs_path": "", "runsync_timeout": 90.0}, "apps": apps(module, jobs="handler")})
+    try:
+        began = time.monotonic()
+        body = post(server, "/v2/jobs/runsync?wait=1000", {"input": {"gate": str(gate)}}).json()
+        assert body["status"] in ("IN_QUEUE", "IN_PROGRESS") and 0.9 < time.monotonic() - began < 30
+    finally:
+        gate.write_text("")
+    assert settled(server, "jobs", body["id"])["status"] == "COMPLETED"
+    for wait in ("999", "300001", "abc", "-5", ""):
+        reply = post(server, f"/v2/jobs/runsync?wait={wait}", {"input": "x"})
+        assert reply.status == 400 and "wait" in reply.json()["error"], wait
+    assert calls(server, "jobs") == [body["id"]]  # the refused ones never became jobs
+    assert post(server, "/v2/jobs/runsync?wait=300000", {"input": "quick"}).json()["status"] == "COMPLETED"
+
+
 def test_failed_jobs_carry_the_error(jobs):
     body = settled(jobs, "jobs", run(jobs, "jobs", {"fail": "no GPU today"}))
     assert body["status"] == "FAILED" and "output" not in body

@@ -10,7 +10,7 @@ after ``[server] runs_retention``.
     POST /v2/{id}/run           {"input": ..., "webhook"?: URL, "policy"?: {"executionTimeout": ms}}
                                 -> {"id", "status": "IN_QUEUE"}
     POST /v2/{id}/runsync       the same, then waits up to [server] runsync_timeout
-                                -> the job's status
+                                (or ``?wait=`` ms, 1000 to 300000, as RunPod) -> the job's status
     GET  /v2/{id}/status/{job}  -> {"id", "status", "output"?, "error"?, "delayTime", "executionTime"}
     GET  /v2/{id}/stream/{job}  -> {"status", "stream": [{"output": value}, ...]}: what a
                                    generator handler yielded since the previous call
@@ -68,6 +68,8 @@ SURFACE = "runpod"
 STATUS = {QUEUED: "IN_QUEUE", RUNNING: "IN_PROGRESS", SUCCEEDED: "COMPLETED", FAILED: "FAILED",
           CANCELLED: "CANCELLED", TIMED_OUT: "TIMED_OUT"}
 JOB_PARAMETERS = (frozenset(("job",)), frozenset(("event",)))
+# RunPod's bounds for /runsync?wait= (milliseconds).
+MIN_RUNSYNC_WAIT_MS, MAX_RUNSYNC_WAIT_MS = 1000, 300_000
 
 
 class RunPodJobs(RunView):
@@ -217,8 +219,19 @@ class RunPodJobAPI:
         return json_response({"id": run.id, "status": STATUS[QUEUED]})
 
     async def runsync(self, request):
+        timeout = self._runsync_wait(request)  # checked first: a bad value submits nothing
         run = await self._submit(request, "runsync")
-        return json_response(RunPodJobs.render(await self.runs.wait(run.id, self.runsync_timeout) or run))
+        return json_response(RunPodJobs.render(await self.runs.wait(run.id, timeout) or run))
+
+    def _runsync_wait(self, request) -> float:
+        """Seconds ``/runsync`` waits: RunPod's ``?wait=`` (milliseconds), else the configured default."""
+        wait = request.query_param("wait")
+        if wait is None:
+            return self.runsync_timeout
+        if not wait.isdigit() or not MIN_RUNSYNC_WAIT_MS <= int(wait) <= MAX_RUNSYNC_WAIT_MS:
+            raise HTTPError(400, f"'wait' must be milliseconds between {MIN_RUNSYNC_WAIT_MS} and "
+                            f"{MAX_RUNSYNC_WAIT_MS}, not {wait[:20]!r}", param="wait")
+        return int(wait) / 1000
 
     async def status(self, request):
         return json_response(RunPodJobs.render(await self._job(request)))
