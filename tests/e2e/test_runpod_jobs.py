@@ -129,6 +129,28 @@ def test_runsync_wait_sets_how_long_it_waits(start_server, module, tmp_path):
     assert post(server, "/v2/jobs/runsync?wait=300000", {"input": "quick"}).json()["status"] == "COMPLETED"
 
 
+def test_purge_queue_cancels_the_callers_queued_jobs_and_leaves_the_running_one(start_server, module, tmp_path):
+    gate = tmp_path / "gate"
+    server = start_server({"server": {"runs_path": "", "runs_workers": 1}, "apps": apps(module, jobs="handler",
+                                                                                       other="handler")})
+    try:
+        running = run(server, "jobs", {"gate": str(gate)})
+        wait_until(lambda: status(server, "jobs", running)["status"] == "IN_PROGRESS")
+        queued = [run(server, "jobs", {"n": n}) for n in range(3)]
+        elsewhere = run(server, "other", {"n": 9})  # another endpoint's job stays queued
+        reply = post(server, "/v2/jobs/purge-queue")
+        assert reply.status == 200 and reply.json() == {"removed": 3, "status": "completed"}
+        assert [status(server, "jobs", job)["status"] for job in queued] == ["CANCELLED"] * 3
+        assert status(server, "jobs", running)["status"] == "IN_PROGRESS"
+        assert post(server, "/v2/jobs/purge-queue").json() == {"removed": 0, "status": "completed"}
+    finally:
+        gate.write_text("")
+    assert settled(server, "jobs", running)["status"] == "COMPLETED"
+    assert settled(server, "other", elsewhere)["status"] == "COMPLETED"
+    assert calls(server, "jobs") == [running]  # the purged jobs never ran
+    assert post(server, "/v2/nope/purge-queue").status == 404
+
+
 def test_failed_jobs_carry_the_error(jobs):
     body = settled(jobs, "jobs", run(jobs, "jobs", {"fail": "no GPU today"}))
     assert body["status"] == "FAILED" and "output" not in body

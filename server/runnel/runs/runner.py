@@ -415,6 +415,27 @@ class Runner:
                 if not waiters:
                     del self._waiters[run_id]
 
+    async def purge_queue(self, *, surface: str, app: str, principal: str) -> int:
+        """Cancel every run of ``app`` that ``principal`` submitted through ``surface`` and that
+        is still queued (running ones go on); how many. The queue is bounded (runs_max_queued),
+        and each cancel is the store's atomic queued -> cancelled, so a run claimed meanwhile
+        is left to run."""
+        removed = 0
+        if not self.store.is_open:
+            try:
+                if not await self._open(create=False):
+                    return 0  # no store yet: nothing was ever queued
+            except StoreUnavailable as exc:
+                raise HTTPError(503, str(exc), code="run_store_busy") from None
+        for run_id in await self.store.queued():
+            run = await self.store.get(run_id)
+            if (run is not None and run.state == QUEUED and run.surface == surface and run.app == app
+                    and run.principal == principal and await self.store.finish(run_id, CANCELLED)):
+                removed += 1
+                self.metrics.run_finished(run.app, CANCELLED, None)
+                await self._finished(run)
+        return removed
+
     async def cancel(self, run_id: str) -> Run | None:
         """Cancel a queued or running run; the run as it is then (None when unknown)."""
         for _ in range(50):

@@ -15,6 +15,8 @@ after ``[server] runs_retention``.
     GET  /v2/{id}/stream/{job}  -> {"status", "stream": [{"output": value}, ...]}: what a
                                    generator handler yielded since the previous call
     POST /v2/{id}/cancel/{job}  -> {"id", "status"}
+    POST /v2/{id}/purge-queue   -> {"removed": n, "status": "completed"}: the caller's queued jobs
+                                   are cancelled; running ones go on
     GET  /v2/{id}/health        -> {"jobs": {"completed", "failed", "inProgress", "inQueue",
                                    "retried"}, "workers": {"idle", "running"}}
 
@@ -249,6 +251,13 @@ class RunPodJobAPI:
         run = await self.runs.cancel(run.id) or run
         return json_response({"id": run.id, "status": STATUS[run.state]})
 
+    async def purge_queue(self, request):
+        """RunPod's ``/purge-queue``: the caller's jobs still queued on this endpoint are
+        cancelled (they never run); running ones go on."""
+        name, _ = self._endpoint(request)
+        removed = await self.runs.purge_queue(surface=SURFACE, app=name, principal=request.principal.identity)
+        return json_response({"removed": removed, "status": "completed"})
+
     async def health(self, request):
         name, _ = self._endpoint(request)
         counts = await self.runs.counts(name, SURFACE)
@@ -266,6 +275,7 @@ def register_routes(register, server, endpoints: dict[str, RunPodEndpoint]) -> N
     register("POST", "/v2/{endpoint_id}/run", api.run, errors=render_error)
     register("POST", "/v2/{endpoint_id}/runsync", api.runsync, errors=render_error)
     register("GET", "/v2/{endpoint_id}/health", api.health, errors=render_error)
+    register("POST", "/v2/{endpoint_id}/purge-queue", api.purge_queue, errors=render_error)
     for method in ("GET", "POST"):
         register(method, "/v2/{endpoint_id}/status/{job_id}", api.status, errors=render_error)
         register(method, "/v2/{endpoint_id}/stream/{job_id}", api.stream, errors=render_error)
