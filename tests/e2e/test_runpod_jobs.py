@@ -129,10 +129,13 @@ def test_runsync_wait_sets_how_long_it_waits(start_server, module, tmp_path):
     assert post(server, "/v2/jobs/runsync?wait=300000", {"input": "quick"}).json()["status"] == "COMPLETED"
 
 
-def test_purge_queue_cancels_the_callers_queued_jobs_and_leaves_the_running_one(start_server, module, tmp_path):
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_purge_queue_cancels_the_callers_queued_jobs_and_leaves_the_running_one(start_server, module, tmp_path,
+                                                                               request, store):
     gate = tmp_path / "gate"
-    server = start_server({"server": {"runs_path": "", "runs_workers": 1}, "apps": apps(module, jobs="handler",
-                                                                                       other="handler")})
+    runs = {"runs_path": ""} if store == "sqlite" else {"runs": request.getfixturevalue("redis_url")}
+    server = start_server({"server": {**runs, "runs_workers": 1}, "apps": apps(module, jobs="handler",
+                                                                              other="handler")})
     try:
         running = run(server, "jobs", {"gate": str(gate)})
         wait_until(lambda: status(server, "jobs", running)["status"] == "IN_PROGRESS")
