@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
 
+from .errors import HTTPError
+
 
 @dataclass(slots=True, kw_only=True)
 class SamplingParams:
@@ -61,6 +63,18 @@ def unsupported(params: SamplingParams, supported: frozenset[str]) -> str | None
         if getattr(params, name) != getattr(_DEFAULTS, name):
             return name
     return None
+
+
+def admit(waiting: int, n: int, max_queue: int) -> None:
+    """A backend's bounded queue: room for ``n`` more choices beside ``waiting``, else an
+    HTTPError: 400 when ``n`` alone could never fit (the surfaces refuse it first, through
+    ``ModelApp.max_choices``), 429 with Retry-After when the queue is full for now."""
+    if n > max_queue:
+        raise HTTPError(400, f"n={n} is more than this model's queue holds ({max_queue})", param="n",
+                        code="too_many_choices")
+    if waiting + n > max_queue:
+        raise HTTPError(429, f"The server is busy: {waiting} requests are waiting. Retry shortly.",
+                        type="rate_limit_error", code="queue_full", headers=((b"retry-after", b"1"),))
 
 
 @dataclass(slots=True)
@@ -204,6 +218,7 @@ class StopStrings:
 
 __all__ = [
     "Generation",
+    "admit",
     "ModelApp",
     "SamplingParams",
     "StopStrings",

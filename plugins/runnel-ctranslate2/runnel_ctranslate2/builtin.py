@@ -32,6 +32,9 @@ _PACKAGED_MODELS = Path(__file__).parent / "models"
 # "Role: content" lines. Its `{{ bos_token }}` is rendered as text and recognised by the
 # tokenizer, as with Hugging Face templates, so the prompt is encoded with add_bos=False.
 TINY_CHAT_TEMPLATE = BUILTIN_TEMPLATES["plain"]
+# How the trained built-in model writes tool calls (scripts/train_tiny.py): every backend
+# that serves its weights names this format (runnel.tools.FORMATS).
+TINY_TOOL_PARSER = "hermes"
 
 _SUBJECTS = [
     "the cat", "a small dog", "my friend", "the river", "an old man", "the teacher",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from runnel import HTTPError
 from runnel.choices import Choice
-from runnel.generation import SamplingParams
+from runnel.generation import SamplingParams, admit
 from runnel.workers import DaemonThreads
 
 from .tokenizer import IncrementalDetokenizer
@@ -219,13 +219,7 @@ class BatchScheduler:
     # -- generations -------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, n: int, sink) -> BatchedGeneration:
         # The queue slot is taken (or refused) before any generation work starts.
-        if n > self.max_queue:  # the surface refuses this first (ModelApp.max_choices); never a 429
-            raise HTTPError(400, f"n={n} is more than this model's queue holds ({self.max_queue})", param="n",
-                            code="too_many_choices")
-        queued = sum(not row.done for row in self.waiting)
-        if queued + n > self.max_queue:
-            raise HTTPError(429, f"The server is busy: {queued} requests are waiting. Retry shortly.",
-                            type="rate_limit_error", code="queue_full", headers=((b"retry-after", b"1"),))
+        admit(sum(not row.done for row in self.waiting), n, self.max_queue)
         generation = BatchedGeneration(sink)
         start_tokens = [self.tokenizer.id_to_token(token_id) for token_id in prompt_ids]
         generation.rows = [Row(generation, index, start_tokens, prompt_ids, params, self.tokenizer)

@@ -159,7 +159,11 @@ class LlamaApp(_GGUFApp):
 
     @property
     def tool_parser(self) -> str | None:
-        return "hermes" if self.model.startswith("builtin:") else None
+        """builtin:tiny's format (its weights are the CTranslate2 plugin's); a GGUF's is its
+        app's ``tool_parser`` setting."""
+        from runnel_ctranslate2.builtin import TINY_TOOL_PARSER
+
+        return TINY_TOOL_PARSER if self.model.startswith("builtin:") else None
 
     def generate(self, prompt_tokens, params, n, sink):
         return self.pool.submit(list(prompt_tokens), params, n, sink)

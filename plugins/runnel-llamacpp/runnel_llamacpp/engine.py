@@ -27,7 +27,7 @@ import numpy as np
 
 from runnel import HTTPError
 from runnel.choices import Choice
-from runnel.generation import SamplingParams
+from runnel.generation import SamplingParams, admit
 from runnel.workers import DaemonThreads
 
 from .sampling import Sampler, grammar_for
@@ -135,13 +135,7 @@ class ContextPool:
         self.tokens_made = 0
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, n: int, sink) -> Generation:
-        if n > self.max_queue:  # the surface refuses this first (ModelApp.max_choices); never a 429
-            raise HTTPError(400, f"n={n} is more than this model's queue holds ({self.max_queue})", param="n",
-                            code="too_many_choices")
-        queued = sum(not row.done for row in self.waiting)
-        if queued + n > self.max_queue:
-            raise HTTPError(429, f"The server is busy: {queued} requests are waiting. Retry shortly.",
-                            type="rate_limit_error", code="queue_full", headers=((b"retry-after", b"1"),))
+        admit(sum(not row.done for row in self.waiting), n, self.max_queue)
         generation = Generation()
         generation.rows = [Row(generation, sink, index, prompt_ids, params, self.eos_id, self.pieces, self.texts,
                                self.loop) for index in range(n)]

@@ -69,15 +69,15 @@ class ToolUse:
 
     __slots__ = ("format", "tools", "choice", "single", "functions")
 
-    def __init__(self, format: ToolCallFormat, tools: list[dict[str, Any]], choice: str, single: bool) -> None:
+    def __init__(self, format: ToolCallFormat, tools: list[dict[str, Any]], choice: str, single: bool,
+                 functions: Mapping[str, Mapping[str, Any]]) -> None:
         self.format = format
         self.tools = tools  # for the chat template
         self.choice = choice  # AUTO, REQUIRED or a function's name
         self.single = single  # parallel_tool_calls false
-        functions = functions_by_name(tools)
         if choice not in (AUTO, REQUIRED):
             functions = {choice: functions[choice]}  # a named call may only be that one
-        self.functions = functions
+        self.functions = functions  # name -> parameters schema: what the reply may call
 
     @classmethod
     def create(cls, parser: str | None, model_id: str, tools: list[dict[str, Any]], choice: str | None,
@@ -93,13 +93,14 @@ class ToolUse:
         check_tools(tools, param)
         if choice == "none":
             return None
-        if choice not in (AUTO, REQUIRED) and choice not in functions_by_name(tools):
+        functions = functions_by_name(tools)
+        if choice not in (AUTO, REQUIRED) and choice not in functions:
             raise _invalid(choice_param, f"Invalid '{choice_param}': no tool named `{choice}` in '{param}'.")
         if parser is None:
             raise HTTPError(400, f"Model `{model_id}` has no tool-call parser, so it cannot be given tools: set "
                             "tool_parser in its app's config (runnel's README, \"Tool calling\").",
                             type="invalid_request_error", param=param, code="unsupported_parameter")
-        return cls(FORMATS[parser], tools, choice, not parallel)
+        return cls(FORMATS[parser], tools, choice, not parallel, functions)
 
     @property
     def forced(self) -> bool:

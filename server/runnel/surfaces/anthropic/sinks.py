@@ -63,13 +63,15 @@ class MessageStream(SinkBase):
         self.started = False
 
     def open(self, stream) -> None:
+        self._start_message(stream)
+        stream.send(b'{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}')
+        stream.send(b'{"type":"ping"}')
+
+    def _start_message(self, stream) -> None:
         self.stream = stream
-        send = stream.send
         message = {**self.message, "content": [], "stop_reason": None, "stop_sequence": None,
                    "usage": {"input_tokens": self.usage.prompt_tokens, "output_tokens": 0}}
-        send({"type": "message_start", "message": message})
-        send(b'{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}')
-        send(b'{"type":"ping"}')
+        stream.send({"type": "message_start", "message": message})
 
     def on_tokens(self, index: int, text: str, token_ids: Sequence[int],
                   logprobs: Sequence[TokenLogprob] | None) -> None:
@@ -137,10 +139,7 @@ class MessageToolStream(ToolParsing, MessageStream):
         self.block_kind = ""
 
     def open(self, stream) -> None:
-        self.stream = stream
-        message = {**self.message, "content": [], "stop_reason": None, "stop_sequence": None,
-                   "usage": {"input_tokens": self.usage.prompt_tokens, "output_tokens": 0}}
-        stream.send({"type": "message_start", "message": message})
+        self._start_message(stream)  # the blocks open as their first pieces come
         stream.send(b'{"type":"ping"}')
 
     def _start(self, kind: str, block: dict[str, Any]) -> None:

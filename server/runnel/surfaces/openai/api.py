@@ -183,6 +183,8 @@ class OpenAIAPI:
                  choice_param: str = "tool_choice") -> ToolUse | None:
         """A request's tools for ``app``, whose format is its ``[apps.NAME] tool_parser``, else
         its backend's default (``tool_parser`` on the app); None when there is nothing to do."""
+        if not tools and choice is None:  # most requests: nothing to look up
+            return None
         parser = self.tool_parsers.get(self.by_model.get(app.model_id, ""))
         if parser is None:
             parser = getattr(app, "tool_parser", None)
