@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import ItemsView
+from collections.abc import Callable, ItemsView
 from typing import Protocol
 
 logger = logging.getLogger("runnel.apps")
@@ -35,6 +35,7 @@ class AppRegistry:
         self._apps: dict[str, App] = {}
         self._states: dict[str, str] = {}
         self._settled: dict[str, asyncio.Event] = {}  # set while the app is not loading
+        self._watchers: list[Callable[[str, str], None]] = []
 
     def add(self, name: str, app: App) -> None:
         if name in self._apps:
@@ -60,12 +61,18 @@ class AppRegistry:
             await settled.wait()
         return self._states.get(name)
 
+    def watch(self, callback: Callable[[str, str], None]) -> None:
+        """Call ``callback(name, state)`` on every state change from now on (on the loop)."""
+        self._watchers.append(callback)
+
     def _set_state(self, name: str, state: str) -> None:
         self._states[name] = state
         if state == LOADING:
             self._settled[name].clear()
         else:
             self._settled[name].set()
+        for callback in self._watchers:
+            callback(name, state)
 
     def states(self) -> dict[str, str]:
         return dict(self._states)

@@ -116,7 +116,10 @@ class Metrics:
             GCCollector(registry=registry)
             registry.register(self._live)
         else:
-            self._live_gauges = LiveGauges(self._live)
+            self._live_gauges = gauges = LiveGauges(self._live)
+            # Readiness is the minimum over the workers' last copies: a copy taken while an
+            # app loaded would say 0 for up to LIVE_REFRESH after the worker turned ready.
+            apps.watch(gauges.copy_ready)
         self.http_requests = Counter("runnel_http_requests", "HTTP requests finished, by route template, "
                                      "method and status class (499: the client went away first)",
                                      ("route", "method", "status"), registry=registry)
@@ -356,6 +359,9 @@ class LiveGauges:
         self._refused_seen = 0
         self._sizes_seen: dict[str, list[int]] = {}
 
+    def copy_ready(self, name: str, state: str | None) -> None:
+        self.ready.labels(name).set(1.0 if state == "ready" else 0.0)
+
     def refresh(self) -> None:
         live = self.live
         state = live.server_state
@@ -366,7 +372,7 @@ class LiveGauges:
                 self.refused.inc(state.refused_total - self._refused_seen)
                 self._refused_seen = state.refused_total
         for name, app in live.apps.items():
-            self.ready.labels(name).set(1.0 if live.apps.state(name) == "ready" else 0.0)
+            self.copy_ready(name, live.apps.state(name))
             report: Callable[[], Mapping[str, Any] | None] | None = getattr(app, "batching_stats", None)
             stats = report() if callable(report) else None
             if not stats:

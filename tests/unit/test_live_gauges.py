@@ -1,0 +1,42 @@
+"""Under --workers, a worker's readiness reaches the summed scrape when it changes, not at
+its next periodic copy: a scrape served by the other worker right after start-up must not
+say 0. Run in a child process: prometheus_client picks its multiprocess storage at import."""
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_a_workers_readiness_is_copied_when_the_app_turns_ready(tmp_path):
+    script = textwrap.dedent("""
+        import sys
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+        from runnel.apps import AppRegistry
+        from runnel.metrics import Metrics
+
+        class Idle:
+            async def start(self): pass
+            async def close(self): pass
+
+        def ready(directory):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=directory)
+            return registry.get_sample_value("runnel_app_ready", {"app": "echo"})
+
+        apps = AppRegistry()
+        apps.add("echo", Idle())
+        metrics = Metrics(apps, multiprocess_dir=sys.argv[1])
+        metrics._live_gauges.refresh()  # the periodic copy, taken while the app loads
+        print(ready(sys.argv[1]))
+        apps._set_state("echo", "ready")  # no refresh after this
+        print(ready(sys.argv[1]))
+        apps._set_state("echo", "failed")
+        print(ready(sys.argv[1]))
+    """)
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    result = subprocess.run([sys.executable, "-c", script, str(directory)], capture_output=True, text=True,
+                            timeout=60, env={"PROMETHEUS_MULTIPROC_DIR": str(directory), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0.0", "1.0", "0.0"]
