@@ -1,0 +1,185 @@
+"""OpenAI request bodies executed without an HTTP exchange: for work that outlives its
+request (a run: a batch's line, an async job, a stream a client may reattach to).
+
+``call`` runs one body through the same handler a live request takes (``OpenAIAPI.chat``,
+``completions``, ``embeddings``), so a body means exactly what it means on the wire:
+same validation, same errors, same response. What the handler reads from a request, an
+``OfflineRequest`` provides; what it writes to a stream, a ``ChunkStream`` keeps.
+
+A streamed body (``"stream": true``) yields its chunks as they are made: ``stream``
+returns a ``ChunkStream`` (an async iterator, so a run's ``ValueStream``) whose values are
+the chunks' JSON, encoded once by the sinks and kept as ``orjson.Fragment``s (dumped again
+as they are, never parsed here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from ...auth import ANONYMOUS
+from ...errors import HTTPError
+from .api import OpenAIAPI
+from .params import invalid
+
+logger = logging.getLogger("runnel.openai")
+
+__all__ = ["ROUTES", "ChunkStream", "OfflineRequest", "call", "route_handler", "stream"]
+
+# The routes a body may be sent to, and the handler (an OpenAIAPI method name) each takes.
+ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
+
+
+def route_handler(api: OpenAIAPI, route: str, *, param: str = "url"):
+    """The handler for ``route``; a 400 naming ``param`` when it is not one of ``ROUTES``."""
+    name = ROUTES.get(route)
+    if name is None:
+        raise invalid(param, f"'{route}' is not supported: use one of {', '.join(ROUTES)}.", "invalid_value")
+    return getattr(api, name)
+
+
+class ChunkStream:
+    """What a handler streams into, kept instead of written: the chunks in order, each the
+    JSON a client would get as one SSE ``data:`` (OpenAI's framing, ``[DONE]``, is not kept).
+
+    Invariants: chunks are only appended, ``ended`` is set once (``end`` or ``fail``), and
+    ``error`` is the error body a failure ended it with. A reader iterating it (``async
+    for``) gets every chunk once, in order, then stops (raising the failure as HTTPError)."""
+
+    __slots__ = ("chunks", "ended", "error", "_woken", "_task")
+
+    def __init__(self) -> None:
+        self.chunks: collections.deque[Any] = collections.deque()
+        self.ended = False
+        self.error: dict | None = None
+        self._woken: asyncio.Event = asyncio.Event()
+        self._task: asyncio.Task | None = None  # the handler filling it (``stream``)
+
+    # -- the handler's side: what ResponseStream offers it ------------------------------
+    closed = False  # a kept stream has no client to lose
+    paused = False
+
+    async def drain(self) -> None:
+        return None
+
+    def send(self, event: Any) -> None:
+        if not self.ended:
+            self.chunks.append(orjson.Fragment(event) if type(event) is bytes else event)
+            self._woken.set()
+
+    def write(self, data: bytes) -> None:  # raw bytes: no handler of ROUTES writes them
+        raise RuntimeError("an offline stream keeps events, not raw bytes")
+
+    def fail(self, error: dict[str, Any]) -> None:
+        if not self.ended:
+            self.error = error
+            self.ended = True
+            self._woken.set()
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self._woken.set()
+
+    # -- the reader's side ----------------------------------------------------------
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self.chunks:
+            if self.ended:
+                if self.error is not None:
+                    error = self.error["error"]
+                    raise HTTPError(self.error.get("status", 500), error.get("message", "The stream failed"),
+                                    type=error.get("type"), param=error.get("param"), code=error.get("code"))
+                raise StopAsyncIteration
+            self._woken.clear()
+            await self._woken.wait()
+        return self.chunks.popleft()
+
+    async def aclose(self) -> None:
+        """Stop the handler (the reader has stopped reading)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+class OfflineRequest:
+    """What the OpenAI handlers read from a request, for a body that came by another way."""
+
+    __slots__ = ("body", "principal", "started_at", "generation", "path_params", "headers", "response_stream")
+
+    def __init__(self, body: Any, principal=ANONYMOUS) -> None:
+        self.body = body
+        self.principal = principal
+        self.started_at = asyncio.get_running_loop().time()
+        self.generation = None  # runnel.generation_record: set by run_generations, read by no one here
+        self.path_params: dict[str, str] = {}
+        self.headers: tuple = ()
+        self.response_stream: ChunkStream | None = None
+
+    async def json(self) -> Any:
+        return self.body
+
+    def query_param(self, name: str, default: str | None = None) -> str | None:
+        return default
+
+    def stream(self, status: int = 200, *, headers=(), serializer=None, media_type=None) -> ChunkStream:
+        if self.response_stream is None:
+            self.response_stream = ChunkStream()
+        return self.response_stream
+
+
+async def call(api: OpenAIAPI, route: str, body: Any, *, app=None, principal=ANONYMOUS) -> tuple[int, Any]:
+    """Execute ``body`` as a request to ``route`` (one of ``ROUTES``; for ``app``, or the app its
+    ``model`` names): ``(status, response body)``, the body an error one for a 4xx/5xx. A
+    streamed body is answered whole here: (200, its chunks as a list). Raises only
+    CancelledError; an unknown route is a 400 like any other bad request."""
+    request = OfflineRequest(body, principal)
+    try:
+        handler = route_handler(api, route)
+        response = await handler(request) if app is None else await handler(request, app)
+    except HTTPError as error:
+        return error.status, error.to_dict()
+    if response is None:  # streamed
+        stream = request.response_stream
+        assert stream is not None and stream.ended
+        if stream.error is not None:
+            return stream.error.get("status", 500), {"error": stream.error["error"]}
+        return 200, list(stream.chunks)
+    return response.status, orjson.loads(response.body)
+
+
+def stream(api: OpenAIAPI, route: str, body: Any, *, app=None, principal=ANONYMOUS) -> ChunkStream:
+    """Start ``body`` (a streamed one) as a request to ``route`` and return its chunks as they
+    come (iterate it; ``aclose`` stops the generation). A failure, before or after the first
+    chunk, ends the iteration with its HTTPError. Call on the event loop."""
+    request = OfflineRequest(body, principal)
+    chunks = request.response_stream = ChunkStream()
+
+    async def handle() -> None:
+        try:
+            handler = route_handler(api, route)
+            response = await handler(request) if app is None else await handler(request, app)
+            if response is not None:  # answered whole after all: keep the body as one chunk
+                chunks.send(response.body)
+            chunks.end()
+        except HTTPError as error:
+            chunks.fail({"status": error.status, **error.to_dict()})
+        except asyncio.CancelledError:
+            chunks.end()
+            raise
+        except Exception as exc:  # a bug below: the reader sees a 500, the log the traceback
+            logger.exception("offline %s request failed", route)
+            chunks.fail({"status": 500, "error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error",
+                                                  "param": None, "code": "internal_error"}})
+
+    chunks._task = asyncio.get_running_loop().create_task(handle())
+    return chunks
