@@ -1,8 +1,9 @@
 """Cross-request batching for a CTranslate2 generator.
 
 Each ``generate`` call (a ``BatchedGeneration``) adds one ``Row`` per choice to
-the waiting rows. Rows wait a short window (or until a batch is full), then every waiting row
-that shares the batch-level sampling settings runs in one ``generate_batch``.
+the waiting rows. Rows wait a short window (or until a batch is full), then the waiting rows
+that share the batch-level sampling settings run in ``generate_batch`` calls, divided
+evenly over the free slots (so that each slot's thread, and core, has work).
 CTranslate2's batches are static: a row that starts alone keeps its slot to the
 end, so the window is what lets a burst share one. A window of 0 starts work at
 the loop's next turn, for deployments that put first-token latency first.
@@ -238,9 +239,15 @@ class BatchScheduler:
         self.waiting = [row for row in self.waiting if not row.done]  # drop cancelled ones
         while self.waiting and self.running < self.slots:
             key = self.waiting[0].key
+            # Divide the rows over the free slots: each batch decodes on its own thread, so
+            # two half batches use two cores where one full batch leaves the second idle
+            # (measured in-process on 2 cores: 48-60% more tokens/s; issue 17). A batch is
+            # static: rows that arrive later wait for one to end either way.
+            same = sum(1 for row in self.waiting if row.key == key)
+            share = min(self.max_batch_size, -(-same // (self.slots - self.running)))
             batch_rows, rest = [], []
             for row in self.waiting:
-                if row.key == key and len(batch_rows) < self.max_batch_size:
+                if row.key == key and len(batch_rows) < share:
                     batch_rows.append(row)
                 else:
                     rest.append(row)

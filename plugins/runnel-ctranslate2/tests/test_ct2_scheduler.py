@@ -76,6 +76,22 @@ def test_concurrent_streams_are_batched_and_each_equals_its_solo_greedy_output(
     assert max(len(rows) for rows in probe.batches.values()) == stats["largest_batch"]
 
 
+def test_rows_that_arrive_together_are_divided_over_the_free_slots(start_server, tiny_dir, reference, monkeypatch):
+    # Two slots (inter_threads): five rows of one window run as batches of 3 and 2, one per
+    # thread, not as one batch of 5 that leaves the second thread (and core) idle.
+    probe = StepProbe().install(monkeypatch)
+    server = start_server(tiny_config(tiny_dir, batch_window_ms=150, max_batch_size=16, inter_threads=2))
+    app = server.server.apps.get("tiny")
+    calls = [(stream_completion, dict(server=server, model="tiny", prompt=prompt, max_tokens=12, temperature=0))
+             for prompt in PROMPTS[:5]]
+    results = run_concurrently(calls)
+    for prompt, (text, reason, _) in zip(PROMPTS, results):
+        assert text == reference.greedy_text(prompt, 12), prompt
+    stats = server.call_soon(app.stats)
+    assert sorted(stats["recent_batch_sizes"]) == [2, 3]
+    assert sorted(len(rows) for rows in probe.batches.values()) == [2, 3]
+
+
 def test_requests_with_other_sampling_settings_do_not_share_a_batch(start_server, tiny_dir, reference, monkeypatch):
     # CTranslate2 takes sampling settings per batch: a sampled row must not be decoded greedily
     # (nor a greedy row sampled) because it arrived in the same window.
