@@ -14,6 +14,7 @@ from runnel.supervisor import WorkerSlot, worker_slot
 from runnel.workers import DaemonThreads
 
 from runnel.chat_template import ChatTemplate, chat_prompt, resolve_chat_template
+from . import cuda
 from .scheduler import BatchScheduler
 from .tokenizer import load_tokenizer
 
@@ -28,8 +29,13 @@ class DeviceSettings:
     inter_threads: int
     intra_threads: int
 
-    def resolve(self, worker: WorkerSlot | None = None) -> DeviceSettings:
-        """Pick CUDA for "auto" when a device is present; keep CPU threads within the cores.
+    def resolve(self, worker: WorkerSlot | None = None, *, model_dir: str | Path | None = None) -> DeviceSettings:
+        """Pick CUDA for "auto" when a GPU and its libraries are there; fit threads to the device.
+
+        "auto" runs on CUDA when CTranslate2 sees a GPU and the CUDA 12 cuBLAS loads
+        (runnel_ctranslate2.cuda), else on the CPU, logging why; "cuda" that cannot load
+        its libraries raises CudaUnavailable. On a GPU, ``compute_type = "default"`` becomes
+        cuda.gpu_compute_type(model_dir) and inter_threads 1.
 
         ``worker`` (``runnel serve --workers N``): on CPU the threads fit this worker's
         share of the cores; on GPUs a worker with no ``device_index`` set takes GPU
@@ -39,11 +45,18 @@ class DeviceSettings:
         device = self.device
         gpus = ctranslate2.get_cuda_device_count() if device != "cpu" else 0
         if device == "auto":
-            device = "cuda" if gpus > 0 else "cpu"
+            why_not = "no CUDA GPU is visible" if gpus == 0 else cuda.cublas_status().problem
+            if why_not is not None:
+                logger.log(logging.INFO if gpus == 0 else logging.WARNING,
+                           "device auto: running on the CPU: %s", why_not)
+            device = "cpu" if why_not else "cuda"
+        elif device == "cuda" and (problem := cuda.cublas_status().problem) is not None:
+            raise cuda.CudaUnavailable(f'device = "cuda": {problem}')
         index = self.device_index
         if index is None:
             index = worker.index % gpus if worker is not None and device == "cuda" and gpus > 0 else 0
         inter, intra = self.inter_threads, self.intra_threads
+        compute_type = self.compute_type
         if device == "cpu":
             cores = worker.cores if worker is not None else os.cpu_count() or 1
             inter = inter or min(2, cores)
@@ -51,9 +64,15 @@ class DeviceSettings:
             # collapses under any other busy thread (DESIGN: 3-11x slower).
             intra = intra or max(1, cores // inter)
         else:
-            inter = inter or 2
+            # One batch at a time per GPU: parallel batches share the weights but each keeps
+            # its own activations and KV cache (CTranslate2's caching allocator holds what its
+            # largest batch needed), and they contend for the same SMs; one wider batch does
+            # the same work. More only for measured gains (docs/parallel.md: "may not improve").
+            inter = inter or 1
             intra = intra or 1
-        return DeviceSettings(device, index, self.compute_type, inter, intra)
+            if compute_type == "default" and model_dir is not None:
+                compute_type = cuda.gpu_compute_type(model_dir)
+        return DeviceSettings(device, index, compute_type, inter, intra)
 
 
 def model_directory(model: str) -> str:
@@ -87,7 +106,7 @@ class GeneratorApp:
 
     def __init__(self, *, name: str, model: str, served_model_name: str | None, device: DeviceSettings,
                  context_length: int | None, default_max_tokens: int, chat_template: str | None,
-                 max_batch_size: int, batch_window: float, max_queue: int, seed: int | None,
+                 max_batch_size: int | None, batch_window: float | None, max_queue: int, seed: int | None,
                  close_wait: float = 5.0) -> None:
         self.name = name
         self.model = model
@@ -97,8 +116,10 @@ class GeneratorApp:
         self.context_length = context_length or 0
         self.default_max_tokens = default_max_tokens
         self._template_name = chat_template
-        self.max_batch_size = max_batch_size
-        self.batch_window = batch_window
+        # None: the device's default (cuda.BATCH_DEFAULTS), resolved at load with the device.
+        self._max_batch_size, self._batch_window = max_batch_size, batch_window
+        self.max_batch_size = max_batch_size or 0
+        self.batch_window = batch_window or 0.0
         self.max_queue = max_queue
         self.seed = seed
         self.close_wait = close_wait  # how long close() waits for running batches to stop
@@ -125,7 +146,10 @@ class GeneratorApp:
         if self.seed is not None:
             ctranslate2.set_random_seed(self.seed)  # only seeds generators created after it
         model_dir = Path(model_directory(self.model))
-        self.device = self.device.resolve(worker_slot())
+        self.device = self.device.resolve(worker_slot(), model_dir=model_dir)
+        max_batch_size, batch_window = cuda.BATCH_DEFAULTS[self.device.device]
+        self.max_batch_size = self._max_batch_size or max_batch_size
+        self.batch_window = batch_window if self._batch_window is None else self._batch_window
         self.tokenizer = load_tokenizer(model_dir)
         self.context_length = _context_length(model_dir, self._context_length)
         source = resolve_chat_template(model_dir, self._template_name)
@@ -136,8 +160,9 @@ class GeneratorApp:
             compute_type=self.device.compute_type, inter_threads=self.device.inter_threads,
             intra_threads=self.device.intra_threads,
         )
-        logger.info("app %r: %s on %s (%s), %d x %d threads", self.name, model_dir, self.device.device,
-                    self.generator.compute_type, self.device.inter_threads, self.device.intra_threads)
+        logger.info("app %r: %s on %s (%s), %d x %d threads, batches of up to %d rows, %g ms window", self.name,
+                    model_dir, self.device.device, self.generator.compute_type, self.device.inter_threads,
+                    self.device.intra_threads, self.max_batch_size, self.batch_window * 1000)
 
     async def close(self) -> None:
         finished = True
@@ -237,7 +262,7 @@ class EncoderApp:
     def _load(self) -> None:
         import ctranslate2
 
-        self.device = self.device.resolve(worker_slot())
+        self.device = self.device.resolve(worker_slot(), model_dir=self.model)
         self.tokenizer = load_tokenizer(self.model)
         self.context_length = _context_length(Path(self.model), None)
         self.encoder = ctranslate2.Encoder(

@@ -126,6 +126,7 @@ def build_random_model(
     ffn: int = 256,
     max_position: int = 512,
     tokenizer_corpus: list[str] | None = None,
+    quantization: str = "float32",
 ) -> Path:
     """Write a complete CTranslate2 decoder model directory with seeded random weights.
 
@@ -136,6 +137,8 @@ def build_random_model(
     ``max_position`` is only recorded (as ``model_max_length``, where Hugging Face keeps it)
     for the server to enforce: rotary positions have no table that would limit them.
     ``tokenizer_corpus`` replaces the generated text the vocabulary is trained on.
+    ``quantization`` is the type the weights are saved in ("float16" halves a large model's
+    files and its load time on a GPU).
     """
     import sentencepiece as spm
 
@@ -178,7 +181,7 @@ def build_random_model(
     weights["projection"] = projection
 
     return write_decoder_model(
-        directory, weights, sp_bytes, heads=heads, max_position=max_position
+        directory, weights, sp_bytes, heads=heads, max_position=max_position, quantization=quantization
     )
 
 

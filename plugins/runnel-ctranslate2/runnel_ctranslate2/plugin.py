@@ -13,6 +13,7 @@ import os
 from runnel import hookimpl
 
 from .apps import DeviceSettings, EncoderApp, GeneratorApp
+from .cuda import cuda_problem
 
 COMPUTE_TYPES = ("default", "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16",
                  "bfloat16", "float32")
@@ -25,6 +26,9 @@ def _device(table) -> DeviceSettings:
     compute_type = table.get("compute_type", str, default="default")
     if compute_type not in COMPUTE_TYPES:
         raise table.error("compute_type", f"must be one of {', '.join(COMPUTE_TYPES)}")
+    if device == "cuda" and (problem := cuda_problem()) is not None:
+        # Now, with the key: a server that started would keep the app failed for good.
+        raise table.error("device", f'"cuda" cannot run here: {problem}')
     settings = DeviceSettings(
         device=device,
         device_index=table.get("device_index", int, default=None),
@@ -45,11 +49,15 @@ def _positive(table, name: str, kind: type, default):
     return value
 
 
-def _at_least_zero(table, name: str, default: float) -> float:
+def _at_least_zero(table, name: str, default: float | None) -> float | None:
     value = table.get(name, float, default=default)
-    if value < 0:
+    if value is not None and value < 0:
         raise table.error(name, "must be >= 0")
     return value
+
+
+def _milliseconds(value: float | None) -> float | None:
+    return None if value is None else value / 1000
 
 
 def _check_model_dir(table, path: str) -> None:
@@ -86,8 +94,9 @@ def make_app(app_config, table, server):
             context_length=_positive(table, "context_length", int, None),
             default_max_tokens=_positive(table, "default_max_tokens", int, 16),
             chat_template=table.get("chat_template", str, default=None),
-            max_batch_size=_positive(table, "max_batch_size", int, 16),
-            batch_window=_at_least_zero(table, "batch_window_ms", 2.0) / 1000,
+            # Unset: the device's defaults (cuda.BATCH_DEFAULTS), chosen once the device is.
+            max_batch_size=_positive(table, "max_batch_size", int, None),
+            batch_window=_milliseconds(_at_least_zero(table, "batch_window_ms", None)),
             max_queue=_positive(table, "max_queue", int, 256),
             seed=table.get("seed", int, default=None),
             close_wait=close_wait,
