@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test clean bench redis-server promtool
+.PHONY: install serve test clean bench redis-server promtool gpu-wheels
 
 # pip shows its progress (the first install takes about a minute). PYTHONWARNINGS reaches
 # the setuptools build that pip runs for each editable install and drops only its
@@ -85,3 +85,24 @@ bench:
 	  { benchmarks/.venv-peers/bin/pip install --quiet granian || echo "granian did not install: the report says so"; } && \
 	  touch benchmarks/.venv-peers/.installed; }
 	benchmarks/.venv-peers/bin/python benchmarks/run.py --quick $(BENCH_ARGS)
+
+# The GPU one-shot check's wheels (benchmarks/gpu/README.md): what a lent GPU machine (Python
+# 3.12, x86-64, PyTorch for CUDA 13, no network) lacks, into a git-ignored folder that a device
+# call carries. No dependencies are resolved (--no-deps): the machine has numpy, pyyaml, jinja2,
+# uvloop, sentencepiece, tokenizers, attrs, idna and sortedcontainers; small pure ones it may
+# lack a newer version of come too. Everything a call carries must stay under 64 MiB.
+GPU_WHEELS := benchmarks/gpu/wheels
+GPU_WHEEL_PACKAGES := ctranslate2==4.8.5 orjson pyjwt cryptography cffi pycparser redis prometheus_client \
+  h11 pluggy trio outcome sniffio setuptools wheel
+gpu-wheels: install
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+	  -d $(GPU_WHEELS) $(GPU_WHEEL_PACKAGES)
+	@wheels=$$(du -sk $(GPU_WHEELS) | cut -f1); \
+	tree=$$(git ls-files -z --cached --others --exclude-standard | du -ck --files0-from=- 2>/dev/null | tail -1 | cut -f1); \
+	total=$$(( (wheels + tree) / 1024 )); \
+	echo "==> $(GPU_WHEELS): $$(( wheels / 1024 )) MiB, $$(ls $(GPU_WHEELS) | wc -l) wheels; with the working tree" \
+	  "$$total MiB of the 64 MiB a device call carries"; \
+	[ $$total -lt 64 ] || { echo "==> over 64 MiB: a device call would refuse it"; exit 1; }

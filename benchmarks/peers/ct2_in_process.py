@@ -27,6 +27,50 @@ def percentiles(values: list[float]) -> dict:
             "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "max": float(a.max())}
 
 
+def measure(generator, prompt: list[str], clients: int, tokens: int, seconds: float, warmup: float) -> dict:
+    """``clients`` prompts in one generate_batch, again and again for ``seconds`` after
+    ``warmup``: tokens/s, and TTFT / inter-token latency from the step callback's times."""
+    last = [0.0] * clients
+    first = [True] * clients
+    ttft, itl = [], []
+
+    def callback(step):
+        now = time.perf_counter()
+        row = step.batch_id
+        (ttft if first[row] else itl).append(now - last[row])
+        first[row], last[row] = False, now
+        return False
+
+    options = dict(max_length=tokens, min_length=tokens, sampling_topk=1, end_token=[],
+                   include_prompt_in_result=False, callback=callback)
+
+    def batch() -> int:
+        last[:] = [time.perf_counter()] * clients
+        first[:] = [True] * clients
+        results = generator.generate_batch([prompt] * clients, **options)
+        return sum(len(result.sequences_ids[0]) for result in results)
+
+    deadline = time.perf_counter() + warmup
+    while time.perf_counter() < deadline:
+        batch()
+    ttft.clear(), itl.clear()
+    made, requests = 0, 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline:
+        made += batch()
+        requests += clients
+    elapsed = time.perf_counter() - start
+    return {"requests": requests, "errors": {}, "duration_s": elapsed, "requests_per_s": requests / elapsed,
+            "tokens": made, "tokens_per_s": made / elapsed, "ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl)}
+
+
+def prompt_tokens(model_dir: str, text: str) -> list[str]:
+    """``text`` as the model's start tokens, bos first (its sentencepiece tokenizer.model)."""
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(model_dir, "tokenizer.model"))
+    return [sp.id_to_piece(sp.bos_id())] + sp.encode(text, out_type=str)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-dir", required=True)
@@ -40,43 +84,10 @@ def main():
     args = parser.parse_args()
     generator = ctranslate2.Generator(args.model_dir, device="cpu", inter_threads=args.inter_threads,
                                       intra_threads=args.intra_threads)
-    sp = spm.SentencePieceProcessor(model_file=os.path.join(args.model_dir, "tokenizer.model"))
-    prompt = [sp.id_to_piece(sp.bos_id())] + sp.encode(args.prompt, out_type=str)
-    last = [0.0] * args.clients
-    first = [True] * args.clients
-    ttft, itl = [], []
-
-    def callback(step):
-        now = time.perf_counter()
-        row = step.batch_id
-        (ttft if first[row] else itl).append(now - last[row])
-        first[row], last[row] = False, now
-        return False
-
-    options = dict(max_length=args.tokens, min_length=args.tokens, sampling_topk=1, end_token=[],
-                   include_prompt_in_result=False, callback=callback)
-
-    def batch(generator) -> int:
-        last[:] = [time.perf_counter()] * args.clients
-        first[:] = [True] * args.clients
-        results = generator.generate_batch([prompt] * args.clients, **options)
-        return sum(len(result.sequences_ids[0]) for result in results)
-
-    deadline = time.perf_counter() + args.warmup
-    while time.perf_counter() < deadline:
-        batch(generator)
-    ttft.clear(), itl.clear()
-    made, requests = 0, 0
-    start = time.perf_counter()
-    deadline = start + args.seconds
-    while time.perf_counter() < deadline:
-        made += batch(generator)
-        requests += args.clients
-    elapsed = time.perf_counter() - start
+    result = measure(generator, prompt_tokens(args.model_dir, args.prompt), args.clients, args.tokens, args.seconds,
+                     args.warmup)
     del generator  # before exit: a generator that ran Python callbacks can abort at exit
-    print(json.dumps({"requests": requests, "errors": {}, "duration_s": elapsed, "requests_per_s": requests / elapsed,
-                      "tokens": made, "tokens_per_s": made / elapsed, "ttft_ms": percentiles(ttft),
-                      "itl_ms": percentiles(itl)}))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
