@@ -101,6 +101,8 @@ def check_cublas() -> dict:
     options = dict(max_length=32, sampling_topk=1, include_prompt_in_result=False)
     result = {"model": "builtin:tiny", "prompts": len(prompts), "max_tokens": 32,
               "cublas": os.environ.get("RUNNEL_GPU_CUBLAS", "CUDA 12 cuBLAS, as installed")}
+    if ctranslate2.get_cuda_device_count() == 0:
+        return {**result, "ok": False, "error": "no CUDA GPU is visible to CTranslate2 (get_cuda_device_count() is 0)"}
     try:
         cpu = ctranslate2.Generator(model, device="cpu", compute_type="float32")
         gpu = ctranslate2.Generator(model, device="cuda", compute_type="float16")
@@ -301,9 +303,10 @@ def main(argv: list[str] | None = None) -> int:
                 save()
             if not data.get("cublas", {"ok": True})["ok"]:
                 status = 3
-                data["stopped"] = ("CTranslate2 cannot use this machine's cuBLAS (above), so nothing was measured "
-                                   "on the GPU. It needs the CUDA 12 cuBLAS: the nvidia-cublas-cu12 wheel (~400 MB, "
-                                   "more than a device call carries) or a CUDA 12 toolkit.")
+                data["stopped"] = ("CTranslate2 cannot use this machine's GPU and cuBLAS (above), so nothing was "
+                                   "measured on the GPU. Where the GPU is there, it needs the CUDA 12 cuBLAS: the "
+                                   "nvidia-cublas-cu12 wheel (~400 MB, more than a device call carries) or a CUDA 12 "
+                                   "toolkit.")
             else:
                 # float16 on disk on a GPU: half the bytes to write and load, and the type it runs in.
                 data["model"] = build_model(model_dir, *((CPU_MODEL, "float32") if cpu else (GPU_MODEL, "float16")))

@@ -55,5 +55,6 @@ def test_without_a_usable_cublas_it_stops_saying_so(tmp_path):
     data = json.loads((tmp_path / "gpu.json").read_text())
     assert data["cublas"]["ok"] is False and "model" not in data
     report = (tmp_path / "gpu.md").read_text()
-    assert "**does not work**" in report and "**Stopped**: CTranslate2 cannot use this machine's cuBLAS" in report
+    assert "**does not work**" in report and "no CUDA GPU is visible to CTranslate2" in report
+    assert "**Stopped**: CTranslate2 cannot use this machine's GPU and cuBLAS" in report
     assert (tmp_path / "nvidia-smi.txt").exists()
