@@ -65,6 +65,7 @@ def test_chat_batch_with_the_sdk(server):
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                   completion_window="24h", metadata={"job": "nightly"})
     assert batch.status == "validating" and batch.metadata == {"job": "nightly"}
+    assert client.files.delete(uploaded.id).deleted  # as OpenAI allows: the batch keeps its lines
     batch = finished(client, batch.id)
     assert batch.status == "completed", batch
     assert batch.request_counts.model_dump() == {"total": 40, "completed": 40, "failed": 0}
@@ -196,13 +197,19 @@ def test_list_batches_paginates_as_openai(server):
     assert [b.id for b in client.batches.list(limit=2)] == made[::-1]  # the SDK follows has_more and after
 
 
-def test_cancel_keeps_what_finished(start_server, tmp_path):
+def slow_batch(start_server, tmp_path, count: int, window: str):
+    """A batch of ``count`` lines on a paced echo app, one line at a time: it takes seconds."""
     server = start_server({"server": {"runs_path": str(tmp_path / "runs.sqlite3"), "batch_concurrency": 1},
                            "apps": {"echo": {"backend": "echo", "pace_ms": 20}}})
     client = client_for(server)
-    lines = [chat_line(f"r{n}", "a b c d e f g h", max_tokens=8) for n in range(60)]
+    lines = [chat_line(f"r{n:03}", "a b c d e f g h", max_tokens=8) for n in range(count)]
     batch = client.batches.create(input_file_id=upload(client, jsonl(lines)).id, endpoint="/v1/chat/completions",
-                                  completion_window="24h")
+                                  completion_window=window)
+    return client, batch
+
+
+def test_cancel_keeps_what_finished(start_server, tmp_path):
+    client, batch = slow_batch(start_server, tmp_path, 60, "24h")
     wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed > 0, timeout=30, interval=0.05)
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status == "cancelling" and cancelling.cancelling_at is not None
@@ -210,18 +217,14 @@ def test_cancel_keeps_what_finished(start_server, tmp_path):
     assert batch.status == "cancelled" and batch.cancelled_at is not None
     output = lines_of(client, batch.output_file_id)
     assert 0 < batch.request_counts.completed == len(output) < 60
-    assert [line["custom_id"] for line in output] == [f"r{n}" for n in range(len(output))]
+    custom_ids = [line["custom_id"] for line in output]
+    assert custom_ids == sorted(custom_ids)  # in input order
     with pytest.raises(openai.ConflictError):
         client.batches.cancel(batch.id)
 
 
 def test_an_elapsed_completion_window_expires_the_batch(start_server, tmp_path):
-    server = start_server({"server": {"runs_path": str(tmp_path / "runs.sqlite3"), "batch_concurrency": 1},
-                           "apps": {"echo": {"backend": "echo", "pace_ms": 20}}})
-    client = client_for(server)
-    lines = [chat_line(f"r{n}", "a b c d e f g h", max_tokens=8) for n in range(200)]
-    batch = client.batches.create(input_file_id=upload(client, jsonl(lines)).id, endpoint="/v1/chat/completions",
-                                  completion_window="2s")
+    client, batch = slow_batch(start_server, tmp_path, 200, "2s")
     batch = finished(client, batch.id)
     assert batch.status == "expired" and batch.expired_at is not None
     assert 0 < batch.request_counts.completed < 200
@@ -270,11 +273,11 @@ def test_sigkill_mid_batch_resumes_without_redoing_recorded_lines(tmp_path):
         batch = client.batches.create(input_file_id=upload(client, jsonl(lines)).id,
                                       endpoint="/v1/chat/completions", completion_window="24h")
         results = tmp_path / "runs-files" / "batches" / batch.id
-        recorded = lambda: sum(p.read_bytes().count(b"\n") for p in results.glob("*.jsonl"))  # noqa: E731
+        recorded = lambda: sum(p.read_bytes().count(b"\n") for p in results.glob("[0-9]*.jsonl"))  # noqa: E731
         wait_until(lambda: recorded() >= 36, timeout=30, interval=0.02)  # into the second shard (of 32 lines)
         first.kill()
         before = {orjson.loads(line)["custom_id"]: orjson.loads(line)["id"]
-                  for path in results.glob("*.jsonl") for line in path.read_bytes().splitlines()
+                  for path in results.glob("[0-9]*.jsonl") for line in path.read_bytes().splitlines()
                   if line.endswith(b"}")}
         assert 36 <= len(before) < 64
 
@@ -293,3 +296,26 @@ def test_sigkill_mid_batch_resumes_without_redoing_recorded_lines(tmp_path):
     finally:
         for serve in servers:
             serve.kill()
+
+
+def shards_finished(server) -> float:
+    """Shard runs this server executed to the end (its runs metric for the app)."""
+    metrics = request(server.port, "GET", "/metrics").body.decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith('runnel_runs_finished_total{app="echo",state="succeeded"}'))
+
+
+def test_runs_on_redis_spread_a_batch_over_servers(start_server, tmp_path, redis_url):
+    config = {"server": {"runs": redis_url, "files_path": str(tmp_path / "shared"), "metrics_public": True},
+              "apps": {"echo": {"backend": "echo", "pace_ms": 5}}}
+    first, second = start_server(config), start_server(config)
+    client = client_for(first)
+    lines = [chat_line(f"r{n:03}", "a b c d", max_tokens=4) for n in range(32 * 6)]  # six shards
+    batch = client.batches.create(input_file_id=upload(client, jsonl(lines)).id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    batch = finished(client_for(second), batch.id, timeout=60)  # any server answers for it
+    assert batch.status == "completed" and batch.request_counts.completed == 32 * 6, batch
+    assert [line["custom_id"] for line in lines_of(client_for(second), batch.output_file_id)] == [
+        f"r{n:03}" for n in range(32 * 6)]
+    assert shards_finished(first) + shards_finished(second) == 6
+    assert shards_finished(first) >= 1 and shards_finished(second) >= 1, "both servers took shards"

@@ -50,7 +50,7 @@ from ...runs import CANCELLED, FAILED, SUCCEEDED, Run, RunView
 from ...runs.idempotency import Idempotency
 from . import batch_files
 from .api import OpenAIAPI, can_embed, is_model_app
-from .files import FileStore, page, page_limit
+from .files import FileStore, page, page_limit, read_json, unlink_quietly, write_atomically
 from .offline import ROUTES, call
 from .params import invalid
 
@@ -99,9 +99,21 @@ class BatchRecords:
     def results_dir(self, batch_id: str) -> str:
         return os.path.join(self.root, batch_id)
 
+    def input_path(self, batch_id: str) -> str:
+        """The batch's own link to its input file's content: deleting the file (as OpenAI
+        allows) leaves the batch its lines."""
+        return os.path.join(self.results_dir(batch_id), "input.jsonl")
+
+    async def keep_input(self, batch_id: str, source: str) -> None:
+        def link() -> None:
+            os.makedirs(self.results_dir(batch_id), exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.link(source, self.input_path(batch_id))
+        await asyncio.to_thread(link)
+
     async def load(self, batch_id: str) -> dict[str, Any] | None:
         def load():
-            record = _read(self.path(batch_id))
+            record = read_json(self.path(batch_id))
             if record is not None:
                 record["_cancel_at"] = _mtime(self.path(batch_id, ".cancel"))
             return record
@@ -109,30 +121,34 @@ class BatchRecords:
 
     async def save(self, record: dict[str, Any]) -> None:
         data = orjson.dumps({k: v for k, v in record.items() if k != "_cancel_at"})
-        await asyncio.to_thread(self._save, record["id"], data)
 
-    def _save(self, batch_id: str, data: bytes) -> None:
-        os.makedirs(self.root, exist_ok=True)
-        temp = self.path(batch_id, f".{uuid.uuid4().hex[:8]}.tmp")
-        with open(temp, "wb") as f:
-            f.write(data)
-        os.replace(temp, self.path(batch_id))
+        def save() -> None:
+            os.makedirs(self.root, exist_ok=True)
+            write_atomically(self.path(record["id"]), data)
+        await asyncio.to_thread(save)
+
+    async def owned_by(self, principal: str) -> list[dict[str, Any]]:
+        """``principal``'s batches, newest first."""
+        def owned_by() -> list[dict[str, Any]]:
+            records = []
+            for batch_id in self._ids():
+                record = read_json(self.path(batch_id))
+                if record is not None and record["_principal"] == principal:
+                    record["_cancel_at"] = _mtime(self.path(batch_id, ".cancel"))
+                    records.append(record)
+            return sorted(records, key=lambda record: record["_created"], reverse=True)
+        return await asyncio.to_thread(owned_by) if self.files.made else []
+
+    def _ids(self) -> list[str]:
+        try:
+            return [name[:-5] for name in os.listdir(self.root) if name.endswith(".json")]
+        except FileNotFoundError:
+            return []
 
     async def ids(self) -> list[str]:
-        def ids():
-            try:
-                return [name[:-5] for name in os.listdir(self.root) if name.endswith(".json")]
-            except FileNotFoundError:
-                return []
-        return await asyncio.to_thread(ids)
-
-
-def _read(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path, "rb") as f:
-            return orjson.loads(f.read())
-    except (FileNotFoundError, orjson.JSONDecodeError):
-        return None
+        if not self.files.made:
+            return []  # no directory yet (a temporary one is made on first use): no batches
+        return await asyncio.to_thread(self._ids)
 
 
 def _mtime(path: str) -> int | None:
@@ -182,7 +198,12 @@ class BatchesAPI:
         self.lines = asyncio.Semaphore(settings.batch_concurrency)  # lines in flight here, every batch
         self.view = ShardRuns(self)
         self.runs.add_view(self.view)
+        # Shard runs queued or running that this server's drivers submitted, by batch: at most
+        # half the runs_workers in all, so batches never take every worker from other runs.
+        self._outstanding: dict[str, int] = {}
+        self.max_outstanding = max(1, settings.runs_workers // 2)
         self._drivers: dict[str, asyncio.Task] = {}
+        self._ended: set[str] = set()  # batches seen final, which the scan skips
         self._wakers: dict[str, asyncio.Event] = {}
         self._scanner: asyncio.Task | None = None
 
@@ -204,9 +225,11 @@ class BatchesAPI:
         while True:
             try:
                 for batch_id in await self.records.ids():
-                    if batch_id not in self._drivers:
+                    if batch_id not in self._drivers and batch_id not in self._ended:
                         record = await self.records.load(batch_id)
-                        if record is not None and record["status"] not in TERMINAL:
+                        if record is not None and record["status"] in TERMINAL:
+                            self._ended.add(batch_id)  # final: not read again
+                        elif record is not None:
                             self._drive(batch_id)
             except Exception:
                 logger.exception("looking for batches to resume failed")
@@ -238,8 +261,14 @@ class BatchesAPI:
         if source["purpose"] != "batch":
             raise invalid("input_file_id", f"The file {file_id} was not uploaded with purpose 'batch'.")
         now = int(time.time())
+        batch_id = "batch_" + uuid.uuid4().hex
+        try:
+            await self.records.keep_input(batch_id, self.files.path(file_id))
+        except FileNotFoundError:  # deleted meanwhile
+            raise HTTPError(404, f"No such File object: {file_id}", type="invalid_request_error",
+                            param="input_file_id") from None
         record = {
-            "id": "batch_" + uuid.uuid4().hex, "object": "batch", "endpoint": endpoint, "errors": None,
+            "id": batch_id, "object": "batch", "endpoint": endpoint, "errors": None,
             "input_file_id": file_id, "completion_window": body["completion_window"], "status": "validating",
             "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
             "expires_at": now + window, "finalizing_at": None, "completed_at": None, "failed_at": None,
@@ -281,12 +310,7 @@ class BatchesAPI:
     async def index(self, request) -> Response:
         limit = page_limit(request, default=20, most=100)
         principal = request.principal.identity
-        records = []
-        for batch_id in await self.records.ids():
-            record = await self.records.load(batch_id)
-            if record is not None and record["_principal"] == principal:
-                records.append(record)
-        records.sort(key=lambda record: record["_created"], reverse=True)
+        records = await self.records.owned_by(principal)
         return json_response(page([render(record) for record in records], request.query_param("after"), limit))
 
     # -- driving a batch -------------------------------------------------------------------
@@ -312,10 +336,11 @@ class BatchesAPI:
             logger.exception("batch %s: driving it failed; it is taken up again at the next look", batch_id)
         finally:
             self._wakers.pop(batch_id, None)
+            self._outstanding.pop(batch_id, None)
             await asyncio.to_thread(os.close, lock)
 
     async def _validate(self, record: dict[str, Any]) -> None:
-        checked = await asyncio.to_thread(batch_files.check_input, self.files.path(record["input_file_id"]),
+        checked = await asyncio.to_thread(batch_files.check_input, self.records.input_path(record["id"]),
                                           record["endpoint"], self.max_lines)
         now = int(time.time())
         errors = checked.errors
@@ -328,11 +353,11 @@ class BatchesAPI:
                            "param": "body.model", "line": None}]
         if errors:
             record.update(status="failed", failed_at=now, errors={"object": "list", "data": errors})
+            await asyncio.to_thread(_remove_tree, self.records.results_dir(record["id"]))
         else:
             record.update(status="in_progress", in_progress_at=now, model=checked.model,
                           _shards=[shard.as_list() for shard in checked.shards])
             record["request_counts"]["total"] = checked.total
-            await asyncio.to_thread(os.makedirs, self.records.results_dir(record["id"]), exist_ok=True)
         await self.records.save(record)
 
     async def _progress(self, record: dict[str, Any]) -> None:
@@ -361,10 +386,12 @@ class BatchesAPI:
                 if run is None or run.done:
                     await self._shard_done(record, int(index), run)
             for index in range(len(shards)):  # the first not done nor running (an interrupted one again)
-                if len(runs) >= OUTSTANDING:
+                others = sum(self._outstanding.values()) - self._outstanding.get(batch_id, 0)
+                if len(runs) >= OUTSTANDING or (runs and others + len(runs) >= self.max_outstanding):
                     break
                 if str(index) not in counts and str(index) not in runs:
                     runs[str(index)] = await self._submit(record, index)
+            self._outstanding[batch_id] = len(runs)
             # Finished shards' counts, and what the running ones have recorded so far.
             running = await asyncio.to_thread(self._recorded_counts, batch_id, [int(index) for index in runs])
             every = [*counts.values(), *running]
@@ -425,7 +452,7 @@ class BatchesAPI:
 
         def fail_rest() -> list[int]:
             done = batch_files.recorded(path, repair=True)  # the shard's run is over: no one writes
-            lines = batch_files.read_lines(self.files.path(record["input_file_id"]), start, end)
+            lines = batch_files.read_lines(self.records.input_path(record["id"]), start, end)
             with open(path, "ab") as f:
                 for line in lines:
                     if line["custom_id"] not in done:
@@ -442,7 +469,7 @@ class BatchesAPI:
 
         def assemble() -> tuple[int, int]:
             with FileStore.open_temp(output_temp) as output, FileStore.open_temp(errors_temp) as errors:
-                return batch_files.assemble(self.files.path(record["input_file_id"]), record["_shards"],
+                return batch_files.assemble(self.records.input_path(record["id"]), record["_shards"],
                                             self.records.results_dir(record["id"]), output, errors)
         completed, failed = await asyncio.to_thread(assemble)
         output_id = error_id = None
@@ -454,9 +481,8 @@ class BatchesAPI:
             error_id = (await self.files.adopt(errors_temp, principal=principal, filename=f"{record['id']}_error"
                                                ".jsonl", purpose="batch_output",
                                                file_id=_file_id(record["id"], "error")))["id"]
-        for temp in (output_temp, errors_temp):
-            with contextlib.suppress(FileNotFoundError):
-                await asyncio.to_thread(os.unlink, temp)
+        for temp in (output_temp, errors_temp):  # gone already when adopted
+            await asyncio.to_thread(unlink_quietly, temp)
         now = int(time.time())
         end = record.pop("_end", "completed")
         record.update(status=end, output_file_id=output_id, error_file_id=error_id, **{f"{end}_at": now})
@@ -483,7 +509,7 @@ class BatchesAPI:
         if record is None:
             raise HTTPError(404, f"Batch {data['batch']} is gone", code="batch_gone")
         path = self._results_path(record["id"], data["shard"])
-        lines = await asyncio.to_thread(batch_files.read_lines, self.files.path(record["input_file_id"]),
+        lines = await asyncio.to_thread(batch_files.read_lines, self.records.input_path(record["id"]),
                                         data["start"], data["end"])
         done = await asyncio.to_thread(functools.partial(batch_files.recorded, path, repair=True))
         todo = [line for line in lines if line["custom_id"] not in done]

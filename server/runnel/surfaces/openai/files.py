@@ -69,6 +69,11 @@ class FileStore:
         self._temporary: str | None = None
 
     @property
+    def made(self) -> bool:
+        """Whether the directory may hold anything (a temporary one is made on first use)."""
+        return self._root is not None
+
+    @property
     def root(self) -> str:
         if self._root is None:
             self._root = self._temporary = tempfile.mkdtemp(prefix="runnel-files-")
@@ -107,14 +112,14 @@ class FileStore:
         record = {"id": file_id, "object": "file", "bytes": size, "created_at": int(time.time()),
                   "filename": filename, "purpose": purpose, "status": "processed", "status_details": None,
                   "expires_at": None, "principal": principal, "_created": time.time()}
-        _write_atomically(self._object_path(file_id), orjson.dumps(record))
+        write_atomically(self._object_path(file_id), orjson.dumps(record))
         return record
 
     async def get(self, file_id: str, principal: str) -> dict[str, Any] | None:
         """The file's record (its object and ``principal``) if ``principal`` owns it, else None."""
         if not _ID.fullmatch(file_id):
             return None
-        record = await asyncio.to_thread(_read_json, self._object_path(file_id))
+        record = await asyncio.to_thread(read_json, self._object_path(file_id))
         return record if record is not None and record.get("principal") == principal else None
 
     async def owned_by(self, principal: str) -> list[dict[str, Any]]:
@@ -130,7 +135,7 @@ class FileStore:
         records = []
         for name in names:
             if name.endswith(".json"):
-                record = _read_json(os.path.join(directory, name))
+                record = read_json(os.path.join(directory, name))
                 if record is not None and record.get("principal") == principal:
                     records.append(record)
         records.sort(key=lambda record: record["_created"], reverse=True)
@@ -149,7 +154,7 @@ def public(record: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in record.items() if key != "principal" and key[0] != "_"}
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
     try:
         with open(path, "rb") as f:
             return orjson.loads(f.read())
@@ -157,7 +162,7 @@ def _read_json(path: str) -> Any:
         return None
 
 
-def _write_atomically(path: str, data: bytes) -> None:
+def write_atomically(path: str, data: bytes) -> None:
     """``data`` at ``path``, whole or not at all (a reader never sees half of it)."""
     temp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     with open(temp, "wb") as f:
@@ -190,7 +195,7 @@ class FilesAPI:
             record = await self.store.adopt(temp, principal=request.principal.identity, filename=form.filename,
                                             purpose=purpose)
         finally:
-            await asyncio.to_thread(_unlink_quietly, temp)  # gone already when adopted
+            await asyncio.to_thread(unlink_quietly, temp)  # gone already when adopted
         return json_response(public(record))
 
     async def index(self, request) -> Response:
@@ -267,7 +272,7 @@ def page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str
             "last_id": data[-1]["id"] if data else None, "has_more": start + limit < len(items)}
 
 
-def _unlink_quietly(path: str) -> None:
+def unlink_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
