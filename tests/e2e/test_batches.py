@@ -319,3 +319,17 @@ def test_runs_on_redis_spread_a_batch_over_servers(start_server, tmp_path, redis
         f"r{n:03}" for n in range(32 * 6)]
     assert shards_finished(first) + shards_finished(second) == 6
     assert shards_finished(first) >= 1 and shards_finished(second) >= 1, "both servers took shards"
+
+
+def test_at_most_batch_concurrency_lines_run_at_once(start_server, tmp_path):
+    server = start_server({"server": {"runs_path": str(tmp_path / "runs.sqlite3"), "batch_concurrency": 2},
+                           "apps": {"echo": {"backend": "echo", "pace_ms": 10}}})
+    client = client_for(server)
+    lines = [chat_line(f"r{n:03}", "a b c d e f", max_tokens=6) for n in range(96)]  # three shards
+    batch = client.batches.create(input_file_id=upload(client, jsonl(lines)).id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    seen = set()
+    while client.batches.retrieve(batch.id).status not in DONE:
+        seen.add(request(server.port, "GET", "/stats").json()["apps"]["echo"]["generating"])
+    assert max(seen) <= 2 and 2 in seen, seen
+    assert finished(client, batch.id).request_counts.completed == 96

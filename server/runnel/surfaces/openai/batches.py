@@ -56,7 +56,7 @@ from .params import invalid
 
 logger = logging.getLogger("runnel.batches")
 
-__all__ = ["BatchesAPI", "ShardRuns"]
+__all__ = ["BatchesAPI", "ShardRuns", "below_live_traffic"]
 
 SURFACE = "batch"
 OUTSTANDING = 2  # shards of one batch queued or running at once
@@ -526,7 +526,7 @@ class BatchesAPI:
     async def _execute_line(self, app, endpoint: str, line: dict, principal: Principal, fd: int) -> None:
         async with self.lines:
             while True:
-                await _below_live_traffic(app)
+                await below_live_traffic(app)
                 status, body = await call(self.openai, endpoint, line["body"], app=app, principal=principal)
                 if status not in RETRY_STATUSES:
                     break
@@ -545,7 +545,7 @@ def _file_id(batch_id: str, kind: str) -> str:
     return "file-" + uuid.uuid5(uuid.NAMESPACE_URL, f"runnel:{batch_id}:{kind}").hex
 
 
-async def _below_live_traffic(app) -> None:
+async def below_live_traffic(app) -> None:
     """Return once ``app`` has no interactive row waiting: a batch line never queues in front
     of a live request. Apps without a batcher (``batching_stats``) are not waited for."""
     stats = getattr(app, "batching_stats", None)
