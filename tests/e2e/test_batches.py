@@ -261,7 +261,7 @@ def test_sigkill_mid_batch_resumes_without_redoing_recorded_lines(tmp_path):
 
         [apps.echo]
         backend = "echo"
-        pace_ms = 10
+        pace_ms = 15
     """))
     lines = [chat_line(f"r{n:03}", "a b c d e f g h", max_tokens=6) for n in range(64)]
     servers = []
@@ -323,13 +323,13 @@ def test_runs_on_redis_spread_a_batch_over_servers(start_server, tmp_path, redis
 
 def test_at_most_batch_concurrency_lines_run_at_once(start_server, tmp_path):
     server = start_server({"server": {"runs_path": str(tmp_path / "runs.sqlite3"), "batch_concurrency": 2},
-                           "apps": {"echo": {"backend": "echo", "pace_ms": 10}}})
+                           "apps": {"echo": {"backend": "echo", "pace_ms": 5}}})
     client = client_for(server)
-    lines = [chat_line(f"r{n:03}", "a b c d e f", max_tokens=6) for n in range(96)]  # three shards
+    lines = [chat_line(f"r{n:03}", "a b c d e f", max_tokens=6) for n in range(64)]  # two shards
     batch = client.batches.create(input_file_id=upload(client, jsonl(lines)).id, endpoint="/v1/chat/completions",
                                   completion_window="24h")
     seen = set()
     while client.batches.retrieve(batch.id).status not in DONE:
         seen.add(request(server.port, "GET", "/stats").json()["apps"]["echo"]["generating"])
     assert max(seen) <= 2 and 2 in seen, seen
-    assert finished(client, batch.id).request_counts.completed == 96
+    assert finished(client, batch.id).request_counts.completed == 64

@@ -161,7 +161,7 @@ def _mtime(path: str) -> int | None:
 def render(record: dict[str, Any]) -> dict[str, Any]:
     """A batch as OpenAI shows it: a cancel asked and not yet acted on reads ``cancelling``."""
     shown = {key: value for key, value in record.items() if not key.startswith("_")}
-    if record.get("_cancel_at") is not None and record["status"] not in TERMINAL and record["status"] != "cancelling":
+    if record.get("_cancel_at") is not None and record["status"] in ("validating", "in_progress"):
         shown["status"] = "cancelling"
         shown["cancelling_at"] = record["_cancel_at"]
     return shown
@@ -296,7 +296,7 @@ class BatchesAPI:
 
     async def cancel(self, request) -> Response:
         record = await self._find(request)
-        if record["status"] in TERMINAL:
+        if record["status"] in TERMINAL or record["status"] == "finalizing":
             raise HTTPError(409, f"Cannot cancel a batch with status '{record['status']}'.",
                             type="invalid_request_error")
         marker = self.records.path(record["id"], ".cancel")
