@@ -29,7 +29,6 @@ in its batcher (``batching_stats()["waiting_rows"]``, where the app has one).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import functools
 import hashlib
@@ -65,11 +64,10 @@ POLL = 1.0  # seconds a driver waits on a shard before looking at its batch agai
 GATE_POLL = 0.01  # seconds a line waits while its model has interactive rows waiting
 RETRY_STATUSES = (429, 503)  # a line refused for load is tried again, not recorded
 RETRY_DELAY = 0.5
-TERMINAL = ("completed", "failed", "cancelled", "expired")
+FINAL = ("completed", "failed", "cancelled", "expired")  # a batch's statuses nothing moves it out of
 _ID = re.compile(r"batch_[0-9a-f]{32}")
 _WINDOW = re.compile(r"([1-9][0-9]*)([smh])")
 _UNITS = {"s": 1, "m": 60, "h": 3600}
-_ANY_PRINCIPAL = object()
 
 
 def window_seconds(window: Any) -> int:
@@ -107,8 +105,12 @@ class BatchRecords:
     async def keep_input(self, batch_id: str, source: str) -> None:
         def link() -> None:
             os.makedirs(self.results_dir(batch_id), exist_ok=True)
-            with contextlib.suppress(FileExistsError):
+            try:
                 os.link(source, self.input_path(batch_id))
+            except FileExistsError:
+                pass
+            except OSError:  # a filesystem without hard links: a copy, then
+                shutil.copyfile(source, self.input_path(batch_id))
         await asyncio.to_thread(link)
 
     async def load(self, batch_id: str) -> dict[str, Any] | None:
@@ -227,7 +229,7 @@ class BatchesAPI:
                 for batch_id in await self.records.ids():
                     if batch_id not in self._drivers and batch_id not in self._ended:
                         record = await self.records.load(batch_id)
-                        if record is not None and record["status"] in TERMINAL:
+                        if record is not None and record["status"] in FINAL:
                             self._ended.add(batch_id)  # final: not read again
                         elif record is not None:
                             self._drive(batch_id)
@@ -296,7 +298,7 @@ class BatchesAPI:
 
     async def cancel(self, request) -> Response:
         record = await self._find(request)
-        if record["status"] in TERMINAL or record["status"] == "finalizing":
+        if record["status"] in FINAL or record["status"] == "finalizing":
             raise HTTPError(409, f"Cannot cancel a batch with status '{record['status']}'.",
                             type="invalid_request_error")
         marker = self.records.path(record["id"], ".cancel")
@@ -322,7 +324,7 @@ class BatchesAPI:
         try:
             while True:
                 record = await self.records.load(batch_id)
-                if record is None or record["status"] in TERMINAL:
+                if record is None or record["status"] in FINAL:
                     return
                 if record["status"] == "validating":
                     await self._validate(record)
@@ -349,6 +351,9 @@ class BatchesAPI:
                 need = can_embed if record["endpoint"] == "/v1/embeddings" else is_model_app
                 record["_app"] = self.openai.by_model[self.openai.app_by_model(checked.model, need=need).model_id]
             except HTTPError as error:
+                if error.status == 503:  # the model is still loading: validate again shortly
+                    await asyncio.sleep(POLL)
+                    return
                 errors = [{"code": error.code or "model_not_found", "message": error.message,
                            "param": "body.model", "line": None}]
         if errors:
