@@ -333,3 +333,14 @@ def test_at_most_batch_concurrency_lines_run_at_once(start_server, tmp_path):
         seen.add(request(server.port, "GET", "/stats").json()["apps"]["echo"]["generating"])
     assert max(seen) <= 2 and 2 in seen, seen
     assert finished(client, batch.id).request_counts.completed == 64
+
+
+def test_a_large_file_is_streamed_back_whole(start_server, tmp_path):
+    server = start_server({"server": {"runs_path": str(tmp_path / "runs.sqlite3"), "max_body_bytes": 65536},
+                           "apps": {"echo": {"backend": "echo"}}})
+    client = client_for(server)
+    content = jsonl([chat_line(f"r{n:05}", "word " * 40) for n in range(3000)])  # ~1 MB, past max_body_bytes
+    assert len(content) > 900_000
+    uploaded = upload(client, content)
+    assert uploaded.bytes == len(content)
+    assert client.files.content(uploaded.id).content == content
