@@ -123,6 +123,15 @@ class ServerConfig:
     webhook_secret: str = ""  # signs webhooks (HMAC-SHA256); "" = unsigned
     webhook_retry_delay: float = 2.0  # seconds between webhook attempts
     runsync_timeout: float = 90.0  # RunPod /runsync waits this long for a result
+    # The Batch API (runnel.surfaces.openai.files, .batches). Directory of uploaded files and
+    # batch progress; None: next to the SQLite run store (runnel.surfaces.openai.files.files_dir).
+    # Servers sharing runs through Redis must share this directory too.
+    files_path: str | None = None
+    files_max_bytes: int = 209715200  # an uploaded file's size (OpenAI's: 200 MB); past it 413
+    batch_max_lines: int = 50000  # requests in one batch's input file (OpenAI's: 50,000)
+    # Batch lines executing at once on this server, all batches together; each waits until
+    # its model has no interactive request waiting, so a batch never starves live traffic.
+    batch_concurrency: int = 2
     # Client compatibility (issue 12).
     # Unknown fields in an OpenAI request body: False = a 400 naming the field (as OpenAI);
     # True = accepted and ignored, for clients that send vendor extras.
@@ -381,6 +390,10 @@ _SERVER_RULES: dict[str, tuple[type | tuple[type, ...], Callable[[Any], Any] | N
     "webhook_secret": (str, None),
     "webhook_retry_delay": (float, _at_least(0)),
     "runsync_timeout": (float, _above(0)),
+    "files_path": (str, _non_empty),
+    "files_max_bytes": (int, _between(1, 209715200)),
+    "batch_max_lines": (int, _between(1, 50000)),
+    "batch_concurrency": (int, _between(1, 1024)),
     "ignore_unknown_fields": (bool, None),
     "cors_allow_origins": (list, _origins),
     "metrics_public": (bool, None),

@@ -69,6 +69,9 @@ class Server:
         self.serializers: dict[bytes, Serializer] = {}
         self.negotiator: Negotiator | None = None
         self.runs: Runner | None = None  # made in build(), next to the apps
+        # Paths whose request bodies may exceed [server] max_body_bytes (a file upload): their
+        # limit. Filled by the surfaces as they register their routes.
+        self.body_limits: dict[str, int] = {}
         self.metrics: Metrics | None = None  # made in build(); GET /metrics renders it
         # Set by stop() from its first moment: readiness (GET /readyz) answers 503 from then on.
         self.draining = False
@@ -168,6 +171,7 @@ class Server:
             negotiate=negotiator,
             max_header_bytes=settings.max_header_bytes,
             max_body_bytes=settings.max_body_bytes,
+            body_limits=self.body_limits,
             max_stream_buffer_bytes=settings.max_stream_buffer_bytes,
             header_timeout=settings.header_timeout,
             keepalive_timeout=settings.keepalive_timeout,

@@ -101,11 +101,13 @@ def test_server_example_covers_every_key_at_its_default():
 
     text = (EXAMPLES / "server.toml").read_text(encoding="utf-8")
     data = tomllib.loads(text)
-    # runs_path's and runs' defaults (unset: the per-user default; SQLite) have no TOML spelling: they
-    # are shown commented out.
-    assert set(data["server"]) == {f.name for f in dataclasses.fields(ServerConfig)} - {"runs_path", "runs"}
+    # runs_path's, runs' and files_path's defaults (unset: the per-user default; SQLite; next to
+    # it) have no TOML spelling: they are shown commented out.
+    assert set(data["server"]) == {f.name for f in dataclasses.fields(ServerConfig)} - {
+        "runs_path", "runs", "files_path"}
     assert "\n# runs_path = " in text
     assert "\n# runs = " in text
+    assert "\n# files_path = " in text
     assert load_config(EXAMPLES / "server.toml").server == ServerConfig()
 
 

@@ -91,6 +91,7 @@ class HttpProtocol(asyncio.Protocol):
         "flow",
         "_stall_timer",
         "_request",
+        "_body_limit",
         "_task",
         "_chunk_checker",
         "_closing",
@@ -116,6 +117,7 @@ class HttpProtocol(asyncio.Protocol):
         self.peer: tuple[str, int] | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
         self._request: Request | None = None
+        self._body_limit = server_state.max_body_bytes  # the current request's (ServerState.body_limits)
         self._task: asyncio.Task[None] | None = None
         self._chunk_checker: ChunkedBodyChecker | None = None
         self._closing = False
@@ -318,8 +320,11 @@ class HttpProtocol(asyncio.Protocol):
             # requests get smuggled past proxies that pick the other framing.
             self._refuse(400, "Request has both Content-Length and Transfer-Encoding")
             return False
-        if content_length is not None and content_length > self.server_state.max_body_bytes:
-            self._refuse(413, f"Request body is larger than the limit of {self.server_state.max_body_bytes} bytes")
+        state = self.server_state
+        limit = self._body_limit = state.body_limits.get(request.path, state.max_body_bytes) if state.body_limits \
+            else state.max_body_bytes
+        if content_length is not None and content_length > limit:
+            self._refuse(413, f"Request body is larger than the limit of {limit} bytes")
             return False
         if chunked:
             checker = ChunkedBodyChecker()
@@ -334,8 +339,8 @@ class HttpProtocol(asyncio.Protocol):
         request = self._request
         assert request is not None  # h11 gives Data only after its Request
         body = request.incoming
-        if body.received + len(data) > self.server_state.max_body_bytes:
-            self._body_failed(413, f"Request body is larger than the limit of {self.server_state.max_body_bytes} bytes")
+        if body.received + len(data) > self._body_limit:
+            self._body_failed(413, f"Request body is larger than the limit of {self._body_limit} bytes")
             return
         body.feed(data)
         if body.buffered > BODY_HIGH_WATER:

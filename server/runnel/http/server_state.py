@@ -44,6 +44,8 @@ class ServerState:
     fail: Callable[[Request, HTTPError], Response | None] = plain_failure
     max_header_bytes: int = 16384
     max_body_bytes: int = 8 * 1024 * 1024
+    # Paths whose bodies may be larger than max_body_bytes (a file upload), and their limit.
+    body_limits: dict[str, int] = field(default_factory=dict)
     # Bytes a stream may have waiting in the transport before its client is dropped.
     max_stream_buffer_bytes: int = 4 * 1024 * 1024
     header_timeout: float = 10.0

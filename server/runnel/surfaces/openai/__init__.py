@@ -5,12 +5,17 @@
     sinks.py    token sinks: a generation as OpenAI's objects, streamed or collected
     tokens.py   /tokenize and /detokenize (vLLM's shapes)
     responses.py  the Responses API, /v1/responses (responses_items.py: its input and output items)
+    offline.py  an OpenAI body executed without an HTTP exchange (batch lines, async runs)
+    files.py    /v1/files: uploads (multipart, streamed to disk) and batches' output files
+    batches.py  the Batch API, /v1/batches: shards of lines as runs (batch_files.py: their files)
 """
 
 from __future__ import annotations
 
 from ...hookspecs import hookimpl
 from .api import NO_CACHE, SSE, OpenAIAPI, ReplyOptions, can_embed, is_model_app
+from .batches import BatchesAPI
+from .files import MULTIPART_OVERHEAD, FilesAPI, FileStore, files_dir
 from .params import invalid
 from .responses import ResponsesAPI
 from .tokens import TokenEndpoints
@@ -31,6 +36,30 @@ def runnel_register_routes(register, server):
     register("GET", "/v1/responses/{response_id}", responses.retrieve)
     register("DELETE", "/v1/responses/{response_id}", responses.delete)
     register("POST", "/v1/responses/{response_id}/cancel", responses.cancel)
+    settings = server.config.server
+    files = FileStore(files_dir(server.config))
+    uploads = FilesAPI(files, settings.files_max_bytes)
+    server.body_limits["/v1/files"] = settings.files_max_bytes + MULTIPART_OVERHEAD
+    register("POST", "/v1/files", uploads.create)
+    register("GET", "/v1/files", uploads.index)
+    register("GET", "/v1/files/{file_id}", uploads.retrieve)
+    register("DELETE", "/v1/files/{file_id}", uploads.delete)
+    register("GET", "/v1/files/{file_id}/content", uploads.content)
+    batches = server.state["batches"] = BatchesAPI(server, files)
+    register("POST", "/v1/batches", batches.create)
+    register("GET", "/v1/batches", batches.index)
+    register("GET", "/v1/batches/{batch_id}", batches.retrieve)
+    register("POST", "/v1/batches/{batch_id}/cancel", batches.cancel)
     tokens = TokenEndpoints(api)
     register("POST", "/tokenize", tokens.tokenize)
     register("POST", "/detokenize", tokens.detokenize)
+
+
+@hookimpl
+def runnel_startup(server):
+    server.state["batches"].start()  # resumes the batches a previous process left unfinished
+
+
+@hookimpl
+async def runnel_shutdown(server):
+    await server.state["batches"].stop()
