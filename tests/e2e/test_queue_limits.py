@@ -64,7 +64,7 @@ def test_sync_calls_past_max_queue_get_429_at_once_and_held_calls_finish(start_s
         for function, body in (("hold", hold), ("quick", {"tag": "x"})):  # one pool: any sync function
             reply, elapsed = timed(post, server.port, f"/v4/p/gated/{function}", body)
             assert reply.status == 429, reply.body
-            assert elapsed < 0.5, elapsed  # not queued behind the held calls (they hold for 30 s)
+            assert elapsed < 5, elapsed  # not queued behind the held calls (they hold for 30 s)
             assert reply.header(b"retry-after") == b"1"
             error = reply.json()
             assert error["error"]["code"] == "queue_full" and error["error"]["type"] == "rate_limit_error"
@@ -133,13 +133,13 @@ def test_runs_past_runs_max_queued_get_429_on_every_route_and_the_bound_survives
 
     def assert_full(port: int) -> None:
         reply, elapsed = timed(post, port, "/v4/p/gated/hold?async=true", hold)
-        assert reply.status == 429 and elapsed < 0.5, (reply.body, elapsed)
+        assert reply.status == 429 and elapsed < 5, (reply.body, elapsed)  # the held runs hold for 30 s
         assert reply.header(b"retry-after") == b"5"
         error = reply.json()
         assert error["error"]["code"] == "queue_full" and error["run_id"] == reply.header(b"x-request-id").decode()
         for route in ("run", "runsync"):  # RunPod's shape: {"error": message}
             reply, elapsed = timed(post, port, f"/v2/gated/{route}", {"input": hold})
-            assert reply.status == 429 and elapsed < 0.5, (reply.body, elapsed)
+            assert reply.status == 429 and elapsed < 5, (reply.body, elapsed)
             assert reply.header(b"retry-after") == b"5"
             assert list(reply.json()) == ["error"] and "queued" in reply.json()["error"]
         assert request(port, "GET", "/health").status == 200
