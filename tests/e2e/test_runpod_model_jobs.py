@@ -182,6 +182,16 @@ def test_cancel_stops_a_running_generation(echo):
     assert status(echo, "slow", job_id)["status"] == "CANCELLED"
 
 
+def test_execution_timeout_stops_a_generation(echo):
+    app = echo.server.apps.get("slow")
+    job_id = submit(echo, "slow", {"prompt": "a", "stream": True, "sampling_params": {"max_tokens": 2000,
+                                                                                        "ignore_eos": True}},
+                    policy={"executionTimeout": 300})
+    body = settled(echo, "slow", job_id)
+    assert body["status"] == "TIMED_OUT" and "300 ms" in body["error"]
+    wait_until(lambda: app.generating == 0, timeout=5)
+
+
 def test_retry_runs_a_failed_model_job_again_under_its_id(start_server):
     server = start_server({"server": {"runs_path": "", "runs_workers": 2},
                            "apps": {"one": {"backend": "echo", "pace_ms": 20, "max_generations": 1}}})

@@ -58,7 +58,7 @@ CHAT_ROUTE, COMPLETION_ROUTE = "/v1/chat/completions", "/v1/completions"
 # worker-vllm's constants.py and JobInput defaults.
 DEFAULT_BATCH_SIZE, MIN_BATCH_SIZE, BATCH_SIZE_GROWTH_FACTOR = 50, 1, 3
 LEGACY_MAX_TOKENS = 100
-DONE_EVENT = "data: [DONE]\n\n"
+DONE_EVENT = b"data: [DONE]\n\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,14 +202,15 @@ async def _openai_batches(chunks: offline.ChunkStream, sizes: BatchSizes, *, raw
     ``raw`` one string of SSE events each (``[DONE]`` counted as a chunk), else a list."""
     size, batch = sizes.first, []
     async for chunk in chunks:
-        batch.append(f"data: {orjson.dumps(chunk).decode()}\n\n" if raw else chunk)
+        # Raw: the chunk's JSON as encoded once by the sink (a Fragment dumps as it is), framed.
+        batch.append(b"data: %b\n\n" % orjson.dumps(chunk) if raw else chunk)
         if len(batch) >= size:
-            yield "".join(batch) if raw else batch
+            yield b"".join(batch).decode() if raw else batch
             batch, size = [], sizes.after(size)
     if raw:
         batch.append(DONE_EVENT)
     if batch:
-        yield "".join(batch) if raw else batch
+        yield b"".join(batch).decode() if raw else batch
 
 
 def _legacy_whole(answer: dict, route: str) -> dict:
