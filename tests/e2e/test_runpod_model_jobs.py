@@ -4,6 +4,8 @@ slows it down so a job can be watched, cancelled or interrupted) and builtin:tin
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from pathlib import Path
 
@@ -46,6 +48,11 @@ def runsync(server, endpoint: str, job_input) -> dict:
     assert reply.status == 200, reply.body
     body = reply.json()
     return body if body["status"] in FINAL else settled(server, endpoint, body["id"])
+
+
+def states(path: Path) -> dict[str, str]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return dict(conn.execute("SELECT id, state FROM runs"))
 
 
 def without_ids(body: dict) -> dict:
@@ -306,6 +313,8 @@ def test_a_queued_model_job_runs_after_a_restart(start_server, tmp_path):
     assert status(first, "slow", queued)["status"] == "IN_QUEUE"
     first.stop()
     second = start_server(config)
+    # It runs without being asked for: the store a previous process left is opened at start.
+    wait_until(lambda: states(tmp_path / "runs.sqlite3")[queued] == "succeeded", timeout=15)
     body = settled(second, "slow", queued)
     assert body["output"] == [{"choices": [{"tokens": ["one two three"]}], "usage": {"input": body["output"][0][
         "usage"]["input"], "output": 3}}]

@@ -107,7 +107,8 @@ class RunView:
     name = "default"
     # Whether the store may wait to be opened (and what a previous process left in it
     # recovered) until a run of this view is first submitted or read. A server whose
-    # only apps take such runs holds no store, and no lock on its file, until then.
+    # only apps take such runs makes no store file until then; a file that exists is
+    # opened at start unless another server holds it.
     opens_lazily = False
 
     def takes(self, app) -> bool:
@@ -251,6 +252,12 @@ class Runner:
             # waiting in it); a file is made on the first run.
             if self._shared is not None or not all(view.opens_lazily for view in views):
                 await self._open(create=False)
+            else:
+                # Lazily opened views: a file a previous process left is opened now, so the
+                # runs it left queued (a model app's jobs) run without waiting for a request;
+                # one another server holds is left to it (this one answers 503 if asked).
+                with contextlib.suppress(StoreUnavailable):
+                    await self._open(create=False)
         except BaseException as exc:
             self._state = "closed"
             await self.store.close()
