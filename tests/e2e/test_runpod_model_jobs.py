@@ -223,6 +223,21 @@ def test_retry_runs_a_failed_model_job_again_under_its_id(start_server):
     assert (health["completed"], health["retried"]) == (1, 1)
 
 
+def test_retry_of_a_queued_or_running_job_is_409(start_server):
+    server = start_server({"server": {"runs_path": "", "runs_workers": 1},
+                           "apps": {"slow": {"backend": "echo", "pace_ms": 20}}})
+    held = submit(server, "slow", {"prompt": "a", "stream": True, "sampling_params": {"max_tokens": 2000,
+                                                                                       "ignore_eos": True}})
+    wait_until(lambda: status(server, "slow", held)["status"] == "IN_PROGRESS", timeout=10)
+    queued = submit(server, "slow", {"prompt": "b"})
+    for job_id, state in ((held, "IN_PROGRESS"), (queued, "IN_QUEUE")):
+        reply = post(server, f"/v2/slow/retry/{job_id}")
+        assert (reply.status, reply.json()["error"]) == (409, f"Job '{job_id}' is {state}: only a FAILED or "
+                                                         "TIMED_OUT job can be retried")
+    post(server, f"/v2/slow/cancel/{held}")
+    assert settled(server, "slow", queued)["status"] == "COMPLETED"
+
+
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
 def test_retry_a_timed_out_function_job(start_server, tmp_path, request, store):
     module = Path(__file__).resolve().parents[1] / "apps" / "jobs.py"

@@ -444,13 +444,13 @@ class Runner:
                 await self._finished(run)
         return removed
 
-    async def retry(self, run_id: str, states: tuple[str, ...] = (FAILED, TIMED_OUT)) -> Run | None:
+    async def retry(self, run_id: str, states: tuple[str, ...] = (FAILED, TIMED_OUT)) -> bool:
         """Queue a final run in one of ``states`` again, under its id, with its input (RunPod's
-        ``/retry``): the run as it is then, queued, or as it was when it is in no such state
-        (None when unknown). HTTPError 429 when ``max_queued`` runs are queued already."""
+        ``/retry``); whether it was (False: unknown, or in no such state, a concurrent retry
+        having queued it already included). HTTPError 429 when ``max_queued`` runs are queued."""
         run = await self.get(run_id)
         if run is None or run.state not in states:
-            return run
+            return False
         try:
             requeued = await self.store.requeue(run_id, states, max_queued=self.max_queued)
         except QueueFull as exc:
@@ -458,7 +458,7 @@ class Runner:
         if requeued:
             self._enqueue((run_id,))
             self.metrics.run_accepted(run.app)
-        return await self.get(run_id)
+        return requeued
 
     async def cancel(self, run_id: str) -> Run | None:
         """Cancel a queued or running run; the run as it is then (None when unknown)."""

@@ -273,9 +273,9 @@ class RunPodJobAPI:
     async def retry(self, request):
         """RunPod's ``/retry``: a FAILED or TIMED_OUT job queued again under its id, with its input."""
         run = await self._job(request)
-        retried = await self.runs.retry(run.id) or run
-        if retried.state != QUEUED:
-            raise HTTPError(409, f"Job {run.id!r} is {STATUS[retried.state]}: only a FAILED or TIMED_OUT job "
+        if not await self.runs.retry(run.id):
+            run = await self._job(request)  # as it is now
+            raise HTTPError(409, f"Job {run.id!r} is {STATUS[run.state]}: only a FAILED or TIMED_OUT job "
                             "can be retried", code="job_not_retryable")
         self.cursors.forget(run.id)
         return json_response({"id": run.id, "status": STATUS[QUEUED]})
