@@ -154,6 +154,10 @@ def test_legacy_streamed_is_batches_of_tokens_with_usage_so_far(echo):
     assert [batch["usage"]["output"] for batch in batches] == [1, 3, 7, 10]
     assert batches[-1]["usage"]["input"] == 10
     assert "".join(token for batch in batches for token in batch["choices"][0]["tokens"]) == "a b c d e f g h i j"
+    # a growth that is not whole: sizes 1, 1.5 (2 tokens), 2.25 (3), 3.375 (4), ... as worker-vllm's
+    job = runsync(echo, "echo", {"prompt": "a b c d e f g h i j", "stream": True, "batch_size_growth_factor": 1.5,
+                                 "sampling_params": {"max_tokens": 10}})
+    assert [len(batch["choices"][0]["tokens"]) for batch in job["output"]] == [1, 2, 3, 4]
 
 
 # -- /stream, /cancel, /retry ----------------------------------------------------------------------

@@ -75,11 +75,13 @@ class BatchSizes:
         return self.growth > 1 and self.smallest >= 1 and self.largest > self.smallest
 
     @property
-    def first(self) -> int:
+    def first(self) -> float:
         return self.smallest if self.dynamic else self.largest
 
-    def after(self, size: int) -> int:
-        return min(int(size * self.growth), self.largest) if self.dynamic else self.largest
+    def after(self, size: float) -> float:
+        """The size after a batch of ``size``: not rounded, as worker-vllm's (a batch holds
+        as many chunks as reach it: 1.5 is 2)."""
+        return min(size * self.growth, self.largest) if self.dynamic else self.largest
 
 
 OPENAI_BATCHES = BatchSizes(DEFAULT_BATCH_SIZE, MIN_BATCH_SIZE, BATCH_SIZE_GROWTH_FACTOR)
@@ -93,10 +95,6 @@ class ModelJob:
     body: Any
     legacy: bool
     batches: BatchSizes
-
-    @property
-    def streamed(self) -> bool:
-        return type(self.body) is dict and self.body.get("stream") is True
 
 
 def model_job(job_input: Any) -> ModelJob:
