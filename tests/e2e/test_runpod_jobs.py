@@ -287,8 +287,9 @@ def test_unknown_jobs_and_endpoints_are_404(jobs):
     reply = post(jobs, "/v2/nope/run", {"input": {}})
     assert reply.status == 404 and reply.json() == {"error": "No endpoint 'nope'"}
     assert request(jobs.port, "GET", "/v2/nope/health").status == 404
+    # A model endpoint takes worker-vllm's inputs (tests/e2e/test_runpod_model_jobs.py): this is none.
     reply = post(jobs, "/v2/echo/run", {"input": {}})
-    assert reply.status == 404 and "python function apps only" in reply.json()["error"]
+    assert reply.status == 400 and "openai_input" in reply.json()["error"]
 
 
 def test_bad_submissions_are_400(jobs):

@@ -133,8 +133,9 @@ def test_bad_async_flags_and_model_apps(hello):
     assert (reply.status, reply.json()["error"]["code"]) == (400, "invalid_async")
     reply = submit(hello.port, "hello", "greet", {"name": "x"}, query="async=false&webhookEndpoint=http://a/")
     assert (reply.status, reply.json()["error"]["param"]) == (400, "webhookEndpoint")
-    reply = submit(hello.port, "echo", "run", {"messages": [{"role": "user", "content": "hi"}]})
-    assert (reply.status, reply.json()["error"]["code"]) == (400, "async_not_supported")
+    # A model app's async run is its chat function "run" (tests/e2e/test_runpod_model_jobs.py); no other.
+    reply = submit(hello.port, "echo", "other", {"messages": [{"role": "user", "content": "hi"}]})
+    assert (reply.status, reply.json()["error"]["code"]) == (404, "function_not_found")
     reply = request(hello.port, "POST", "/v4/p/hello/run/chat/completions?async=true", body=b"{}")
     assert (reply.status, reply.json()["error"]["code"]) == (400, "async_not_supported")
 

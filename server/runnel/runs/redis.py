@@ -221,6 +221,28 @@ end
 return {requeued, failed}
 """
 
+# Out of the finished indexes and back in line, its keys kept again until it finishes anew.
+_REQUEUE = _ENQUEUE + """
+local p, id, max_queued = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local key = p .. 'run:' .. id
+local state = redis.call('HGET', key, 'state')
+local allowed = false
+for i = 4, #ARGV do if state == ARGV[i] then allowed = true end end
+if not allowed then return 0 end
+if max_queued >= 0 and redis.call('ZCARD', p .. 'queued') >= max_queued then return -1 end
+local f = redis.call('HMGET', key, 'idempotency_key', 'webhook', 'created_at')
+redis.call('PERSIST', key)
+if f[1] ~= 'null' then redis.call('PERSIST', p .. 'idem:' .. cjson.decode(f[1])) end
+redis.call('ZREM', p .. 'finished', id)
+redis.call('ZREM', p .. 'webhooks', id)
+redis.call('HSET', key, 'state', '"queued"', 'output', 'null', 'error', 'null', 'streamed', 'false',
+           'started_at', 'null', 'finished_at', 'null', 'run_time_ms', 'null', 'owner', 'null',
+           'lease_until', 'null', 'webhook_pending', f[2] ~= 'null' and 'true' or 'false')
+redis.call('ZADD', p .. 'queued', f[3], id)
+redis.call('HSET', key, '_entry', enqueue(p, id))
+return 1
+"""
+
 _DELETE = """
 local p, id, group = ARGV[1], ARGV[2], ARGV[3]
 local key = p .. 'run:' .. id
@@ -345,7 +367,7 @@ class RedisRunStore:
                 self.url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=CALL_TIMEOUT,
                 retry=Retry(NoBackoff(), 1), health_check_interval=30)
             for name, source in (("insert", _INSERT), ("claim", _CLAIM), ("renew", _RENEW), ("finish", _FINISH),
-                                 ("recover", _RECOVER), ("delete", _DELETE), ("purge", _PURGE),
+                                 ("recover", _RECOVER), ("requeue", _REQUEUE), ("delete", _DELETE), ("purge", _PURGE),
                                  ("webhook_done", _WEBHOOK_DONE), ("counts", _COUNTS),
                                  ("append_values", _APPEND_VALUES)):
                 self._scripts[name] = self._redis.register_script(source)
@@ -424,6 +446,14 @@ class RedisRunStore:
             "recover", PREFIX, repr(now), GROUP, self._done_channel, _dumps(error_record(interrupted)),
             self._expire_ms(now), *(_dumps(app) for app in idempotent_apps))
         return Recovered([i.decode() for i in requeued], [i.decode() for i in failed])
+
+    async def requeue(self, run_id: str, states: Collection[str], *, max_queued: int | None = None) -> bool:
+        written = int(await self._call("requeue", PREFIX, run_id, -1 if max_queued is None else max_queued,
+                                       *(_dumps(state) for state in states)))
+        if written < 0:
+            assert max_queued is not None
+            raise QueueFull(max_queued)
+        return written == 1
 
     async def delete(self, run_id: str) -> bool:
         return await self._call("delete", PREFIX, run_id, GROUP) == 1

@@ -107,7 +107,8 @@ class RunView:
     name = "default"
     # Whether the store may wait to be opened (and what a previous process left in it
     # recovered) until a run of this view is first submitted or read. A server whose
-    # only apps take such runs holds no store, and no lock on its file, until then.
+    # only apps take such runs makes no store file until then; a file that exists is
+    # opened at start unless another server holds it.
     opens_lazily = False
 
     def takes(self, app) -> bool:
@@ -251,6 +252,12 @@ class Runner:
             # waiting in it); a file is made on the first run.
             if self._shared is not None or not all(view.opens_lazily for view in views):
                 await self._open(create=False)
+            else:
+                # Lazily opened views: a file a previous process left is opened now, so the
+                # runs it left queued (a model app's jobs) run without waiting for a request;
+                # one another server holds is left to it (this one answers 503 if asked).
+                with contextlib.suppress(StoreUnavailable):
+                    await self._open(create=False)
         except BaseException as exc:
             self._state = "closed"
             await self.store.close()
@@ -346,8 +353,7 @@ class Runner:
         except HTTPError:  # the store is unreachable for now (StoreDown): 503 with Retry-After
             raise
         except QueueFull as exc:
-            raise HTTPError(429, f"Too many runs are waiting ({exc.limit} queued); try again later",
-                            code="queue_full", headers=((b"retry-after", QUEUE_FULL_RETRY_AFTER),)) from None
+            raise _queue_full(exc) from None
         except StoreUnavailable as exc:
             raise HTTPError(503, str(exc), code="run_store_busy") from None
         except Exception as exc:  # the store's own errors (sqlite3.Error, OSError, ...)
@@ -382,12 +388,14 @@ class Runner:
         run = await self.store.get(run_id)
         return None if run is None or self._expired(run) else run
 
-    async def find(self, run_id: str, *, surface: str, app: str | None, principal: str) -> Run | None:
-        """The run if ``principal`` submitted it through ``surface`` to ``app`` (None: any app),
-        else None: anyone else's run reads as unknown (or expired) does, so its existence does
-        not leak."""
+    async def find(self, run_id: str, *, surface: str | tuple[str, ...], app: str | None,
+                   principal: str) -> Run | None:
+        """The run if ``principal`` submitted it through ``surface`` (or one of several) to ``app``
+        (None: any app), else None: anyone else's run reads as unknown (or expired) does, so its
+        existence does not leak."""
         run = await self.get(run_id)
-        if (run is None or run.surface != surface or (app is not None and run.app != app)
+        surfaces = (surface,) if type(surface) is str else surface
+        if (run is None or run.surface not in surfaces or (app is not None and run.app != app)
                 or run.principal != principal):
             return None
         return run
@@ -435,6 +443,22 @@ class Runner:
                 self.metrics.run_finished(run.app, CANCELLED, None)
                 await self._finished(run)
         return removed
+
+    async def retry(self, run_id: str, states: tuple[str, ...] = (FAILED, TIMED_OUT)) -> bool:
+        """Queue a final run in one of ``states`` again, under its id, with its input (RunPod's
+        ``/retry``); whether it was (False: unknown, or in no such state, a concurrent retry
+        having queued it already included). HTTPError 429 when ``max_queued`` runs are queued."""
+        run = await self.get(run_id)
+        if run is None or run.state not in states:
+            return False
+        try:
+            requeued = await self.store.requeue(run_id, states, max_queued=self.max_queued)
+        except QueueFull as exc:
+            raise _queue_full(exc) from None
+        if requeued:
+            self._enqueue((run_id,))
+            self.metrics.run_accepted(run.app)
+        return requeued
 
     async def cancel(self, run_id: str) -> Run | None:
         """Cancel a queued or running run; the run as it is then (None when unknown)."""
@@ -766,6 +790,11 @@ class _ValueSharing:
         if self.sent < len(self.values):
             with contextlib.suppress(StoreDown):
                 await self._send()
+
+
+def _queue_full(exc: QueueFull) -> HTTPError:
+    return HTTPError(429, f"Too many runs are waiting ({exc.limit} queued); try again later",
+                     code="queue_full", headers=((b"retry-after", QUEUE_FULL_RETRY_AFTER),))
 
 
 def _interrupted() -> HTTPError:

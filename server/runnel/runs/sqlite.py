@@ -337,6 +337,28 @@ class SQLiteRunStore:
             raise
         return recovered
 
+    async def requeue(self, run_id: str, states: Collection[str], *, max_queued: int | None = None) -> bool:
+        return await self._do(self._requeue, run_id, tuple(states), max_queued)
+
+    def _requeue(self, run_id: str, states: tuple[str, ...], max_queued: int | None) -> bool:
+        conn = self._open_connection()
+        conn.execute("BEGIN IMMEDIATE")  # the count and the update see the same runs
+        try:
+            if max_queued is not None:
+                (count,) = conn.execute("SELECT COUNT(*) FROM runs WHERE state = ?", (QUEUED,)).fetchone()
+                if count >= max_queued:
+                    raise QueueFull(max_queued)
+            cursor = conn.execute(
+                "UPDATE runs SET state = ?, output = NULL, error = NULL, streamed = 0, started_at = NULL, "
+                "finished_at = NULL, run_time_ms = NULL, owner = NULL, lease_until = NULL, "
+                f"webhook_pending = webhook IS NOT NULL WHERE id = ? AND state IN ({', '.join('?' * len(states))})",
+                (QUEUED, run_id, *states))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return cursor.rowcount == 1
+
     async def delete(self, run_id: str) -> bool:
         return await self._do(self._delete, run_id)
 

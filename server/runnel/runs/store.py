@@ -13,9 +13,10 @@ States, and who may move a run out of each::
     running --finish(owner)-->           succeeded | failed | cancelled | timed_out
                                                       (only the claim's owner, still holding it)
     running --recover(), claim expired--> queued (idempotent apps) | failed "interrupted"
+    failed | timed_out --requeue()-->    queued       (a caller's retry: RunPod /retry)
 
 ``succeeded``, ``failed``, ``cancelled`` and ``timed_out`` are final: nothing moves
-a run out of them; ``purge`` deletes them once they are older than the retention,
+a run out of them but its caller's retry (``requeue``); ``purge`` deletes them once they are older than the retention,
 ``delete`` when their caller asks. A run may also be inserted final (a call that ran
 in the foreground, kept to be read later: a stored OpenAI response).
 
@@ -178,6 +179,12 @@ class RunStore(Protocol):
     async def recover(self, idempotent_apps: Collection[str], interrupted: HTTPError) -> Recovered:
         """Take back every expired claim: the run is queued again when its app is in
         ``idempotent_apps``, else failed with ``interrupted``."""
+
+    async def requeue(self, run_id: str, states: Collection[str], *, max_queued: int | None = None) -> bool:
+        """A final run in one of ``states`` queued again, same id and input, as if just
+        submitted: its outcome (output, error, times, claim) cleared, its webhook due again,
+        kept until it finishes anew. False (nothing written) when it is in no such state;
+        QueueFull, atomically with the check, when ``max_queued`` runs are queued already."""
 
     async def delete(self, run_id: str) -> bool:
         """Delete a run whatever its state; False when there was none. (A runner deletes only

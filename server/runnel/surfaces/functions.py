@@ -31,10 +31,14 @@ and ``GET .../models``
     function name.
 
 ``POST /v4/{project_id}/{app}/{function}?async=true[&webhookEndpoint=URL]``
-    An async run (python function apps only): the arguments are checked (404 / 422 as
-    for a sync call), the run is recorded durably (``runnel.runs``), and the answer is
-    ``202 {"run_id"}``; the function then runs in the background, a generator's values
-    collected into a list. ``webhookEndpoint`` (implies ``async``) is where the
+    An async run: the arguments are checked (404 / 422 as for a sync call), the run is
+    recorded durably (``runnel.runs``), and the answer is ``202 {"run_id"}``; the function
+    then runs in the background, a generator's values collected into a list. For a model
+    app the function is ``run`` and the body an OpenAI chat request, checked as the sync
+    call checks it (400 naming the parameter) before it is recorded; it runs through the
+    OpenAI surface's own handler (``runnel.surfaces.openai.runs``): ``result`` is the chat
+    completion, or with ``"stream": true`` the list of its chunks; an error answer fails
+    the run with that error. ``webhookEndpoint`` (implies ``async``) is where the
     finished run is POSTed (see ``runnel.runs.webhooks``); its host must be in ``[server]
     webhook_allowed_hosts``, else 400 and nothing is recorded. Past ``[server]
     runs_max_queued`` queued runs: 429 with ``Retry-After``. An ``Idempotency-Key``
@@ -81,13 +85,16 @@ from ..hookspecs import hookimpl
 from ..http import Response, json_response
 from ..http.response import JSON
 from ..runs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, RunView, check_target, idempotency_of
-from .openai import NO_CACHE, OpenAIAPI, can_embed, is_model_app
+from .openai import NO_CACHE, OpenAIAPI, can_embed, is_model_app, offline
 from .openai import SSE as OPENAI_SSE
+from .openai.runs import OpenAIRuns
 
 logger = logging.getLogger("runnel.cortex")  # the name operators filter on: kept as it was
 
 MODEL_FUNCTION = "run"  # a model app's function: chat completions
 SURFACE = "cortex"  # the runs this surface submits (the name stored with them: kept as it was)
+MODEL_SURFACE = "cortex-openai"  # its async runs of model apps: OpenAI bodies (runnel.surfaces.openai.runs)
+CHAT_ROUTE = "/v1/chat/completions"  # what a model app's function MODEL_FUNCTION is
 RUN_STATUS = {QUEUED: "queued", RUNNING: "running", SUCCEEDED: "succeeded", FAILED: "failed",
               CANCELLED: "cancelled", TIMED_OUT: "failed"}
 _TRUE, _FALSE = ("true", "1", "yes", ""), ("false", "0", "no")  # a bare ?async is true
@@ -100,6 +107,7 @@ class FunctionEndpoints:
         self.public: set[str] = set()
         self.runs = server.runs
         self.runs.add_view(FunctionRuns())
+        self.runs.add_view(ModelRuns(self.openai))
         config = server.config
         for name, app_config in config.apps.items():
             table = config.table(f"apps.{name}.functions", app_config.surfaces.get("functions", {}))
@@ -146,7 +154,8 @@ class FunctionEndpoints:
     async def run_status(self, request):
         run_id = request.path_params["run_id"]
         name = request.path_params["app"]
-        run = await self.runs.find(run_id, surface=SURFACE, app=name, principal=request.principal.identity)
+        run = await self.runs.find(run_id, surface=(SURFACE, MODEL_SURFACE), app=name,
+                                   principal=request.principal.identity)
         if run is None:
             raise HTTPError(404, f"No run '{run_id}' in app '{name}' (unknown, or finished and expired)",
                             param="run_id", code="run_not_found")
@@ -254,18 +263,22 @@ class FunctionEndpoints:
 
     async def _submit(self, request, name, app, function, run_id, webhook):
         """Check the call as a sync one would be, record the run, answer 202."""
-        if not is_function_app(app):
-            raise HTTPError(400, f"Async runs are for python function apps; app '{name}' is not one",
-                            param="async", code="async_not_supported")
         arguments = await self._arguments(request)
-        app.function(function).arguments(arguments, run_id)  # 404 / 422 now, not later in the run
+        surface, runs_function = SURFACE, function
+        if is_function_app(app):
+            app.function(function).arguments(arguments, run_id)  # 404 / 422 now, not later in the run
+        elif is_model_app(app) and function == MODEL_FUNCTION:
+            offline.check(self.openai, CHAT_ROUTE, arguments)  # 400 now, not later in the run
+            surface, runs_function = MODEL_SURFACE, CHAT_ROUTE
+        else:
+            raise _no_function(name, function)
         if webhook is not None:
             try:
                 check_target(webhook, self.runs.allowed_hosts)
             except ValueError as exc:
                 raise HTTPError(400, str(exc), param="webhookEndpoint", code="webhook_not_allowed") from None
         idempotency = idempotency_of(request, f"{SURFACE}/{name}/{function}", [arguments, webhook])
-        run = await self.runs.submit(SURFACE, name, function, arguments, principal=request.principal.identity,
+        run = await self.runs.submit(surface, name, runs_function, arguments, principal=request.principal.identity,
                                      run_id=run_id, webhook=webhook, idempotency=idempotency)
         request.request_id = run.id  # a retry's answer is the first one's, X-Request-Id too
         return json_response({"run_id": run.id}, status=202)
@@ -363,6 +376,13 @@ class FunctionRuns(RunView):
             error = dict(run.error)
             body.update(status_code=error.pop("status"), error=error)
         return body
+
+
+class ModelRuns(OpenAIRuns):
+    """Async runs of a model app's ``run``: an OpenAI chat body, shown as a function's run is."""
+
+    name = MODEL_SURFACE
+    render = staticmethod(FunctionRuns.render)
 
 
 async def _collect(values: FunctionStream) -> list:

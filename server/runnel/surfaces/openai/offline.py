@@ -6,6 +6,9 @@ request (a run: a batch's line, an async job, a stream a client may reattach to)
 same validation, same errors, same response. What the handler reads from a request, an
 ``OfflineRequest`` provides; what it writes to a stream, a ``ChunkStream`` keeps.
 
+``check`` refuses a body before it is kept to run later (the same 400s, without running it),
+and ``http_error`` turns an error answer back into the HTTPError it was.
+
 A streamed body (``"stream": true``) yields its chunks as they are made: ``stream``
 returns a ``ChunkStream`` (an async iterator, so a run's ``ValueStream``) whose values are
 the chunks' JSON, encoded once by the sinks and kept as ``orjson.Fragment``s (dumped again
@@ -25,12 +28,20 @@ import orjson
 
 from ...auth import ANONYMOUS
 from ...errors import HTTPError
-from .api import OpenAIAPI
-from .params import invalid
+from .api import DEFAULT_REPLY, OpenAIAPI, ReplyOptions
+from .params import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    EMBEDDING_FIELDS,
+    check_fields,
+    invalid,
+    parse_chat,
+    parse_completion,
+)
 
 logger = logging.getLogger("runnel.openai")
 
-__all__ = ["ROUTES", "ChunkStream", "OfflineRequest", "call", "route_handler", "stream"]
+__all__ = ["ROUTES", "ChunkStream", "OfflineRequest", "call", "check", "http_error", "route_handler", "stream"]
 
 # The routes a body may be sent to, and the handler (an OpenAIAPI method name) each takes.
 ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
@@ -40,8 +51,51 @@ def route_handler(api: OpenAIAPI, route: str, *, param: str = "url"):
     """The handler for ``route``; a 400 naming ``param`` when it is not one of ``ROUTES``."""
     name = ROUTES.get(route)
     if name is None:
-        raise invalid(param, f"'{route}' is not supported: use one of {', '.join(ROUTES)}.", "invalid_value")
+        raise _unsupported(route, param)
     return getattr(api, name)
+
+
+def _unsupported(route: str, param: str) -> HTTPError:
+    return invalid(param, f"'{route[:200]}' is not supported: use one of {', '.join(ROUTES)}.", "invalid_value")
+
+
+# What each route's body is parsed with (and the fields it knows), for ``check``.
+_PARSERS = {"chat": (CHAT_FIELDS, parse_chat), "completions": (COMPLETION_FIELDS, parse_completion),
+            "embeddings": (EMBEDDING_FIELDS, None)}
+
+
+def check(api: OpenAIAPI, route: str, body: Any, *, param: str = "url", extra: frozenset[str] = frozenset()) -> None:
+    """The HTTPError ``body`` would be answered with for what it says alone (its route, its
+    fields, its values), raised now, before it is kept to run later. Needs no app: what
+    depends on the model (prompt length, supported parameters) is checked when it runs."""
+    name = ROUTES.get(route)
+    if name is None:
+        raise _unsupported(route, param)
+    if type(body) is not dict:
+        raise invalid(None, "The request body must be a JSON object.", "invalid_type")
+    known, parse = _PARSERS[name]
+    if not api.ignore_unknown_fields:
+        check_fields(body, known, extra)
+    if parse is not None:
+        parse(body)
+
+
+def http_error(status: int, body: dict[str, Any]) -> HTTPError:
+    """The HTTPError an error answer (``{"error": {...}}``, as ``call`` returns it) was made from."""
+    error = body.get("error") if type(body) is dict else None
+    if type(error) is not dict:
+        return HTTPError(status)
+    return HTTPError(status, error.get("message"), type=error.get("type"), param=error.get("param"),
+                     code=error.get("code"))
+
+
+async def _handle(api: OpenAIAPI, route: str, request: OfflineRequest, app, reply: ReplyOptions):
+    handler = route_handler(api, route)
+    if app is None:
+        return await handler(request)
+    if ROUTES[route] == "embeddings":  # no reply options: an embedding has no role or stream
+        return await handler(request, app)
+    return await handler(request, app, reply)
 
 
 class ChunkStream:
@@ -95,9 +149,7 @@ class ChunkStream:
         while not self.chunks:
             if self.ended:
                 if self.error is not None:
-                    error = self.error["error"]
-                    raise HTTPError(self.error.get("status", 500), error.get("message", "The stream failed"),
-                                    type=error.get("type"), param=error.get("param"), code=error.get("code"))
+                    raise http_error(self.error.get("status", 500), self.error)
                 raise StopAsyncIteration
             self._woken.clear()
             await self._woken.wait()
@@ -137,15 +189,16 @@ class OfflineRequest:
         return self.response_stream
 
 
-async def call(api: OpenAIAPI, route: str, body: Any, *, app=None, principal=ANONYMOUS) -> tuple[int, Any]:
+async def call(api: OpenAIAPI, route: str, body: Any, *, app=None, principal=ANONYMOUS,
+               reply: ReplyOptions = DEFAULT_REPLY) -> tuple[int, Any]:
     """Execute ``body`` as a request to ``route`` (one of ``ROUTES``; for ``app``, or the app its
-    ``model`` names): ``(status, response body)``, the body an error one for a 4xx/5xx. A
+    ``model`` names; ``reply``: how a surface answers for ``app``, as its live route would):
+    ``(status, response body)``, the body an error one for a 4xx/5xx. A
     streamed body is answered whole here: (200, its chunks as a list). Raises only
     CancelledError; an unknown route is a 400 like any other bad request."""
     request = OfflineRequest(body, principal)
     try:
-        handler = route_handler(api, route)
-        response = await handler(request) if app is None else await handler(request, app)
+        response = await _handle(api, route, request, app, reply)
     except HTTPError as error:
         return error.status, error.to_dict()
     if response is None:  # streamed
@@ -157,7 +210,8 @@ async def call(api: OpenAIAPI, route: str, body: Any, *, app=None, principal=ANO
     return response.status, orjson.loads(response.body)
 
 
-def stream(api: OpenAIAPI, route: str, body: Any, *, app=None, principal=ANONYMOUS) -> ChunkStream:
+def stream(api: OpenAIAPI, route: str, body: Any, *, app=None, principal=ANONYMOUS,
+           reply: ReplyOptions = DEFAULT_REPLY) -> ChunkStream:
     """Start ``body`` (a streamed one) as a request to ``route`` and return its chunks as they
     come (iterate it; ``aclose`` stops the generation). A failure, before or after the first
     chunk, ends the iteration with its HTTPError. Call on the event loop."""
@@ -166,8 +220,7 @@ def stream(api: OpenAIAPI, route: str, body: Any, *, app=None, principal=ANONYMO
 
     async def handle() -> None:
         try:
-            handler = route_handler(api, route)
-            response = await handler(request) if app is None else await handler(request, app)
+            response = await _handle(api, route, request, app, reply)
             if response is not None:  # answered whole after all: keep the body as one chunk
                 chunks.send(response.body)
             chunks.end()

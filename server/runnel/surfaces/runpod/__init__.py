@@ -5,8 +5,9 @@ endpoint, configured by ``[apps.NAME.runpod]``:
 
     config.py   the one reader of ``[apps.NAME.runpod]``: one ``RunPodEndpoint`` per app
     openai.py   ``/v2/{id}/openai/v1/...``: the OpenAI API of model apps, as a vLLM worker has it
-    jobs.py     ``/v2/{id}/run``, ``/runsync``, ``/status``, ``/stream``, ``/cancel``, ``/health``:
-                the job API of python function apps, jobs being runs (``runnel.runs``)
+    jobs.py     ``/v2/{id}/run``, ``/runsync``, ``/status``, ``/stream``, ``/cancel``, ``/retry``,
+                ``/purge-queue``, ``/health``: the job API, jobs being runs (``runnel.runs``)
+    model_jobs.py  a model app's jobs: worker-vllm's input shapes and outputs
 """
 
 from __future__ import annotations

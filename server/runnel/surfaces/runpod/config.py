@@ -9,8 +9,9 @@ variables would:
     raw_openai_output = true                   # RAW_OPENAI_OUTPUT: SSE; false: JSON lines
     handler = "handler"                        # the function the job API's jobs call
 
-The OpenAI paths (``openai.py``) use the first four for model apps; the job API
-(``jobs.py``) uses ``endpoint_id`` and ``handler`` for python function apps.
+The OpenAI paths (``openai.py``) use the first four for model apps, and so do model
+apps' jobs (``model_jobs.py``); the job API (``jobs.py``) uses ``endpoint_id`` for every
+app and ``handler`` for python function apps.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""RunPod's serverless job API, ``/v2/{endpoint_id}/...``, for python function apps.
+"""RunPod's serverless job API, ``/v2/{endpoint_id}/...``, for python function apps and model apps.
 
 A client written for a RunPod queue endpoint works by changing only its base URL.
 Each python function app is an endpoint (``[apps.NAME.runpod] endpoint_id``, default
@@ -15,6 +15,9 @@ after ``[server] runs_retention``.
     GET  /v2/{id}/stream/{job}  -> {"status", "stream": [{"output": value}, ...]}: what a
                                    generator handler yielded since the previous call
     POST /v2/{id}/cancel/{job}  -> {"id", "status"}
+    POST /v2/{id}/retry/{job}   -> {"id", "status": "IN_QUEUE"}: a FAILED or TIMED_OUT job queued
+                                   again, same id and input, its previous output gone (RunPod's
+                                   semantics); any other job is a 409 saying its status
     POST /v2/{id}/purge-queue   -> {"removed": n, "status": "completed"}: the caller's queued jobs
                                    are cancelled; running ones go on
     GET  /v2/{id}/health        -> {"jobs": {"completed", "failed", "inProgress", "inQueue",
@@ -38,8 +41,10 @@ queued runs, ``/run`` and ``/runsync`` answer 429 with ``Retry-After``. An
 from the same principal to the same route, gets the first request's job (``/run``
 answers ``IN_QUEUE`` again, ``/runsync`` waits for that job); a different body is a 422.
 
-Model apps (echo, ctranslate2) are not served here: their endpoints answer 404
-saying so; they keep ``/v2/{id}/openai/v1/...`` (``openai.py`` here).
+Model apps (echo, ctranslate2) take worker-vllm's job inputs (``model_jobs.py``: the
+input shapes, and the outputs matched to worker-vllm's); besides, they keep
+``/v2/{id}/openai/v1/...`` (``openai.py`` here). Their jobs are runs too, of their own
+surface (``MODEL_SURFACE``), with the same routes, states, policy and ownership.
 Errors are ``{"error": "<message>"}``. Routes are authenticated like the rest.
 """
 
@@ -64,7 +69,10 @@ from ...runs import (
     check_target,
     idempotency_of,
 )
+from ..openai import OpenAIAPI
 from .config import RunPodEndpoint
+from .model_jobs import MODEL_SURFACE, RunPodModelJobs, check_job, model_job
+from .openai import check_model, reply_options
 
 SURFACE = "runpod"
 STATUS = {QUEUED: "IN_QUEUE", RUNNING: "IN_PROGRESS", SUCCEEDED: "COMPLETED", FAILED: "FAILED",
@@ -123,6 +131,10 @@ class StreamCursors:
         self._seen: dict[str, tuple[int, float]] = {}  # job id -> (values handed out, when)
         self._pruned = time.monotonic()
 
+    def forget(self, run_id: str) -> None:
+        """The job runs again (``/retry``): its values start anew."""
+        self._seen.pop(run_id, None)
+
     def take(self, run: Run, so_far: list | None) -> list:
         """The values of ``run`` not handed out before: ``so_far`` (a running generator's
         values), or once the job is done its recorded values (a non-generator's output)."""
@@ -152,39 +164,38 @@ class RunPodJobAPI:
         self.apps = server.apps
         self.runs = server.runs
         self.runs.add_view(RunPodJobs())
+        self.openai = OpenAIAPI.of(server)
+        self.replies = {endpoint.app: reply_options(endpoint) for endpoint in endpoints.values()}
+        self.runs.add_view(RunPodModelJobs(self.openai, self.replies, RunPodJobs.render))
         self.cursors = StreamCursors(server.config.server.runs_retention)
         self.runsync_timeout = server.config.server.runsync_timeout
-        self.endpoints: dict[str, tuple[str, str]] = {}  # endpoint id -> (app, handler)
-        self.model_endpoints: set[str] = set()
+        # endpoint id -> (app, handler, surface); a model app's handler is None.
+        self.endpoints: dict[str, tuple[str, str | None, str]] = {}
         apps = dict(server.apps.items())
         for endpoint_id, endpoint in endpoints.items():
             if is_function_app(apps.get(endpoint.app)):
-                self.endpoints[endpoint_id] = (endpoint.app, endpoint.handler)
+                self.endpoints[endpoint_id] = (endpoint.app, endpoint.handler, SURFACE)
             else:
-                self.model_endpoints.add(endpoint_id)
+                self.endpoints[endpoint_id] = (endpoint.app, None, MODEL_SURFACE)
 
-    def _endpoint(self, request) -> tuple[str, str]:
+    def _endpoint(self, request) -> tuple[str, str | None, str]:
         endpoint_id = request.path_params["endpoint_id"]
         found = self.endpoints.get(endpoint_id)
         if found is None:
-            if endpoint_id in self.model_endpoints:
-                raise HTTPError(404, f"Endpoint {endpoint_id!r} serves a model: the job API (/run, /runsync, "
-                                "/status, ...) runs python function apps only; use "
-                                f"/v2/{endpoint_id}/openai/v1/... for this one", code="endpoint_not_found")
             raise HTTPError(404, f"No endpoint {endpoint_id!r}", code="endpoint_not_found")
         return found
 
     async def _job(self, request):
-        name, _ = self._endpoint(request)
+        name, _, surface = self._endpoint(request)
         job_id = request.path_params["job_id"]
-        run = await self.runs.find(job_id, surface=SURFACE, app=name, principal=request.principal.identity)
+        run = await self.runs.find(job_id, surface=surface, app=name, principal=request.principal.identity)
         if run is None:
             raise HTTPError(404, f"No job {job_id!r} on this endpoint (unknown, or finished and expired)",
                             code="job_not_found")
         return run
 
     async def _submit(self, request, route: str):
-        name, handler = self._endpoint(request)
+        name, handler, surface = self._endpoint(request)
         body = await request.json()
         if type(body) is not dict or "input" not in body:
             raise HTTPError(400, 'The request body must be a JSON object with the job\'s "input"',
@@ -207,11 +218,19 @@ class RunPodJobAPI:
             raise HTTPError(503, f"The app of endpoint {request.path_params['endpoint_id']!r} failed to start",
                             code="app_not_ready")
         app = self.apps.get(name)
-        if app is not None and handler not in app.functions:  # loading: jobs wait, as on a cold endpoint
+        if handler is None:  # a model app: its input is a request, checked now (400), not when it runs
+            job = model_job(body["input"])
+            check_job(self.openai, job)
+            if app is not None:  # loading: checked when it runs
+                check_model(job.body, app, self.replies[name], param="input.openai_input.model")
+            function = job.route
+        elif app is not None and handler not in app.functions:  # loading: jobs wait, as on a cold endpoint
             raise HTTPError(404, f"App '{name}' has no function '{handler}' to run jobs with "
                             f"(set [apps.{name}.runpod] handler)", code="handler_not_found")
-        idempotency = idempotency_of(request, f"{SURFACE}/{name}/{handler}/{route}", body)
-        return await self.runs.submit(SURFACE, name, handler, body["input"], principal=request.principal.identity,
+        else:
+            function = handler
+        idempotency = idempotency_of(request, f"{SURFACE}/{name}/{handler or 'model'}/{route}", body)
+        return await self.runs.submit(surface, name, function, body["input"], principal=request.principal.identity,
                                       webhook=webhook, timeout_ms=timeout, idempotency=idempotency)
 
     # -- handlers --------------------------------------------------------------------
@@ -251,16 +270,26 @@ class RunPodJobAPI:
         run = await self.runs.cancel(run.id) or run
         return json_response({"id": run.id, "status": STATUS[run.state]})
 
+    async def retry(self, request):
+        """RunPod's ``/retry``: a FAILED or TIMED_OUT job queued again under its id, with its input."""
+        run = await self._job(request)
+        if not await self.runs.retry(run.id):
+            run = await self._job(request)  # as it is now
+            raise HTTPError(409, f"Job {run.id!r} is {STATUS[run.state]}: only a FAILED or TIMED_OUT job "
+                            "can be retried", code="job_not_retryable")
+        self.cursors.forget(run.id)
+        return json_response({"id": run.id, "status": STATUS[QUEUED]})
+
     async def purge_queue(self, request):
         """RunPod's ``/purge-queue``: the caller's jobs still queued on this endpoint are
         cancelled (they never run); running ones go on."""
-        name, _ = self._endpoint(request)
-        removed = await self.runs.purge_queue(surface=SURFACE, app=name, principal=request.principal.identity)
+        name, _, surface = self._endpoint(request)
+        removed = await self.runs.purge_queue(surface=surface, app=name, principal=request.principal.identity)
         return json_response({"removed": removed, "status": "completed"})
 
     async def health(self, request):
-        name, _ = self._endpoint(request)
-        counts = await self.runs.counts(name, SURFACE)
+        name, _, surface = self._endpoint(request)
+        counts = await self.runs.counts(name, surface)
         busy = self.runs.busy
         return json_response({
             "jobs": {"completed": counts[SUCCEEDED], "failed": counts[FAILED] + counts[TIMED_OUT],
@@ -280,4 +309,5 @@ def register_routes(register, server, endpoints: dict[str, RunPodEndpoint]) -> N
         register(method, "/v2/{endpoint_id}/status/{job_id}", api.status, errors=render_error)
         register(method, "/v2/{endpoint_id}/stream/{job_id}", api.stream, errors=render_error)
     register("POST", "/v2/{endpoint_id}/cancel/{job_id}", api.cancel, errors=render_error)
+    register("POST", "/v2/{endpoint_id}/retry/{job_id}", api.retry, errors=render_error)
 

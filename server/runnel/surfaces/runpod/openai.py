@@ -12,13 +12,26 @@ from ..openai import OpenAIAPI, ReplyOptions, can_embed, is_model_app
 from .config import RunPodEndpoint
 
 
+def reply_options(endpoint: RunPodEndpoint) -> ReplyOptions:
+    """How an endpoint answers for its model: its served name, role and stream framing."""
+    return ReplyOptions(model_name=endpoint.model_name, role=endpoint.role, sse=endpoint.sse)
+
+
+def check_model(body, app, reply: ReplyOptions, param: str = "model") -> None:
+    """A body's ``model``, when it names one, must be the one the endpoint serves (404, as vLLM)."""
+    served = reply.model_name or app.model_id
+    model = body.get("model") if type(body) is dict else None
+    if model is not None and model != served:
+        raise HTTPError(404, f"The model `{model}` does not exist on this endpoint; it serves `{served}`.",
+                        type="invalid_request_error", param=param, code="model_not_found")
+
+
 class RunPodEndpoints:
     def __init__(self, server, endpoints: dict[str, RunPodEndpoint]) -> None:
         self.api = OpenAIAPI.of(server)
         self.server = server
         self.endpoints: dict[str, tuple[str, ReplyOptions]] = {
-            endpoint_id: (endpoint.app, ReplyOptions(model_name=endpoint.model_name, role=endpoint.role,
-                                                     sse=endpoint.sse))
+            endpoint_id: (endpoint.app, reply_options(endpoint))
             for endpoint_id, endpoint in endpoints.items()
         }
 
@@ -32,12 +45,7 @@ class RunPodEndpoints:
     async def _endpoint(self, request, need=is_model_app):
         name, reply = self._lookup(request)
         app = self.api.app_by_name(name, need=need)
-        served = reply.model_name or app.model_id
-        body = await request.json()
-        model = body.get("model") if type(body) is dict else None
-        if model is not None and model != served:
-            raise HTTPError(404, f"The model `{model}` does not exist on this endpoint; it serves `{served}`.",
-                            type="invalid_request_error", param="model", code="model_not_found")
+        check_model(await request.json(), app, reply)
         return app, reply
 
     async def chat(self, request):
