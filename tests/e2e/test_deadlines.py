@@ -7,11 +7,17 @@ second request waiting behind the first (40 tokens at 50 ms: at least 2 s) while
 never starts (echo's ``/stats`` ``started``), while a request without a deadline queued
 behind it still runs. The margins are wide (0.3 s against 2 s of work held by sleeps), so
 a loaded machine only makes the held work longer.
+
+Runs: one runner worker held by tests/apps/gated.py keeps later runs queued; one past its
+deadline is timed out with code ``deadline_exceeded`` and never executed (no claim, no
+start time in the store), also when its deadline passes while the server is down.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -179,3 +185,208 @@ def test_the_access_log_shows_the_expired_request(start_server, caplog):
     wait_until(lambda: any("late-1" in record.getMessage() for record in caplog.records))
     fields = json.loads(next(record.getMessage() for record in caplog.records if "late-1" in record.getMessage()))
     assert (fields["status"], fields["app"], fields["finish_reason"]) == (504, "echo", "expired")
+
+
+# -- runs ---------------------------------------------------------------------------------------
+
+
+def gated(**options) -> dict:
+    return {"backend": "python", "module": str(GATED), "functions": {"public": True}, **options}
+
+
+def submit(port: int, function: str, body: dict, deadline: str | None = None):
+    return post(port, f"/v4/p-test/lab/{function}?async=true", body, deadline)
+
+
+def run_status(port: int, run_id: str) -> dict:
+    return request(port, "GET", f"/v4/p-test/lab/runs/{run_id}").json()
+
+
+def stored(path: Path, run_id: str) -> dict:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.row_factory = sqlite3.Row
+        return dict(conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
+
+
+def accepted(reply) -> str:
+    assert reply.status == 202, reply.body
+    return reply.json()["run_id"]
+
+
+def test_a_queued_run_past_its_deadline_is_timed_out_and_never_run(start_server, tmp_path):
+    path, gate = tmp_path / "runs.sqlite3", tmp_path / "gate"
+    server = start_server({"server": {"runs_path": str(path), "runs_workers": 1}, "apps": {"lab": gated()}})
+    port = server.port
+    try:
+        held = accepted(submit(port, "hold", {"gate": str(gate), "tag": "held"}))
+        wait_until(lambda: run_status(port, held)["status"] == "running")
+        late = accepted(submit(port, "quick", {"tag": "late"}, "0.3"))
+        patient = accepted(submit(port, "quick", {"tag": "patient"}))
+        # The sweep expires it while the only worker is still held: it does not wait for one.
+        body = wait_until(lambda: (b := run_status(port, late))["status"] != "queued" and b)
+        assert run_status(port, held)["status"] == "running"
+    finally:
+        gate.write_text("")
+    assert body["status"] == "failed" and body["status_code"] == 504, body
+    assert body["error"]["code"] == "deadline_exceeded"
+    row = stored(path, late)
+    assert (row["state"], row["attempts"], row["started_at"]) == ("timed_out", 0, None)
+    assert row["deadline"] is not None
+    assert wait_until(lambda: (b := run_status(port, patient))["status"] == "succeeded" and b)["result"] == "patient"
+    metrics = samples(port)
+    assert metrics[("runnel_runs_finished_total", frozenset({"app": "lab", "state": "timed_out"}.items()))] == 1
+
+
+def test_a_run_whose_deadline_passes_while_the_server_is_down_never_runs(start_server, tmp_path):
+    path, gate = tmp_path / "runs.sqlite3", tmp_path / "gate"
+    config = {"server": {"runs_path": str(path), "runs_workers": 1}, "apps": {"lab": gated()}}
+    first = start_server(config)
+    try:
+        held = accepted(submit(first.port, "hold", {"gate": str(gate), "tag": "held"}))
+        wait_until(lambda: run_status(first.port, held)["status"] == "running")
+        late = accepted(submit(first.port, "quick", {"tag": "late"}, "1"))
+        assert stored(path, late)["state"] == "queued"
+        first.stop()
+        assert stored(path, late)["state"] == "queued"  # recorded with its deadline, across the stop
+        wait_until(lambda: time.time() > stored(path, late)["deadline"], timeout=5)
+        second = start_server(config)
+        body = wait_until(lambda: (b := run_status(second.port, late))["status"] != "queued" and b)
+    finally:
+        gate.write_text("")
+    assert (body["status"], body["error"]["code"]) == ("failed", "deadline_exceeded"), body
+    row = stored(path, late)
+    assert (row["state"], row["attempts"], row["started_at"]) == ("timed_out", 0, None)
+
+
+def test_an_async_submit_whose_deadline_is_past_or_bad_records_nothing(start_server, tmp_path):
+    path = tmp_path / "runs.sqlite3"
+    server = start_server({"server": {"runs_path": str(path)}, "apps": {"lab": gated()}})
+    reply = submit(server.port, "quick", {"tag": "x"}, "0")
+    assert reply.status == 504 and reply.json()["error"]["code"] == "deadline_exceeded", reply.body
+    reply = submit(server.port, "quick", {"tag": "x"}, "later")
+    assert reply.status == 400 and reply.json()["error"]["param"] == HEADER, reply.body
+    assert not path.exists() or not sqlite3.connect(path).execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    ok = accepted(submit(server.port, "quick", {"tag": "x"}, "60"))
+    assert wait_until(lambda: (b := run_status(server.port, ok))["status"] == "succeeded" and b)["result"] == "x"
+
+
+def test_a_background_response_still_queued_at_its_deadline_fails_unrun(start_server):
+    server = start_server({"server": {"runs_path": "", "runs_workers": 1}, "apps": {"echo": SLOW_ECHO}})
+    port = server.port
+    long_input = " ".join(["word"] * 40)  # echo echoes it: 40 tokens at 50 ms hold the one worker 2 s
+
+    def create(text: str, deadline: str | None = None) -> str:
+        body = {"model": "echo", "input": text, "max_output_tokens": 40, "background": True}
+        reply = post(port, "/v1/responses", body, deadline)
+        assert reply.status == 200 and reply.json()["status"] == "queued", reply.body
+        return reply.json()["id"]
+
+    def read(response_id: str) -> dict:
+        return request(port, "GET", f"/v1/responses/{response_id}").json()
+
+    first = create(long_input)
+    wait_until(lambda: read(first)["status"] == "in_progress")
+    late = create("too late", "0.3")
+    body = wait_until(lambda: (b := read(late))["status"] != "queued" and b)
+    assert body["status"] == "failed" and "deadline" in body["error"]["message"], body
+    assert read(first)["status"] == "in_progress"  # expired by the sweep, not when the worker came free
+    assert wait_until(lambda: read(first)["status"] == "incomplete")  # it ran: to its max_output_tokens
+    assert echo_stats(port)["started"] == 1
+
+
+def test_runpod_ttl_and_deadline(start_server, tmp_path):
+    path, gate = tmp_path / "runs.sqlite3", tmp_path / "gate"
+    server = start_server({"server": {"runs_path": str(path), "runs_workers": 1},
+                           "apps": {"lab": {**gated(), "runpod": {"handler": "quick"}}}})
+    port = server.port
+    for policy, param in [({"ttl": 9999}, "policy.ttl"), ({"ttl": 7 * 24 * 3600 * 1000 + 1}, "policy.ttl"),
+                          ({"ttl": "10s"}, "policy.ttl"), ({"lowPriority": "yes"}, "policy.lowPriority")]:
+        reply = post(port, "/v2/lab/run", {"input": {"tag": "x"}, "policy": policy})
+        assert reply.status == 400 and param in reply.json()["error"], (policy, reply.body)
+    try:
+        held = accepted(submit(port, "hold", {"gate": str(gate), "tag": "held"}))
+        wait_until(lambda: run_status(port, held)["status"] == "running")
+        before = time.time()
+        reply = post(port, "/v2/lab/run", {"input": {"tag": "ttl"}, "policy": {"ttl": 10_000, "lowPriority": True}})
+        assert reply.status == 200 and reply.json()["status"] == "IN_QUEUE", reply.body
+        ttl_job = reply.json()["id"]
+        assert before + 10 <= stored(path, ttl_job)["deadline"] <= time.time() + 10  # RunPod's: from submission
+        late = post(port, "/v2/lab/run", {"input": {"tag": "late"}, "policy": {"ttl": 60_000}}, "0.3").json()["id"]
+        job = wait_until(lambda: (b := request(port, "GET", f"/v2/lab/status/{late}").json())["status"] != "IN_QUEUE"
+                         and b)
+        assert job["status"] == "TIMED_OUT" and "deadline" in job["error"] and job["executionTime"] == 0, job
+    finally:
+        gate.write_text("")
+    ttl_status = wait_until(lambda: (b := request(port, "GET", f"/v2/lab/status/{ttl_job}").json())["status"]
+                            == "COMPLETED" and b)
+    assert ttl_status["output"] == "ttl"  # claimed within its ttl: it ran
+    assert stored(path, late)["started_at"] is None
+
+
+def test_the_redis_store_expires_queued_runs_past_their_deadline_once(redis_url):
+    import asyncio
+
+    from runnel.generation import deadline_exceeded
+    from runnel.runs.redis import RedisRunStore
+    from runnel.runs.store import Run
+
+    async def main():
+        store = RedisRunStore(redis_url, retention=60)
+        await store.open(create=True)
+        try:
+            now = time.time()
+            runs = {name: Run(id=name, surface="cortex", app="lab", function="quick", input={}, created_at=now,
+                              deadline=deadline)
+                    for name, deadline in (("past", now - 1), ("future", now + 60), ("none", None),
+                                           ("claimed", now - 1))}
+            for run in runs.values():
+                await store.insert(run)
+            assert await store.claim("claimed", "owner-1", 30) is not None
+            first = await store.expire(time.time(), deadline_exceeded())
+            again = await store.expire(time.time(), deadline_exceeded())
+            states = {name: (await store.get(name)).state for name in runs}
+            queued = await store.queued()
+            error = (await store.get("past")).error
+            return first, again, states, queued, error
+        finally:
+            await store.close()
+
+    first, again, states, queued, error = asyncio.run(main())
+    assert first == ["past"] and again == []
+    assert states == {"past": "timed_out", "future": "queued", "none": "queued", "claimed": "running"}
+    assert sorted(queued) == ["future", "none"]
+    assert (error["status"], error["code"]) == (504, "deadline_exceeded")
+
+
+def test_an_older_sqlite_file_gains_the_deadline_column(tmp_path):
+    import asyncio
+
+    from runnel.runs.sqlite import SQLiteRunStore
+
+    path = tmp_path / "old.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE runs (id TEXT PRIMARY KEY, surface TEXT NOT NULL, app TEXT NOT NULL, "
+                     "function TEXT NOT NULL, input BLOB NOT NULL, state TEXT NOT NULL, webhook TEXT, "
+                     "timeout_ms INTEGER, output BLOB, error BLOB, streamed INTEGER NOT NULL DEFAULT 0, "
+                     "attempts INTEGER NOT NULL DEFAULT 0, webhook_pending INTEGER NOT NULL DEFAULT 0, "
+                     "created_at REAL NOT NULL, started_at REAL, finished_at REAL, run_time_ms INTEGER, "
+                     "owner TEXT, lease_until REAL, principal TEXT NOT NULL DEFAULT 'anonymous', "
+                     "idempotency_key TEXT, request_hash TEXT)")
+        conn.execute("INSERT INTO runs (id, surface, app, function, input, state, created_at) "
+                     "VALUES ('old', 'cortex', 'lab', 'quick', '{}', 'queued', 1)")
+        conn.commit()
+
+    async def main():
+        store = SQLiteRunStore(str(path))
+        assert await store.open(create=False)
+        try:
+            return await store.get("old"), await store.expire(time.time(), _error())
+        finally:
+            await store.close()
+
+    def _error():
+        from runnel.generation import deadline_exceeded
+        return deadline_exceeded()
+
+    run, expired = asyncio.run(main())
+    assert run.deadline is None and run.state == "queued" and expired == []
