@@ -12,8 +12,10 @@ What a deadline means where (the work that is dropped is never started):
   waiting in the model's queue at the deadline is dropped and the request answered 504
   (``runnel.generation.deadline_exceeded``); a deadline already past is refused at once;
   work already running is not affected;
-- a run (``?async=true``): a run still queued at its deadline is not executed but ends
-  ``timed_out`` with code ``deadline_exceeded`` (``runnel.runs``).
+- a run (an async submit: ``/v4 ...?async=true``, a background response, RunPod's ``/run``
+  and ``/runsync``): a run still queued at its deadline is not executed but ends
+  ``timed_out`` with code ``deadline_exceeded`` (``runnel.runs``); the deadline is stored
+  with the run in unix seconds, since it outlives the process.
 """
 
 from __future__ import annotations

@@ -390,3 +390,40 @@ def test_an_older_sqlite_file_gains_the_deadline_column(tmp_path):
 
     run, expired = asyncio.run(main())
     assert run.deadline is None and run.state == "queued" and expired == []
+
+
+def test_on_redis_a_queued_run_past_its_deadline_is_timed_out_for_every_server(start_server, redis_url, tmp_path):
+    gate = tmp_path / "gate"
+    config = {"server": {"runs": redis_url, "runs_workers": 1}, "apps": {"lab": gated()}}
+    first, second = start_server(config), start_server(config)
+    try:
+        # Hold both servers' one worker, so that the next run stays queued on Redis.
+        held = [accepted(submit(server.port, "hold", {"gate": str(gate), "tag": "held"}))
+                for server in (first, second)]
+        wait_until(lambda: all(run_status(first.port, run_id)["status"] == "running" for run_id in held))
+        late = accepted(submit(first.port, "quick", {"tag": "late"}, "0.3"))
+        body = wait_until(lambda: (b := run_status(second.port, late))["status"] != "queued" and b)
+        assert all(run_status(first.port, run_id)["status"] == "running" for run_id in held)
+    finally:
+        gate.write_text("")
+    assert (body["status"], body["status_code"], body["error"]["code"]) == ("failed", 504, "deadline_exceeded")
+    assert run_status(first.port, late) == body
+    wait_until(lambda: all(run_status(first.port, run_id)["status"] == "succeeded" for run_id in held))
+    run = redis_run(redis_url, late)
+    assert (run.state, run.attempts, run.started_at) == ("timed_out", 0, None)  # never claimed, never run
+
+
+def redis_run(url: str, run_id: str):
+    import asyncio
+
+    from runnel.runs.redis import RedisRunStore
+
+    async def main():
+        store = RedisRunStore(url, retention=60)
+        await store.open(create=False)
+        try:
+            return await store.get(run_id)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
