@@ -323,15 +323,27 @@ def test_runpod_ttl_and_deadline(start_server, tmp_path):
     assert stored(path, late)["started_at"] is None
 
 
-def test_the_redis_store_expires_queued_runs_past_their_deadline_once(redis_url):
+@pytest.fixture(params=["sqlite", "redis"])
+def any_store(request, tmp_path):
+    """A fresh store of each kind: a SQLite file, and Redis (a real redis-server)."""
+    from runnel.runs.sqlite import SQLiteRunStore
+
+    if request.param == "sqlite":
+        return lambda: SQLiteRunStore(str(tmp_path / "runs.sqlite3"))
+    from runnel.runs.redis import RedisRunStore
+
+    url = request.getfixturevalue("redis_url")
+    return lambda: RedisRunStore(url, retention=60)
+
+
+def test_a_store_expires_queued_runs_past_their_deadline_once(any_store):
     import asyncio
 
     from runnel.generation import deadline_exceeded
-    from runnel.runs.redis import RedisRunStore
     from runnel.runs.store import Run
 
     async def main():
-        store = RedisRunStore(redis_url, retention=60)
+        store = any_store()
         await store.open(create=True)
         try:
             now = time.time()
@@ -346,16 +358,17 @@ def test_the_redis_store_expires_queued_runs_past_their_deadline_once(redis_url)
             again = await store.expire(time.time(), deadline_exceeded())
             states = {name: (await store.get(name)).state for name in runs}
             queued = await store.queued()
-            error = (await store.get("past")).error
-            return first, again, states, queued, error
+            expired = await store.get("past")
+            return first, again, states, queued, expired
         finally:
             await store.close()
 
-    first, again, states, queued, error = asyncio.run(main())
+    first, again, states, queued, expired = asyncio.run(main())
     assert first == ["past"] and again == []
     assert states == {"past": "timed_out", "future": "queued", "none": "queued", "claimed": "running"}
     assert sorted(queued) == ["future", "none"]
-    assert (error["status"], error["code"]) == (504, "deadline_exceeded")
+    assert (expired.error["status"], expired.error["code"]) == (504, "deadline_exceeded")
+    assert expired.finished_at is not None and expired.started_at is None and expired.attempts == 0
 
 
 def test_an_older_sqlite_file_gains_the_deadline_column(tmp_path):

@@ -346,14 +346,20 @@ class SQLiteRunStore:
         conn = self._conn
         if conn is None:
             return []
+        # A read first (the state as a literal, so that the partial index runs_by_deadline
+        # applies): most sweeps find nothing due, and then take no write lock at all.
+        due = [run_id for (run_id,) in conn.execute(
+            f"SELECT id FROM runs WHERE deadline IS NOT NULL AND state = '{QUEUED}' AND deadline <= ? "
+            "AND attempts = 0 ORDER BY rowid", (now,))]
+        if not due:
+            return []
+        expired = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            # The state as a literal, so that the partial index runs_by_deadline applies.
-            expired = [run_id for (run_id,) in conn.execute(
-                f"SELECT id FROM runs WHERE deadline IS NOT NULL AND state = '{QUEUED}' AND deadline <= ? "
-                "AND attempts = 0 ORDER BY rowid", (now,))]
-            conn.executemany("UPDATE runs SET state = ?, error = ?, finished_at = ? WHERE id = ?",
-                             [(TIMED_OUT, error, now, run_id) for run_id in expired])
+            for run_id in due:  # each still queued and never claimed, or left alone (claimed meanwhile)
+                if conn.execute("UPDATE runs SET state = ?, error = ?, finished_at = ? WHERE id = ? AND state = ? "
+                                "AND attempts = 0", (TIMED_OUT, error, now, run_id, QUEUED)).rowcount == 1:
+                    expired.append(run_id)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
