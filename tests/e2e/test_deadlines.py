@@ -2,11 +2,12 @@
 waiting when its deadline passes is dropped before it reaches the model.
 
 Sync generations: an echo app with one slot (``slots = 1``) and a slow pace keeps a
-second request waiting behind the first (40 tokens at 50 ms: at least 2 s) while its
+second request waiting behind the first (60 tokens at 50 ms: at least 3 s) while its
 0.3 s deadline passes; it is answered 504 in the surface's own shape and its generator
 never starts (echo's ``/stats`` ``started``), while a request without a deadline queued
-behind it still runs. The margins are wide (0.3 s against 2 s of work held by sleeps), so
-a loaded machine only makes the held work longer.
+behind it still runs. The margins are wide (0.3 s against 3 s of work held by sleeps), so
+a loaded machine only makes the held work longer. Runs (background responses too) wait
+behind a run held by a gate file, which nothing but the test releases.
 
 Runs: one runner worker held by tests/apps/gated.py keeps later runs queued; one past its
 deadline is timed out with code ``deadline_exceeded`` and never executed (no claim, no
@@ -29,7 +30,7 @@ from runnel.testing import request, sse_events, wait_until
 
 GATED = Path(__file__).resolve().parents[1] / "apps" / "gated.py"
 HEADER = "X-Request-Deadline"
-HELD = {"model": "echo", "prompt": "a b c", "max_tokens": 40, "ignore_eos": True}  # 40 x 50 ms: 2 s at least
+HELD = {"model": "echo", "prompt": "a b c", "max_tokens": 60, "ignore_eos": True}  # 60 x 50 ms: 3 s at least
 SLOW_ECHO = {"backend": "echo", "pace_ms": 50, "slots": 1}
 
 
@@ -61,7 +62,7 @@ def slow_echo(start_server):
 
 @contextlib.contextmanager
 def slot_held(port: int):
-    """The echo app's one slot busy with a 2 s generation; yields its future."""
+    """The echo app's one slot busy with a 3 s generation; yields its future."""
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(post, port, "/v1/completions", HELD)
         wait_until(lambda: echo_stats(port)["started"] == 1)
@@ -270,13 +271,14 @@ def test_an_async_submit_whose_deadline_is_past_or_bad_records_nothing(start_ser
     assert wait_until(lambda: (b := run_status(server.port, ok))["status"] == "succeeded" and b)["result"] == "x"
 
 
-def test_a_background_response_still_queued_at_its_deadline_fails_unrun(start_server):
-    server = start_server({"server": {"runs_path": "", "runs_workers": 1}, "apps": {"echo": SLOW_ECHO}})
+def test_a_background_response_still_queued_at_its_deadline_fails_unrun(start_server, tmp_path):
+    gate = tmp_path / "gate"
+    server = start_server({"server": {"runs_path": "", "runs_workers": 1},
+                           "apps": {"echo": SLOW_ECHO, "lab": gated()}})
     port = server.port
-    long_input = " ".join(["word"] * 40)  # echo echoes it: 40 tokens at 50 ms hold the one worker 2 s
 
     def create(text: str, deadline: str | None = None) -> str:
-        body = {"model": "echo", "input": text, "max_output_tokens": 40, "background": True}
+        body = {"model": "echo", "input": text, "max_output_tokens": 8, "background": True}
         reply = post(port, "/v1/responses", body, deadline)
         assert reply.status == 200 and reply.json()["status"] == "queued", reply.body
         return reply.json()["id"]
@@ -284,14 +286,18 @@ def test_a_background_response_still_queued_at_its_deadline_fails_unrun(start_se
     def read(response_id: str) -> dict:
         return request(port, "GET", f"/v1/responses/{response_id}").json()
 
-    first = create(long_input)
-    wait_until(lambda: read(first)["status"] == "in_progress")
-    late = create("too late", "0.3")
-    body = wait_until(lambda: (b := read(late))["status"] != "queued" and b)
+    try:
+        held = accepted(submit(port, "hold", {"gate": str(gate), "tag": "held"}))  # the runner's one worker
+        wait_until(lambda: run_status(port, held)["status"] == "running")
+        late = create("too late", "0.3")
+        patient = create("in good time")
+        body = wait_until(lambda: (b := read(late))["status"] != "queued" and b)
+        assert read(patient)["status"] == "queued"  # expired by the sweep, not when the worker came free
+    finally:
+        gate.write_text("")
     assert body["status"] == "failed" and "deadline" in body["error"]["message"], body
-    assert read(first)["status"] == "in_progress"  # expired by the sweep, not when the worker came free
-    assert wait_until(lambda: read(first)["status"] == "incomplete")  # it ran: to its max_output_tokens
-    assert echo_stats(port)["started"] == 1
+    assert wait_until(lambda: (b := read(patient))["status"] == "completed" and b)["output"]
+    assert echo_stats(port)["started"] == 1  # the patient response alone reached the model
 
 
 def test_runpod_ttl_and_deadline(start_server, tmp_path):
