@@ -10,6 +10,7 @@ when the client goes away.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
@@ -47,18 +48,26 @@ class SamplingParams:
     # by the chat prompt's prefill alone): {"schema": a JSON schema, "suffix": str}: after the
     # prefill, the reply is one JSON value the schema allows, then the suffix, then the end.
     tool_call: dict | None = None
+    # The request's queue deadline, a ``time.monotonic()`` value (runnel.deadlines): work
+    # still waiting for the model then is dropped, never started (``expired_while_waiting``);
+    # work already running is not affected. None: no deadline. Not a sampling setting: no
+    # backend declares it, and one that never checks it still serves the request.
+    deadline: float | None = None
 
 
 _DEFAULTS = SamplingParams()
 # Settings every backend must honour; the rest a backend declares in ``supported``.
 REQUIRED_PARAMETERS = frozenset({"max_tokens"})
+# Fields no backend is asked to support: a backend that ignores one still serves the request.
+_NOT_SAMPLING = frozenset({"deadline"})
+DEADLINE_EXCEEDED = "deadline_exceeded"  # the error code of work dropped at its deadline
 
 
 def unsupported(params: SamplingParams, supported: frozenset[str]) -> str | None:
     """The first parameter set to a non-default value that the backend does not support."""
     for item in fields(SamplingParams):
         name = item.name
-        if name in supported or name in REQUIRED_PARAMETERS:
+        if name in supported or name in REQUIRED_PARAMETERS or name in _NOT_SAMPLING:
             continue
         if getattr(params, name) != getattr(_DEFAULTS, name):
             return name
@@ -75,6 +84,23 @@ def admit(waiting: int, n: int, max_queue: int) -> None:
     if waiting + n > max_queue:
         raise HTTPError(429, f"The server is busy: {waiting} requests are waiting. Retry shortly.",
                         type="rate_limit_error", code="queue_full", headers=((b"retry-after", b"1"),))
+
+
+def deadline_exceeded(message: str = "The request waited in the model's queue past its deadline "
+                      "(X-Request-Deadline) and was not run.") -> HTTPError:
+    """The error of work dropped at its deadline: 504, as a gateway answers when what it waited
+    on did not come in time (not 408, which says the client was slow to send its request and
+    which clients may retry on their own); no Retry-After: its client has given up already."""
+    return HTTPError(504, message, type="timeout_error", code=DEADLINE_EXCEEDED)
+
+
+def expired_while_waiting(params: SamplingParams) -> HTTPError | None:
+    """For a backend taking work off its waiting queue: the error to fail it with when its
+    deadline has passed (then it must not reach the model), else None. Safe on any thread."""
+    deadline = params.deadline
+    if deadline is None or time.monotonic() < deadline:
+        return None
+    return deadline_exceeded()
 
 
 @dataclass(slots=True)
@@ -141,6 +167,9 @@ class ModelApp(Protocol):
 
     def generate(self, prompt_tokens: list[int], params: SamplingParams, n: int, sink: TokenSink) -> Generation: ...
 
+    # A backend that keeps work waiting (a queue, a pool of slots) calls
+    # ``expired_while_waiting(params)`` where it takes work off it, and fails the generation
+    # with the error it returns (runnel.generation.deadline_exceeded) instead of starting it.
     # Optional: ``batching_stats() -> {"waiting_rows", "running_rows", "batch_sizes"}`` (rows waiting
     # for a batch, rows decoding, and batch_sizes[k] = batches launched with k rows so far), read by
     # GET /metrics at scrape time only (runnel.metrics.LiveState); None while the app is loading.
@@ -217,8 +246,11 @@ class StopStrings:
 
 
 __all__ = [
+    "DEADLINE_EXCEEDED",
     "Generation",
     "admit",
+    "deadline_exceeded",
+    "expired_while_waiting",
     "ModelApp",
     "SamplingParams",
     "StopStrings",

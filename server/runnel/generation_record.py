@@ -23,6 +23,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .generation import DEADLINE_EXCEEDED
+
 if TYPE_CHECKING:
     from .generation import TokenLogprob, TokenSink
 
@@ -37,11 +39,12 @@ class GenerationRecord:
 
     Invariants: ``ended_at`` is set once, when the last choice finished or the generation
     failed (``failed``); a record with neither was cut short (its client went away, or the
-    server stopped it). ``reasons`` holds one finish reason per finished choice.
+    server stopped it). ``reasons`` holds one finish reason per finished choice. ``expired``:
+    its deadline passed before the model started it (refused, or dropped from the queue).
     """
 
     __slots__ = ("app", "started_at", "first_token_at", "ended_at", "prompt_tokens", "completion_tokens",
-                 "choices", "reasons", "failed")
+                 "choices", "reasons", "failed", "expired")
 
     def __init__(self, app: Any, started_at: float, prompt_tokens: int, choices: int) -> None:
         self.app = app  # the app object; runnel.metrics maps it to its name
@@ -53,6 +56,7 @@ class GenerationRecord:
         self.choices = choices
         self.reasons: list[str] = []
         self.failed = False
+        self.expired = False
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -111,4 +115,5 @@ class RecordingTap:
         if not record.ended_at:
             record.failed = True
             record.ended_at = time.perf_counter()
+            record.expired = getattr(error, "code", None) == DEADLINE_EXCEEDED
         self.sink.on_error(error)

@@ -75,6 +75,7 @@ _STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 UNMATCHED = "unmatched"  # the route label of a request no route matched (404, a bad head)
 TOO_MANY_REQUESTS = 429
+_NEVER_STARTED = frozenset(("rejected", "expired"))  # outcomes of generations the model never began
 
 
 def status_class(status: int) -> str:
@@ -84,8 +85,11 @@ def status_class(status: int) -> str:
 def outcome(record: GenerationRecord, status: int) -> str:
     """A generation request's finish reason for the metrics: the model's ("stop", "length";
     "length" if any choice ran out), or what cut it short: "error" (the backend failed),
-    "rejected" (429: the queue was full), "cancelled" (the client went away), "interrupted"
-    (ended by the server, e.g. at shutdown)."""
+    "rejected" (429: the queue was full), "expired" (its deadline passed before the model
+    started it: refused, or dropped from the queue), "cancelled" (the client went away),
+    "interrupted" (ended by the server, e.g. at shutdown)."""
+    if record.expired:
+        return "expired"
     if record.failed:
         return "error"
     if record.ended_at:
@@ -130,7 +134,8 @@ class Metrics:
                                   "head and body; streams are measured in tokens", ("route",), registry=registry)
         self.generation_requests = Counter(
             "runnel_generation_requests", "Generation requests by app and finish reason (stop, length, error, "
-            "rejected = 429 queue full, cancelled = client gone, interrupted)", ("app", "finish_reason"),
+            "rejected = 429 queue full, expired = deadline passed before it started, cancelled = client gone, "
+            "interrupted)", ("app", "finish_reason"),
             registry=registry)
         self.ttft = Histogram("runnel_generation_time_to_first_token_seconds", "From the request head to the "
                               "first generated text", ("app",), buckets=TTFT_BUCKETS, registry=registry)
@@ -209,8 +214,8 @@ class Metrics:
                 self.generated_tokens.labels(app), self.ttft.labels(app), self.e2e.labels(app), self.itl.labels(app))
         requests, prompt_tokens, generated_tokens, ttft_histogram, e2e_histogram, itl_histogram = children
         requests.inc()
-        if key[1] == "rejected":
-            return  # never admitted: nothing was computed
+        if key[1] in _NEVER_STARTED:
+            return  # nothing was computed
         prompt_tokens.inc(record.prompt_tokens)
         if record.completion_tokens:
             generated_tokens.inc(record.completion_tokens)

@@ -24,6 +24,11 @@ Where a generator runs:
   (cancelled, or ended by a rule). A generator blocked inside one step can not
   be interrupted there.
 
+``slots`` (None: no limit) bounds the choices generating at once, async ones too; more
+wait their turn, in order. A choice whose deadline (``SamplingParams.deadline``) passed
+while it waited, for a slot or for a pool thread, fails with the 504 of
+``runnel.generation.expired_while_waiting`` and its generator is never started.
+
 The default tokenizer splits text into words with their leading whitespace, ids
 assigned as pieces are first seen (so they are stable for the model's life).
 """
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import re
 import threading
@@ -39,7 +45,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from .choices import Choice
-from .generation import SamplingParams, TokenSink
+from .generation import SamplingParams, TokenSink, expired_while_waiting
 from .workers import DaemonThreads
 
 if TYPE_CHECKING:
@@ -112,6 +118,7 @@ class SimpleModel:
     owned_by = "runnel"
     supported: frozenset[str] = frozenset({"stop"})
     threads = 8  # sync generators running at once
+    slots: int | None = None  # choices generating at once (async generators too); None: no limit
     vocab_size: int | None = None  # the vocabulary grows as text is seen: no fixed bound
     max_choices: int | None = None  # choices one request may ask for (runnel.generation.ModelApp)
 
@@ -123,6 +130,9 @@ class SimpleModel:
         self.default_max_tokens = default_max_tokens
         self.vocabulary = WordPieces()
         self._pool: DaemonThreads | None = None
+        self._slots: asyncio.Semaphore | None = None  # made on the loop, on first use
+        self.started = 0  # generators started: choices that reached the model (a statistic)
+        self._counting = threading.Lock()  # pool threads count too
 
     # -- what a subclass writes ----------------------------------------------------
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[str | int] | AsyncIterator[str | int]:
@@ -192,6 +202,18 @@ class SimpleModel:
     def generate(self, prompt_tokens: list[int], params: SamplingParams, n: int, sink: TokenSink) -> SimpleGeneration:
         return SimpleGeneration(self, prompt_tokens, params, n, sink)
 
+    def count_started(self) -> None:
+        with self._counting:
+            self.started += 1
+
+    def _slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Held while a choice generates: one of ``slots``, waited for in order; nothing without a limit."""
+        if self.slots is None:
+            return contextlib.nullcontext()
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.slots)
+        return self._slots
+
     def _threads(self) -> DaemonThreads:
         if self._pool is None:
             self._pool = DaemonThreads(self.threads, f"runnel-{self.name}")
@@ -242,11 +264,19 @@ class SimpleGeneration:
 
     async def _run(self, model: SimpleModel, choice: _PieceChoice, params: SamplingParams) -> None:
         try:
-            pieces = model.stream(await asyncio.shield(self.prompt), params)
-            if hasattr(pieces, "__aiter__"):
-                await _iterate(choice, cast("AsyncIterator[Any]", pieces))
-            else:
-                await _ThreadFeed(choice).run(model._threads(), cast("Iterator[Any]", pieces))
+            prompt = await asyncio.shield(self.prompt)
+            async with model._slot():
+                if choice.done:
+                    return  # stopped while it waited (a sibling failed): never started
+                expired = expired_while_waiting(params)
+                if expired is not None:
+                    raise expired
+                pieces = model.stream(prompt, params)
+                if hasattr(pieces, "__aiter__"):
+                    model.count_started()
+                    await _iterate(choice, cast("AsyncIterator[Any]", pieces))
+                else:
+                    await _ThreadFeed(choice, model).run(model._threads(), cast("Iterator[Any]", pieces))
             if not choice.done:
                 choice.finish("stop")  # the generator returned: the model ended
         except Exception as error:  # reported in the surface's own shape; an HTTPError as it is
@@ -293,10 +323,11 @@ class _ThreadFeed:
     the queue, so a piece appended after that wakes it again.
     """
 
-    __slots__ = ("choice", "loop", "queue", "scheduled")
+    __slots__ = ("choice", "model", "loop", "queue", "scheduled")
 
-    def __init__(self, choice: _PieceChoice) -> None:
+    def __init__(self, choice: _PieceChoice, model: SimpleModel) -> None:
         self.choice = choice
+        self.model = model
         self.loop = asyncio.get_running_loop()
         self.queue: collections.deque[Any] = collections.deque()
         self.scheduled = False
@@ -313,6 +344,10 @@ class _ThreadFeed:
         budget = choice.params.max_tokens
         iterator = iter(pieces)
         try:
+            expired = expired_while_waiting(choice.params)  # it waited for this thread
+            if expired is not None:
+                raise expired
+            self.model.count_started()
             for item in iterator:
                 self.queue.append(item)
                 if not self.scheduled:

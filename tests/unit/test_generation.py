@@ -202,6 +202,22 @@ def test_unsupported_every_optional_field(change):
     assert unsupported(params, frozenset({name})) is None
 
 
+def test_a_deadline_is_not_a_parameter_a_backend_must_support():
+    # A backend that never checks it still serves the request (runnel.generation.SamplingParams.deadline).
+    assert unsupported(SamplingParams(deadline=123.0), frozenset()) is None
+
+
+def test_expired_while_waiting_only_once_the_deadline_has_passed():
+    import time
+
+    from runnel.generation import expired_while_waiting
+
+    assert expired_while_waiting(SamplingParams()) is None
+    assert expired_while_waiting(SamplingParams(deadline=time.monotonic() + 60)) is None
+    error = expired_while_waiting(SamplingParams(deadline=time.monotonic() - 0.001))
+    assert error is not None and (error.status, error.code, error.headers) == (504, "deadline_exceeded", ())
+
+
 # -- SamplingParams --------------------------------------------------------------------------
 
 
@@ -225,10 +241,11 @@ def test_sampling_params_defaults():
     assert params.response_format is None
     assert params.logit_bias == ()
     assert params.tool_call is None
+    assert params.deadline is None
     assert {item.name for item in fields(SamplingParams)} == {
         "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs",
         "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "no_repeat_ngram_size",
-        "ignore_eos", "min_tokens", "response_format", "logit_bias", "tool_call",
+        "ignore_eos", "min_tokens", "response_format", "logit_bias", "tool_call", "deadline",
     }
 
 

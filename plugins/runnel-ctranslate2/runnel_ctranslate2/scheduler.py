@@ -7,7 +7,9 @@ evenly over the free slots (so that each slot's thread, and core, has work).
 CTranslate2's batches are static: a row that starts alone keeps its slot to the
 end, so the window is what lets a burst share one. A window of 0 starts work at
 the loop's next turn, for deployments that put first-token latency first.
-Up to ``slots`` batches run at once (CTranslate2's ``inter_threads``).
+Up to ``slots`` batches run at once (CTranslate2's ``inter_threads``). A row whose
+deadline (``SamplingParams.deadline``) passed while it waited is dropped when the rows are
+next gathered into a batch: its generation fails with the 504 and it is never decoded.
 
 The per-step callback runs on a CTranslate2 thread holding the GIL, so it only
 queues the step and, once per burst, schedules ``Batch.deliver`` on the event
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 from runnel import HTTPError
 from runnel.choices import Choice
-from runnel.generation import SamplingParams, admit
+from runnel.generation import SamplingParams, admit, expired_while_waiting
 from runnel.workers import DaemonThreads
 
 from .tokenizer import IncrementalDetokenizer
@@ -236,7 +238,8 @@ class BatchScheduler:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.waiting = [row for row in self.waiting if not row.done]  # drop cancelled ones
+        # Drop cancelled rows, and rows whose deadline passed while they waited (never started).
+        self.waiting = [row for row in self.waiting if not row.done and not self._expire(row)]
         while self.waiting and self.running < self.slots:
             key = self.waiting[0].key
             # Divide the rows over the free slots: each batch decodes on its own thread, so
@@ -253,6 +256,21 @@ class BatchScheduler:
                     rest.append(row)
             self.waiting = rest
             self._launch(batch_rows)
+
+    @staticmethod
+    def _expire(row: Row) -> bool:
+        """Whether ``row``'s deadline has passed (runnel.generation.expired_while_waiting): then its
+        generation fails with that error, and every row of it stops (a sibling already running
+        in another batch too: its request is answered with the error, so its tokens would be lost)."""
+        error = expired_while_waiting(row.params)
+        if error is None:
+            return False
+        generation = row.generation
+        if not generation.failed:
+            generation.failed = True
+            generation.sink.on_error(error)
+        generation.cancel()
+        return True
 
     def _launch(self, rows: list[Row]) -> None:
         batch = Batch(rows, self.loop)

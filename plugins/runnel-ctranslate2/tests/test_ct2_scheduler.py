@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 
 from ct2_reference import (  # noqa: F401 (reference: fixture)
     StepProbe, reference, stream_completion, sync_client, tiny_config)
-from runnel.testing import connect, send_post, wait_until
+from runnel.testing import connect, request, send_post, wait_until
 
 PROMPTS = [
     "The cat sees",
@@ -207,6 +208,42 @@ def test_a_request_cancelled_while_waiting_never_runs_and_frees_its_queue_slot(
         assert running.result(60)[:2] == (reference.greedy_text(PROMPTS[0], 20), "length")
         assert admitted.result(60).choices[0].text == reference.greedy_text(PROMPTS[2], 8)
     assert probe.steps(start_tokens(reference, PROMPTS[1])) == []  # never decoded
+
+
+def test_a_row_still_waiting_at_its_deadline_is_dropped_and_answered_504(
+        start_server, tiny_dir, reference, monkeypatch):
+    """X-Request-Deadline (runnel.deadlines): the scheduler drops a row whose deadline passed while
+    it waited for a batch, fails its generation with the 504, and never decodes it."""
+    probe = StepProbe().install(monkeypatch)
+    server = start_server(tiny_config(tiny_dir, inter_threads=1))
+    app = server.server.apps.get("tiny")
+
+    def live_waiting():
+        return server.call_soon(lambda: sum(not row.done for row in app.scheduler.waiting))
+
+    def late(prompt):
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0}
+        return request(server.port, "POST", "/v1/completions", body=orjson.dumps(body),
+                       headers=[("x-request-deadline", "0.3")])
+
+    probe.gate.clear()  # the first batch holds at its first step: the only slot stays busy
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            running = pool.submit(stream_completion, server, model="tiny", prompt=PROMPTS[0], max_tokens=20,
+                                  temperature=0)
+            wait_until(lambda: server.call_soon(app.stats)["running_batches"] == 1)
+            dropped = pool.submit(late, PROMPTS[1])
+            wait_until(lambda: live_waiting() == 1)
+            time.sleep(0.5)  # its deadline passes while it waits (the held batch cannot end meanwhile)
+        finally:
+            probe.gate.set()
+        reply = dropped.result(60)
+        assert reply.status == 504, reply.body
+        assert reply.json()["error"]["code"] == "deadline_exceeded"
+        assert running.result(60)[:2] == (reference.greedy_text(PROMPTS[0], 20), "length")
+    assert probe.steps(start_tokens(reference, PROMPTS[1])) == []  # never decoded
+    assert live_waiting() == 0
+    assert late(PROMPTS[2]).status == 200  # the queue goes on
 
 
 # -- 5. stop strings and max_tokens end rows individually within a batch ---------------------------

@@ -39,9 +39,10 @@ class EchoApp(SimpleModel):
     )
 
     def __init__(self, name: str, *, pace: float, load_seconds: float, seed: int, embedding_dim: int = 64,
-                 max_generations: int = 10_000, **settings) -> None:
+                 max_generations: int = 10_000, slots: int | None = None, **settings) -> None:
         super().__init__(name, **settings)
-        self.max_generations = max_generations  # choices generating at once; one more is a 429
+        self.max_generations = max_generations  # choices admitted at once (generating or waiting); one more is a 429
+        self.slots = slots  # of them, generating at once; the rest wait their turn (SimpleModel)
         self.generating = 0
         self.pace = pace
         self.load_seconds = load_seconds
@@ -85,7 +86,9 @@ class EchoApp(SimpleModel):
         return self.max_generations
 
     def stats(self) -> dict:
-        return {"generating": self.generating, "max_generations": self.max_generations}
+        """``generating``: choices admitted (generating or waiting for a slot); ``started``: choices
+        that reached the model so far (one dropped at its deadline while it waited never does)."""
+        return {"generating": self.generating, "max_generations": self.max_generations, "started": self.started}
 
     async def stream(self, prompt: str, params):
         """The prompt's tokens, then the end; on again from the start while the end is held back."""
@@ -134,9 +137,12 @@ def make_echo_app(app_config, table, server) -> EchoApp:
     max_generations = table.get("max_generations", int, default=10_000)
     if not 1 <= max_generations <= 1_000_000:
         raise table.error("max_generations", f"must be between 1 and 1000000, got {max_generations}")
+    slots = table.get("slots", int, default=None)
+    if slots is not None and not 1 <= slots <= max_generations:
+        raise table.error("slots", f"must be between 1 and max_generations ({max_generations}), got {slots}")
     table.finish()
     return EchoApp(app_config.name, pace=pace_ms / 1000, load_seconds=load_seconds, seed=seed,
-                   embedding_dim=embedding_dim, max_generations=max_generations, **settings)
+                   embedding_dim=embedding_dim, max_generations=max_generations, slots=slots, **settings)
 
 
 def _field(body: dict, name: str, kind: type, default):

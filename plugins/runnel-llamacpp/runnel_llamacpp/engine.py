@@ -2,7 +2,9 @@
 
 llama-cpp-python's ``Llama`` holds one context; a context decodes one sequence here.
 ``parallel`` contexts (each its own ``Llama``, so its own KV cache and weights) serve that
-many rows at once; further rows wait in a bounded queue (full: 429). A context keeps the
+many rows at once; further rows wait in a bounded queue (full: 429), and one whose
+deadline (``SamplingParams.deadline``) passed meanwhile fails with the 504 instead of
+taking a context. A context keeps the
 tokens it last saw, so a row whose prompt shares a prefix with its context's last one
 (a conversation going on) evaluates only the rest.
 
@@ -27,7 +29,7 @@ import numpy as np
 
 from runnel import HTTPError
 from runnel.choices import Choice
-from runnel.generation import SamplingParams, admit
+from runnel.generation import SamplingParams, admit, expired_while_waiting
 from runnel.workers import DaemonThreads
 
 from .sampling import Sampler, grammar_for
@@ -147,6 +149,13 @@ class ContextPool:
         while self.free and self.waiting:
             row = self.waiting.popleft()
             if row.done:
+                continue
+            expired = expired_while_waiting(row.params)
+            if expired is not None:  # its deadline passed while it waited: never started
+                if not row.generation.failed:
+                    row.generation.failed = True
+                    row.sink.on_error(expired)
+                row.generation.cancel()
                 continue
             llama = self.free.pop()
             self.running.add(row)

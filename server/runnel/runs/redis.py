@@ -16,6 +16,8 @@ build themselves)::
     leases           zset of running runs by ``lease_until``: what ``recover`` looks at
     owner:OWNER      set of the runs a runner holds: what ``renew`` extends
     finished         zset of final runs by ``finished_at``: what ``purge`` deletes
+    deadlines        zset of runs queued with a deadline, by it: what ``expire`` looks at
+                     (an entry stays until its deadline passes, whatever became of the run)
     webhooks         zset of final runs whose webhook is not yet delivered
     app:SURFACE:APP  zset of an app's runs (RunPod ``/health`` counts)
     values:ID        list: a running generator's values so far, for ``/stream`` anywhere
@@ -93,8 +95,8 @@ end
 """.replace("$GROUP", GROUP)
 
 _INSERT = _ENQUEUE + """
-local p, id, idem, max_queued, created, finished, expire_ms = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
-    ARGV[5], ARGV[6], ARGV[7]
+local p, id, idem, max_queued, created, finished, expire_ms, deadline = ARGV[1], ARGV[2], ARGV[3],
+    tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[10]
 if idem ~= '' then
   local existing = redis.call('GET', p .. 'idem:' .. idem)
   if existing then return {'existing', existing} end
@@ -102,12 +104,13 @@ end
 local key = p .. 'run:' .. id
 local queued = finished == ''
 if queued and max_queued >= 0 and redis.call('ZCARD', p .. 'queued') >= max_queued then return {'full'} end
-redis.call('HSET', key, unpack(ARGV, 10))
+redis.call('HSET', key, unpack(ARGV, 11))
 if idem ~= '' then redis.call('SET', p .. 'idem:' .. idem, id) end
 redis.call('ZADD', p .. 'app:' .. ARGV[8] .. ':' .. ARGV[9], created, id)
 if queued then
   redis.call('ZADD', p .. 'queued', created, id)
   redis.call('HSET', key, '_entry', enqueue(p, id))
+  if deadline ~= '' then redis.call('ZADD', p .. 'deadlines', deadline, id) end
 else
   redis.call('ZADD', p .. 'finished', finished, id)
   if redis.call('HGET', key, 'webhook_pending') == 'true' then redis.call('ZADD', p .. 'webhooks', finished, id) end
@@ -237,10 +240,29 @@ redis.call('ZREM', p .. 'finished', id)
 redis.call('ZREM', p .. 'webhooks', id)
 redis.call('HSET', key, 'state', '"queued"', 'output', 'null', 'error', 'null', 'streamed', 'false',
            'started_at', 'null', 'finished_at', 'null', 'run_time_ms', 'null', 'owner', 'null',
-           'lease_until', 'null', 'webhook_pending', f[2] ~= 'null' and 'true' or 'false')
+           'lease_until', 'null', 'deadline', 'null', 'webhook_pending', f[2] ~= 'null' and 'true' or 'false')
+redis.call('ZREM', p .. 'deadlines', id)  -- a retry waits as long as it takes: its caller asked again
 redis.call('ZADD', p .. 'queued', f[3], id)
 redis.call('HSET', key, '_entry', enqueue(p, id))
 return 1
+"""
+
+# Runs never claimed, still queued at their deadline: timed out (their stream entry goes with
+# them, so no runner takes them). Entries of runs claimed, cancelled or gone are just dropped.
+_EXPIRE = _FINAL + """
+local p, now, group, channel, error, expire_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local expired = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. 'deadlines', '-inf', now, 'LIMIT', 0, 1000)) do
+  redis.call('ZREM', p .. 'deadlines', id)
+  local key = p .. 'run:' .. id
+  local f = redis.call('HMGET', key, 'state', 'attempts')
+  if f[1] == '"queued"' and f[2] == '0' then
+    redis.call('HSET', key, 'state', '"timed_out"', 'error', error, 'finished_at', now)
+    final(p, id, key, now, expire_ms, group, channel)
+    expired[#expired + 1] = id
+  end
+end
+return expired
 """
 
 _DELETE = """
@@ -255,7 +277,9 @@ if f[4] then
   redis.call('XACK', p .. 'stream', group, f[4])
   redis.call('XDEL', p .. 'stream', f[4])
 end
-for _, index in ipairs({'queued', 'leases', 'finished', 'webhooks'}) do redis.call('ZREM', p .. index, id) end
+for _, index in ipairs({'queued', 'leases', 'finished', 'webhooks', 'deadlines'}) do
+  redis.call('ZREM', p .. index, id)
+end
 redis.call('ZREM', p .. 'app:' .. cjson.decode(f[1]) .. ':' .. cjson.decode(f[2]), id)
 return 1
 """
@@ -367,7 +391,8 @@ class RedisRunStore:
                 self.url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=CALL_TIMEOUT,
                 retry=Retry(NoBackoff(), 1), health_check_interval=30)
             for name, source in (("insert", _INSERT), ("claim", _CLAIM), ("renew", _RENEW), ("finish", _FINISH),
-                                 ("recover", _RECOVER), ("requeue", _REQUEUE), ("delete", _DELETE), ("purge", _PURGE),
+                                 ("recover", _RECOVER), ("requeue", _REQUEUE), ("expire", _EXPIRE),
+                                 ("delete", _DELETE), ("purge", _PURGE),
                                  ("webhook_done", _WEBHOOK_DONE), ("counts", _COUNTS),
                                  ("append_values", _APPEND_VALUES)):
                 self._scripts[name] = self._redis.register_script(source)
@@ -405,7 +430,8 @@ class RedisRunStore:
         while True:
             reply = await self._call("insert", PREFIX, run.id, run.idempotency_key or "",
                                      -1 if max_queued is None else max_queued, repr(run.created_at), finished,
-                                     expire, run.surface, run.app, *pairs)
+                                     expire, run.surface, run.app, "" if run.deadline is None else repr(run.deadline),
+                                     *pairs)
             if reply[0] == b"new":
                 return run
             if reply[0] == b"full":
@@ -454,6 +480,11 @@ class RedisRunStore:
             assert max_queued is not None
             raise QueueFull(max_queued)
         return written == 1
+
+    async def expire(self, now: float, error: HTTPError) -> list[str]:
+        expired = await self._call("expire", PREFIX, repr(now), GROUP, self._done_channel,
+                                   _dumps(error_record(error)), self._expire_ms(now))
+        return [run_id.decode() for run_id in expired]
 
     async def delete(self, run_id: str) -> bool:
         return await self._call("delete", PREFIX, run_id, GROUP) == 1

@@ -17,6 +17,12 @@ dead process left), queues every queued run, in submission order, and sends the
 webhooks not yet delivered. Finished runs are kept ``runs_retention`` seconds, then
 purged (at start, then periodically); an expired run reads as unknown.
 
+A run may have a deadline (``Run.deadline``: ``X-Request-Deadline`` on an async submit,
+RunPod's ``policy.ttl``): one not claimed by then is never run but ends ``timed_out`` with
+code ``deadline_exceeded``. A worker checks before it claims, and every
+``EXPIRE_INTERVAL`` seconds the store is swept for queued runs past theirs (``expire``),
+so that a long queue does not hold them until a worker comes to them.
+
 At most ``runs_workers`` runs execute at once per server. A sync function runs in
 its app's own thread pool, so it cannot be interrupted: cancelling or timing it
 out abandons the call and discards its result.
@@ -60,6 +66,7 @@ import orjson
 from ..backends.python import is_function_app
 from ..config import ConfigError
 from ..errors import HTTPError
+from ..generation import deadline_exceeded
 from ..metrics import NoRunMetrics
 from .idempotency import Idempotency
 from .sqlite import SQLiteRunStore
@@ -86,6 +93,7 @@ __all__ = ["RunView", "Runner", "ValueStream"]
 
 CANCEL_GRACE = 5.0  # seconds a cancelled call gets to unwind (its finally blocks)
 QUEUE_FULL_RETRY_AFTER = b"5"  # seconds: a full queue of runs drains no faster than its runs run
+EXPIRE_INTERVAL = 1.0  # seconds between sweeps for queued runs past their deadline
 
 
 @runtime_checkable
@@ -268,6 +276,7 @@ class Runner:
         self._tasks = [loop.create_task(self._work()) for _ in range(self.workers)]
         self._tasks.append(loop.create_task(self._keep_claims()))
         self._tasks.append(loop.create_task(self._purge_forever()))
+        self._tasks.append(loop.create_task(self._expire_forever()))
         if self._shared is not None:
             self._tasks.append(loop.create_task(self._take_forever(self._shared)))
             self._tasks.append(loop.create_task(self._shared.listen(self._cancel_here, self._wake_waiters)))
@@ -314,16 +323,20 @@ class Runner:
     # -- submitting and reading ---------------------------------------------------------
     async def submit(self, surface: str, app: str, function: str, input: Any, *, principal: str = ANYONE,
                      run_id: str | None = None, webhook: str | None = None, timeout_ms: int | None = None,
-                     idempotency: Idempotency | None = None) -> Run:
+                     idempotency: Idempotency | None = None, deadline: float | None = None) -> Run:
         """Record a run durably, then queue it; the run recorded. With ``idempotency``, the
         run an earlier request with the same key made, if it is still kept (HTTPError 422
         when that request differed). HTTPError 429 when ``max_queued`` runs are queued
-        already, 503 when the store cannot take it."""
+        already, 503 when the store cannot take it. ``deadline`` (unix seconds): if not
+        claimed by then, the run is never run; one already past is refused (504), unrecorded."""
+        now = time.time()
+        if deadline is not None and deadline <= now:
+            raise deadline_exceeded("The run's deadline had passed before it was queued; it was not recorded.")
         run = Run(id=run_id or uuid.uuid4().hex, surface=surface, app=app, function=function, input=input,
                   webhook=webhook, timeout_ms=timeout_ms, webhook_pending=webhook is not None,
-                  created_at=time.time(), principal=principal,
+                  created_at=now, principal=principal,
                   idempotency_key=None if idempotency is None else idempotency.key,
-                  request_hash=None if idempotency is None else idempotency.request_hash)
+                  request_hash=None if idempotency is None else idempotency.request_hash, deadline=deadline)
         recorded = await self._insert(run, self.max_queued)
         if recorded.id != run.id:
             if recorded.request_hash != run.request_hash:
@@ -577,6 +590,8 @@ class Runner:
                 self.metrics.run_finished(run.app, FAILED, None)
                 await self._finished(run)
             return
+        if await self._expired_in_queue(run):
+            return
         run = await self._claim(run_id)
         if run is None:  # cancelled while queued, or claimed by another runner
             return
@@ -746,6 +761,34 @@ class Runner:
                                self.store.name, len(recovered.requeued) + len(recovered.failed),
                                len(recovered.requeued), len(recovered.failed))
 
+    async def _expired_in_queue(self, run: Run) -> bool:
+        """Before a claim: whether ``run`` (queued, never claimed) is past its deadline; if so it
+        is recorded timed out (unless claimed or cancelled meanwhile) and must not be run."""
+        if run.deadline is None or run.attempts or time.time() < run.deadline:
+            return False
+        if await self.store.finish(run.id, TIMED_OUT, error=_deadline_passed()):
+            self.metrics.run_finished(run.app, TIMED_OUT, None)
+            await self._finished(run)
+        return True
+
+    async def _expire_forever(self) -> None:
+        """Sweep the store for queued runs past their deadline (every server does, each run is
+        expired once: ``expire`` is atomic), so none waits for a worker only to be dropped."""
+        while True:
+            await asyncio.sleep(EXPIRE_INTERVAL)
+            if not self.store.is_open:
+                continue
+            try:
+                for run_id in await self.store.expire(time.time(), _deadline_passed()):
+                    run = await self.store.get(run_id)
+                    if run is not None:
+                        self.metrics.run_finished(run.app, TIMED_OUT, None)
+                        await self._finished(run)
+            except StoreDown:
+                continue  # the next sweep, or the claim's check, gets the rest
+            except Exception:
+                logger.exception("run store %s: expiring runs failed", self.store.name)
+
     async def _purge_forever(self) -> None:
         interval = min(max(self.retention / 2, 0.05), 60.0)
         while True:
@@ -795,6 +838,10 @@ class _ValueSharing:
 def _queue_full(exc: QueueFull) -> HTTPError:
     return HTTPError(429, f"Too many runs are waiting ({exc.limit} queued); try again later",
                      code="queue_full", headers=((b"retry-after", QUEUE_FULL_RETRY_AFTER),))
+
+
+def _deadline_passed() -> HTTPError:
+    return deadline_exceeded("The run was still queued at its deadline; it was not run.")
 
 
 def _interrupted() -> HTTPError:

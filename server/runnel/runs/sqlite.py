@@ -39,6 +39,7 @@ from .store import (
     QUEUED,
     RUNNING,
     TERMINAL,
+    TIMED_OUT,
     QueueFull,
     Recovered,
     Run,
@@ -60,7 +61,7 @@ CREATE TABLE IF NOT EXISTS runs (
     attempts INTEGER NOT NULL DEFAULT 0, webhook_pending INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL, started_at REAL, finished_at REAL, run_time_ms INTEGER,
     owner TEXT, lease_until REAL, principal TEXT NOT NULL DEFAULT '{ANYONE}',
-    idempotency_key TEXT, request_hash TEXT
+    idempotency_key TEXT, request_hash TEXT, deadline REAL
 );
 CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state);
 CREATE INDEX IF NOT EXISTS runs_by_app ON runs (app, surface);
@@ -69,11 +70,12 @@ CREATE INDEX IF NOT EXISTS runs_by_finish ON runs (finished_at);
 # Columns added since the first release, for files an older server made. An older file's
 # runs were bound to no one: they become the anonymous caller's (readable where auth is off).
 _ADDED_COLUMNS = (("owner", "TEXT"), ("lease_until", "REAL"), ("principal", f"TEXT NOT NULL DEFAULT '{ANYONE}'"),
-                  ("idempotency_key", "TEXT"), ("request_hash", "TEXT"))
+                  ("idempotency_key", "TEXT"), ("request_hash", "TEXT"), ("deadline", "REAL"))
 # After the columns exist. Unique: of two inserts with one key, the second cannot write.
 INDEXES = """
 CREATE UNIQUE INDEX IF NOT EXISTS runs_by_idempotency_key ON runs (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS runs_by_deadline ON runs (deadline) WHERE deadline IS NOT NULL AND state = 'queued';
 """
 
 
@@ -350,7 +352,7 @@ class SQLiteRunStore:
                     raise QueueFull(max_queued)
             cursor = conn.execute(
                 "UPDATE runs SET state = ?, output = NULL, error = NULL, streamed = 0, started_at = NULL, "
-                "finished_at = NULL, run_time_ms = NULL, owner = NULL, lease_until = NULL, "
+                "finished_at = NULL, run_time_ms = NULL, owner = NULL, lease_until = NULL, deadline = NULL, "
                 f"webhook_pending = webhook IS NOT NULL WHERE id = ? AND state IN ({', '.join('?' * len(states))})",
                 (QUEUED, run_id, *states))
             conn.execute("COMMIT")
@@ -358,6 +360,33 @@ class SQLiteRunStore:
             conn.execute("ROLLBACK")
             raise
         return cursor.rowcount == 1
+
+    async def expire(self, now: float, error: HTTPError) -> list[str]:
+        return await self._do(self._expire, now, orjson.dumps(error_record(error)))
+
+    def _expire(self, now: float, error: bytes) -> list[str]:
+        conn = self._conn
+        if conn is None:
+            return []
+        # A read first (the state as a literal, so that the partial index runs_by_deadline
+        # applies): most sweeps find nothing due, and then take no write lock at all.
+        due = [run_id for (run_id,) in conn.execute(
+            f"SELECT id FROM runs WHERE deadline IS NOT NULL AND state = '{QUEUED}' AND deadline <= ? "
+            "AND attempts = 0 ORDER BY rowid", (now,))]
+        if not due:
+            return []
+        expired = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for run_id in due:  # each still queued and never claimed, or left alone (claimed meanwhile)
+                if conn.execute("UPDATE runs SET state = ?, error = ?, finished_at = ? WHERE id = ? AND state = ? "
+                                "AND attempts = 0", (TIMED_OUT, error, now, run_id, QUEUED)).rowcount == 1:
+                    expired.append(run_id)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return expired
 
     async def delete(self, run_id: str) -> bool:
         return await self._do(self._delete, run_id)

@@ -14,11 +14,18 @@ States, and who may move a run out of each::
                                                       (only the claim's owner, still holding it)
     running --recover(), claim expired--> queued (idempotent apps) | failed "interrupted"
     failed | timed_out --requeue()-->    queued       (a caller's retry: RunPod /retry)
+    queued  --expire(), deadline passed--> timed_out "deadline_exceeded"  (never claimed before)
 
 ``succeeded``, ``failed``, ``cancelled`` and ``timed_out`` are final: nothing moves
 a run out of them but its caller's retry (``requeue``); ``purge`` deletes them once they are older than the retention,
 ``delete`` when their caller asks. A run may also be inserted final (a call that ran
 in the foreground, kept to be read later: a stored OpenAI response).
+
+A run may carry a ``deadline`` (unix seconds): if it has not been claimed by then, it is
+never run. A runner checks it before it claims, and ``expire`` sweeps the queue for runs
+past theirs, so a long queue does not hold them; both end such a run ``timed_out`` with
+code ``deadline_exceeded``. A run claimed in time and queued again after its runner died
+(``recover``, an idempotent app) had started: its deadline no longer applies.
 
 A claim is ``(owner, lease_until)``: the owner (a runner's id, unique per process
 start) holds the run until ``lease_until`` (unix seconds) and extends it with
@@ -81,6 +88,9 @@ class Run:
     # what was asked, so the same key with a different request can be refused.
     idempotency_key: str | None = None
     request_hash: str | None = None
+    # Unix seconds: a run not claimed by then is never run (timed_out, "deadline_exceeded").
+    # From X-Request-Deadline or RunPod's policy.ttl; None: it waits as long as it takes.
+    deadline: float | None = None
 
     @property
     def done(self) -> bool:
@@ -184,7 +194,13 @@ class RunStore(Protocol):
         """A final run in one of ``states`` queued again, same id and input, as if just
         submitted: its outcome (output, error, times, claim) cleared, its webhook due again,
         kept until it finishes anew. False (nothing written) when it is in no such state;
-        QueueFull, atomically with the check, when ``max_queued`` runs are queued already."""
+        QueueFull, atomically with the check, when ``max_queued`` runs are queued already.
+        A retried run has no deadline: its caller asked for it again."""
+
+    async def expire(self, now: float, error: HTTPError) -> list[str]:
+        """queued -> timed_out with ``error``, for every run never claimed whose ``deadline`` is
+        at or before ``now`` (unix seconds); their ids. Atomic per run: a run claimed meanwhile
+        is left to run."""
 
     async def delete(self, run_id: str) -> bool:
         """Delete a run whatever its state; False when there was none. (A runner deletes only

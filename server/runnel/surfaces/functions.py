@@ -44,7 +44,9 @@ and ``GET .../models``
     runs_max_queued`` queued runs: 429 with ``Retry-After``. An ``Idempotency-Key``
     header makes a retry safe: the same key with the same arguments and webhook, from
     the same principal to the same function, answers the first request's 202 with its
-    run id (while the run is kept); with anything else different it is a 422.
+    run id (while the run is kept); with anything else different it is a 422. An
+    ``X-Request-Deadline: <seconds>`` header (``runnel.deadlines``) is the run's deadline: a
+    run not started by then never runs, and ends ``timed_out`` (code ``deadline_exceeded``).
 
 ``GET /v4/{project_id}/{app}/runs/{run_id}``
     ``{"run_id", "status"}``, status one of ``queued``, ``running``, ``succeeded``,
@@ -80,6 +82,7 @@ import uuid
 import orjson
 
 from ..backends.python import FunctionStream, is_function_app
+from ..deadlines import unix_deadline
 from ..errors import HTTPError
 from ..hookspecs import hookimpl
 from ..http import Response, json_response
@@ -279,7 +282,8 @@ class FunctionEndpoints:
                 raise HTTPError(400, str(exc), param="webhookEndpoint", code="webhook_not_allowed") from None
         idempotency = idempotency_of(request, f"{SURFACE}/{name}/{function}", [arguments, webhook])
         run = await self.runs.submit(surface, name, runs_function, arguments, principal=request.principal.identity,
-                                     run_id=run_id, webhook=webhook, idempotency=idempotency)
+                                     run_id=run_id, webhook=webhook, idempotency=idempotency,
+                                     deadline=unix_deadline(request))
         request.request_id = run.id  # a retry's answer is the first one's, X-Request-Id too
         return json_response({"run_id": run.id}, status=202)
 

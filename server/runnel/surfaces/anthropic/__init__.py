@@ -37,7 +37,8 @@ from .request import COUNT_FIELDS, check_fields, conversation, parse_messages, r
 from .sinks import EVENTS, MessageCollector, MessageStream, MessageToolCollector, MessageToolStream, stop_reason
 
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+                413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error",
+                529: "overloaded_error"}
 
 
 def error_body(request, error: HTTPError) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from ...deadlines import unix_deadline
 from ...errors import HTTPError
 from ...generation import SamplingParams
 from ...http import Response, json_response
@@ -268,7 +269,8 @@ class ResponsesAPI:
                 "params": {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p}}
         principal = request.principal.identity
         if parsed.background:
-            run = await self.runs.submit(SURFACE, name, "respond", data, principal=principal, run_id=response["id"])
+            run = await self.runs.submit(SURFACE, name, "respond", data, principal=principal, run_id=response["id"],
+                                         deadline=unix_deadline(request))
             return json_response(self.view.render(run))
         if parsed.stream:
             sink = ResponseOutput(Usage(len(tokens)), response, tool_use)

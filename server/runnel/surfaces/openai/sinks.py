@@ -14,13 +14,15 @@ or as the stream's last event once the stream has started.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ...deadlines import monotonic_deadline
 from ...errors import HTTPError
-from ...generation import SamplingParams, TokenLogprob, TokenSink
+from ...generation import SamplingParams, TokenLogprob, TokenSink, deadline_exceeded
 from ...generation_record import GenerationRecord, RecordingTap, started_at_of
 from ...tools import ToolCallParser, ToolUse
 
@@ -374,12 +376,22 @@ async def run_generations(app, prompts: Sequence[Sequence[int]], params: Samplin
     surface that generates text runs its generations through here. With ``request``, the
     generation is recorded as ``request.generation`` (runnel.generation_record), which
     the metrics and the access log read once the request is finished.
+
+    The request's ``X-Request-Deadline`` (runnel.deadlines) becomes ``params.deadline``, which
+    the backend checks as it takes the work off its queue; one already past is refused here.
     """
     into: TokenSink = sink
     if request is not None:
+        deadline = monotonic_deadline(request)  # a bad header: 400, before anything is recorded
         record = request.generation = GenerationRecord(app, started_at_of(request.started_at),
                                                        sum(map(len, prompts)), n * len(prompts))
         into = RecordingTap(sink, record)
+        if deadline is not None:
+            if time.monotonic() >= deadline:
+                record.expired = True
+                raise deadline_exceeded("The request's deadline (X-Request-Deadline) had passed before it "
+                                        "reached the model's queue; it was not run.")
+            params.deadline = deadline
     generations = []
     try:
         for number, tokens in enumerate(prompts):

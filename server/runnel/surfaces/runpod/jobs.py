@@ -7,7 +7,8 @@ default ``"handler"``). Jobs are runs in the server's run store (``runnel.runs``
 the same one ``/v4 ...?async=true`` uses: durable, recovered after a crash, purged
 after ``[server] runs_retention``.
 
-    POST /v2/{id}/run           {"input": ..., "webhook"?: URL, "policy"?: {"executionTimeout": ms}}
+    POST /v2/{id}/run           {"input": ..., "webhook"?: URL,
+                                 "policy"?: {"executionTimeout": ms, "ttl": ms, "lowPriority": bool}}
                                 -> {"id", "status": "IN_QUEUE"}
     POST /v2/{id}/runsync       the same, then waits up to [server] runsync_timeout
                                 (or ``?wait=`` ms, 1000 to 300000, as RunPod) -> the job's status
@@ -24,7 +25,15 @@ after ``[server] runs_retention``.
                                    "retried"}, "workers": {"idle", "running"}}
 
 States: ``IN_QUEUE``, ``IN_PROGRESS``, ``COMPLETED``, ``FAILED``, ``CANCELLED``,
-``TIMED_OUT`` (past ``policy.executionTimeout``, counted from the job's start).
+``TIMED_OUT`` (past ``policy.executionTimeout``, counted from the job's start; or still
+queued ``policy.ttl`` ms after it was submitted: then it never runs, and its error says
+so, code ``deadline_exceeded``). ``ttl`` is RunPod's, 10 s to 7 days: RunPod documents it
+as the time a job may wait in the queue (its newer docs: the job's whole life, after
+which RunPod deletes it even while running); here it bounds the wait only, and a job that
+started in time runs under ``executionTimeout``. ``lowPriority`` (a bool) keeps a RunPod
+job from scaling workers up; runnel has no autoscaling, so it changes nothing here. An
+``X-Request-Deadline: <seconds>`` header sets the same queue deadline as ``ttl`` (the
+earlier of the two applies), with no lower bound.
 
 A handler whose only parameter is ``job`` (or ``event``) gets RunPod's job dict,
 ``{"id", "input"}``; any other function gets the input's keys as keyword arguments.
@@ -55,6 +64,7 @@ import time
 import orjson
 
 from ...backends.python import is_function_app
+from ...deadlines import unix_deadline
 from ...errors import HTTPError
 from ...http import json_response
 from ...runs import (
@@ -80,6 +90,8 @@ STATUS = {QUEUED: "IN_QUEUE", RUNNING: "IN_PROGRESS", SUCCEEDED: "COMPLETED", FA
 JOB_PARAMETERS = (frozenset(("job",)), frozenset(("event",)))
 # RunPod's bounds for /runsync?wait= (milliseconds).
 MIN_RUNSYNC_WAIT_MS, MAX_RUNSYNC_WAIT_MS = 1000, 300_000
+# RunPod's bounds for policy.ttl (milliseconds): at least 10 s, at most a week.
+MIN_TTL_MS, MAX_TTL_MS = 10_000, 7 * 24 * 3600 * 1000
 
 
 class RunPodJobs(RunView):
@@ -207,6 +219,13 @@ class RunPodJobAPI:
         if timeout is not None and (type(timeout) is not int or timeout <= 0):
             raise HTTPError(400, '"policy.executionTimeout" must be a positive integer (milliseconds)',
                             param="policy.executionTimeout", code="invalid_body")
+        ttl = policy.get("ttl")
+        if ttl is not None and (type(ttl) is not int or not MIN_TTL_MS <= ttl <= MAX_TTL_MS):
+            raise HTTPError(400, f'"policy.ttl" must be an integer of milliseconds from {MIN_TTL_MS} to {MAX_TTL_MS}',
+                            param="policy.ttl", code="invalid_body")
+        if type(policy.get("lowPriority", False)) is not bool:
+            raise HTTPError(400, '"policy.lowPriority" must be true or false', param="policy.lowPriority",
+                            code="invalid_body")
         webhook = body.get("webhook")
         if webhook is not None:
             try:
@@ -230,8 +249,13 @@ class RunPodJobAPI:
         else:
             function = handler
         idempotency = idempotency_of(request, f"{SURFACE}/{name}/{handler or 'model'}/{route}", body)
+        # The earlier of policy.ttl (counted from the submission) and an X-Request-Deadline header.
+        deadlines = [d for d in (unix_deadline(request), None if ttl is None else time.time() + ttl / 1000)
+                     if d is not None]
+        deadline = min(deadlines) if deadlines else None
         return await self.runs.submit(surface, name, function, body["input"], principal=request.principal.identity,
-                                      webhook=webhook, timeout_ms=timeout, idempotency=idempotency)
+                                      webhook=webhook, timeout_ms=timeout, idempotency=idempotency,
+                                      deadline=deadline)
 
     # -- handlers --------------------------------------------------------------------
     async def run(self, request):
