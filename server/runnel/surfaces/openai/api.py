@@ -273,10 +273,13 @@ class OpenAIAPI:
         n = parsed.n
         choices = n * len(prompts)
         usage = Usage(sum(len(tokens) for tokens in prompts))
-        if reply.uuid_ids:
-            completion_id = str(uuid.uuid4())
-        else:
-            completion_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        # Chosen by an offline caller (a resumable stream's run: its id is the completion's).
+        completion_id = getattr(request, "completion_id", None)
+        if completion_id is None:
+            if reply.uuid_ids:
+                completion_id = str(uuid.uuid4())
+            else:
+                completion_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": reply.model_name or app.model_id}
         echo = [prompt for prompt in parsed.prompts for _ in range(n)] if parsed.echo else None
