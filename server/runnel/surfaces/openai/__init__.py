@@ -5,6 +5,8 @@
     sinks.py    token sinks: a generation as OpenAI's objects, streamed or collected
     tokens.py   /tokenize and /detokenize (vLLM's shapes)
     responses.py  the Responses API, /v1/responses (responses_items.py: its input and output items)
+    offline.py  OpenAI bodies executed without an HTTP exchange (for runs)
+    resumable.py  resumable streams: X-Runnel-Resumable, reattached with Last-Event-ID
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from ...hookspecs import hookimpl
 from .api import NO_CACHE, SSE, OpenAIAPI, ReplyOptions, can_embed, is_model_app
 from .params import invalid
 from .responses import ResponsesAPI
+from .resumable import ReattachAPI, StreamRuns
 from .tokens import TokenEndpoints
 
 __all__ = ["NO_CACHE", "SSE", "OpenAIAPI", "ReplyOptions", "can_embed", "invalid", "is_model_app"]
@@ -26,6 +29,10 @@ def runnel_register_routes(register, server):
     register("POST", "/v1/chat/completions", api.chat)
     register("POST", "/v1/completions", api.completions)
     register("POST", "/v1/embeddings", api.embeddings)
+    streams = ReattachAPI(api)
+    server.runs.add_view(StreamRuns(api))
+    register("GET", "/v1/chat/completions/{stream_id}/stream", streams.chat)
+    register("GET", "/v1/completions/{stream_id}/stream", streams.completions)
     responses = ResponsesAPI(server)
     register("POST", "/v1/responses", responses.create)
     register("GET", "/v1/responses/{response_id}", responses.retrieve)

@@ -270,6 +270,11 @@ class OpenAIAPI:
     async def _complete(self, request, app, parsed: CompletionRequest, prompts, *, chat: bool, reply: ReplyOptions,
                         tool_use: ToolUse | None = None):
         fit_to_model(parsed, app, max(len(tokens) for tokens in prompts), len(prompts))
+        if parsed.stream and reply is DEFAULT_REPLY and request.header(b"x-runnel-resumable") is not None:
+            from .resumable import resumable, start  # only opted-in requests import it
+
+            if resumable(request):  # a run that outlives this request, which follows it
+                return await start(self, request, app, chat=chat)
         n = parsed.n
         choices = n * len(prompts)
         usage = Usage(sum(len(tokens) for tokens in prompts))
