@@ -1,7 +1,8 @@
 """Resumable streams (``X-Runnel-Resumable: true``, runnel.surfaces.openai.resumable): a client
 that drops a stream reattaches with ``Last-Event-ID`` and gets the rest, no gap, no duplicate;
-without the header a disconnect still cancels. On a shared Redis store, a stream is
-reattached through another server.
+without the header a disconnect still cancels. Also the Responses API's own form: background
+responses streamed and resumed with ``starting_after`` (the openai SDK's flow), and, on a
+shared Redis store, a stream reattached through another server.
 
 The echo backend repeats its prompt's words, so a prompt of numbered words makes a stream
 whose every event says where it belongs: "0 1 2 ... 199" with one missing or doubled is
@@ -228,6 +229,39 @@ def test_a_finished_stream_replays_after_a_restart(tmp_path):
         assert text_of(replayed) == EXPECTED and replayed[-1] == (None, "[DONE]")
     finally:
         second.stop()
+
+
+def test_background_responses_stream_and_resume_with_the_sdk(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEYS[0], max_retries=0)
+    words = " ".join(str(n) for n in range(60))
+    seen = []
+    response_id = None
+    stream = client.responses.create(model="echo", input=words, background=True, stream=True, max_output_tokens=60)
+    for event in stream:
+        seen.append(event)
+        if event.type == "response.created":
+            response_id = event.response.id
+        if event.type == "response.output_text.delta" and len(seen) >= 8:
+            break
+    stream.close()
+    assert response_id is not None
+    cursor = seen[-1].sequence_number
+    rest = list(client.responses.retrieve(response_id, stream=True, starting_after=cursor))
+    numbers = [event.sequence_number for event in seen + rest]
+    assert numbers == list(range(len(numbers)))
+    assert rest[-1].type in ("response.completed", "response.incomplete")
+    text = "".join(event.delta for event in seen + rest if event.type == "response.output_text.delta")
+    final = client.responses.retrieve(response_id)
+    assert final.status == rest[-1].response.status and final.output_text == text
+    assert text.startswith("0 1 2")
+    # only a streamed background response streams; and it is its owner's only
+    plain = client.responses.create(model="echo", input="a b", max_output_tokens=3)
+    with pytest.raises(openai.BadRequestError):
+        list(client.responses.retrieve(plain.id, stream=True))
+    other = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEYS[1], max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        list(other.responses.retrieve(response_id, stream=True, starting_after=0))
 
 
 def test_on_redis_a_stream_is_reattached_through_another_server(tmp_path, redis_url):
