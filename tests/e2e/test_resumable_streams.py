@@ -211,6 +211,35 @@ def test_without_the_header_a_disconnect_still_cancels_the_generation(server):
                timeout=5)
 
 
+def test_a_reader_that_stops_reading_holds_back_only_itself(start_server):
+    """The run goes on while a client reads nothing; when it reads again it gets every event,
+    written a slice at a time as it drains: never the whole backlog at once, which would
+    pass max_stream_buffer_bytes and drop the client."""
+    server = start_server({"server": {"runs_path": "", "max_stream_buffer_bytes": 512 * 1024},
+                           "apps": {"echo": {"backend": "echo"}}})
+    words = [f"{n:02d}" + "x" * 4000 for n in range(10)]
+    tokens = 2500  # ~10 MB of events
+    body = {"model": "echo", "prompt": " ".join(words), "max_tokens": tokens, "ignore_eos": True, "stream": True}
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    slow.settimeout(30)
+    slow.connect(("127.0.0.1", server.port))
+    with slow:
+        send_post(slow, "/v1/completions", body, headers=RESUMABLE)
+        head = read_head(slow)
+        assert head.status == 200
+        path = f"/v1/completions/{head.header(b'x-runnel-stream-id').decode()}/stream"
+        # Reattached past any event, a request answers only once the run has ended.
+        ended = reattach(server.port, path, {}, 10**9)
+        assert parse_events(ended.body) == [(None, "[DONE]")]
+        events = parse_events(b"".join(head.read_chunks()))
+    assert events[-1] == (None, "[DONE]")
+    assert [event_id for event_id, _ in events[:-1]] == list(range(len(events) - 1))
+    cycle = [words[0], *(" " + word for word in words[1:])]  # echo's tokens, over and over
+    expected = "".join(cycle[i % len(cycle)] for i in range(tokens))
+    assert text_of(events) == expected
+
+
 def test_a_finished_stream_replays_after_a_restart(tmp_path):
     config = server_config(echo_config(runs_path=str(tmp_path / "runs.sqlite3")))
     first = ServerThread(config).start()

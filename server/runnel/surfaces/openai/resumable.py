@@ -46,6 +46,9 @@ __all__ = ["HEADER", "SURFACE", "ReattachAPI", "StreamRuns", "follow_into", "res
 SURFACE = "openai-stream"  # Run.surface of a resumable stream
 HEADER = b"x-runnel-resumable"
 ROUTES = {True: "/v1/chat/completions", False: "/v1/completions"}  # by chat
+# Bytes a follower writes before it waits for the client to drain: far below
+# [server] max_stream_buffer_bytes (64 KiB at least), so catching up never overflows it.
+WRITE_SLICE = 32 * 1024
 
 
 def resumable(request) -> bool:
@@ -146,6 +149,19 @@ class ReattachAPI:
                           stream_headers(stream_id, f"{ROUTES[chat]}/{stream_id}/stream"))
 
 
+async def _write(stream, frames: list[bytes]) -> bool:
+    """Write ``frames`` as one chunk, then wait for the client to drain; False once it has gone
+    (the run goes on without it)."""
+    if frames:
+        stream.write(b"".join(frames))
+    if stream.paused:
+        try:
+            await stream.drain()
+        except ConnectionError:
+            return False
+    return not stream.closed
+
+
 def not_found(stream_id: str) -> HTTPError:
     return HTTPError(404, f"No resumable stream with id '{stream_id}' (it may have expired).",
                      type="invalid_request_error", code="stream_not_found")
@@ -173,25 +189,30 @@ async def follow_into(request, runs, run_id: str, start_at: int, serializer: Ser
     before any (a full queue) is answered with the refusal's status, as a live request is;
     a reattaching request always gets a stream (the error, if any, as its last event).
 
-    One write per burst of values (``Runner.follow``), then the client's drain: a slow
-    reader holds back only itself; the run's values are bounded by its max_tokens."""
+    One write per burst of values (``Runner.follow``), at most ``WRITE_SLICE`` bytes each,
+    then the client's drain: a slow reader holds back only itself (what it has not read
+    waits in the run's values, bounded by max_tokens, not in the socket's buffer)."""
     stream = None if opening else request.stream(serializer=serializer, headers=headers)
     index = start_at
     last = None
     async for burst in runs.follow(run_id, start_at):
         if stream is None:
             stream = request.stream(serializer=serializer, headers=headers)
-        frames = []
+        frames: list[bytes] = []
+        size = 0
         for value in burst:
-            frames.append(b"id: %d\n%b" % (index, serializer.encode(orjson.dumps(value))))
+            frame = b"id: %d\n%b" % (index, serializer.encode(orjson.dumps(value)))
             index += 1
+            frames.append(frame)
+            size += len(frame)
+            if size >= WRITE_SLICE:  # a burst that piled up while the client was slow
+                if not await _write(stream, frames):
+                    return
+                frames.clear()
+                size = 0
         last = burst[-1]
-        stream.write(b"".join(frames))
-        if stream.paused:
-            try:
-                await stream.drain()
-            except ConnectionError:  # the client went: the run goes on without it
-                return
+        if not await _write(stream, frames):
+            return
     run = await runs.get(run_id)
     failed = run is None or run.state in (FAILED, CANCELLED, TIMED_OUT)
     if stream is None:
