@@ -568,15 +568,9 @@ class Runner:
                 if self._shared is not None:
                     self._free.release()
                 continue
-            active = self._active[run_id] = _Active()
             try:
-                await self._run(run_id, active)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("run %s: the runner failed", run_id)
+                await self._hold_and_run(run_id, _Active())
             finally:
-                self._active.pop(run_id, None)
                 if self._shared is not None:
                     self._free.release()
 
@@ -602,9 +596,18 @@ class Runner:
 
     async def _run_at_once(self, run_id: str) -> None:
         if run_id in self._active:  # a worker took it first from a shared store's queue: it runs it
-            self._changed.pop(run_id, None)
             return
-        active = self._active[run_id] = _Active(at_once=True)
+        try:
+            await self._hold_and_run(run_id, _Active(at_once=True))
+        finally:
+            changed = self._changed.pop(run_id, None)
+            if changed is not None:  # not run here after all (claimed elsewhere, cancelled)
+                changed.set()
+
+    async def _hold_and_run(self, run_id: str, active: _Active) -> None:
+        """``_run``, the run in ``_active`` meanwhile (so a cancel finds it); a failure of the
+        runner itself is logged, not raised."""
+        self._active[run_id] = active
         try:
             await self._run(run_id, active)
         except asyncio.CancelledError:
@@ -613,9 +616,6 @@ class Runner:
             logger.exception("run %s: the runner failed", run_id)
         finally:
             self._active.pop(run_id, None)
-            changed = self._changed.pop(run_id, None)
-            if changed is not None:  # not run here after all (claimed elsewhere, cancelled)
-                changed.set()
 
     async def _ready_app(self, name: str):
         """The app once it has loaded; None if it failed or is gone. No deadline: a run
