@@ -95,6 +95,16 @@ def reattach(port: int, path: str, headers: dict[str, str], last_event_id: int |
     return request(port, "GET", path, headers=tuple((k.lower().encode(), v.encode()) for k, v in extra.items()))
 
 
+def reattach_chunks(port: int, path: str, headers: dict[str, str], last_event_id: int) -> list[bytes]:
+    """Reattach on a raw socket: the body's chunks as written (a live follow writes one per burst)."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    with connect(port) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\n{extra}last-event-id: {last_event_id}\r\n\r\n".encode())
+        reply = read_head(sock)
+        assert reply.status == 200 and reply.header(b"content-type") == b"text/event-stream"
+        return reply.read_chunks()
+
+
 @pytest.fixture(scope="module")
 def server():
     thread = ServerThread(server_config(echo_config())).start()
@@ -117,13 +127,7 @@ def test_a_dropped_stream_reattached_with_last_event_id_gets_the_rest_live(serve
     assert head.header(b"x-runnel-stream-url").decode() == f"{path}/{stream_id}/stream"
     assert {chunk["id"] for _, chunk in first} == {stream_id}  # the chunks carry the stream's id
     last = first[-1][0]
-    sock = connect(server.port)
-    with sock:
-        sock.sendall(f"GET {path}/{stream_id}/stream HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEYS[0]}\r\n"
-                     f"last-event-id: {last}\r\n\r\n".encode())
-        reply = read_head(sock)
-        assert reply.status == 200 and reply.header(b"content-type") == b"text/event-stream"
-        chunks = reply.read_chunks()
+    chunks = reattach_chunks(server.port, f"{path}/{stream_id}/stream", auth(), last)
     # Followed live: the rest came in bursts as generated (a replay of a finished run is one write).
     assert len(chunks) > 3
     rest = parse_events(b"".join(chunks))
@@ -138,7 +142,9 @@ def test_the_concatenation_equals_an_uninterrupted_stream(server):
     whole = request(server.port, "POST", "/v1/chat/completions", headers=AUTH, body=orjson.dumps(CHAT))
     assert whole.status == 200
     plain = [orjson.loads(line[6:]) for line in whole.body.split(b"\n\n") if line.startswith(b"data: {")]
+    runs_before = metric(server.port, "runnel_runs_accepted_total")
     head, first = start_and_drop(server.port, "/v1/chat/completions", CHAT, {**RESUMABLE, **auth()}, at_least=3)
+    assert metric(server.port, "runnel_runs_accepted_total") == runs_before + 1  # a resumable stream is a run
     stream_id = head.header(b"x-runnel-stream-id").decode()
     rest = parse_events(reattach(server.port, f"/v1/chat/completions/{stream_id}/stream", auth(), first[-1][0]).body)
     resumed = [chunk for _, chunk in first + rest[:-1]]
@@ -190,10 +196,16 @@ def test_a_refused_resumable_stream_is_answered_with_the_refusal_status(server):
                           headers=((b"x-runnel-resumable", b"true"), *AUTH),
                           body=orjson.dumps(COMPLETION))
         assert refused.status == 429 and refused.json()["error"]["code"] == "queue_full"
+        runs_before = metric(server.port, "runnel_runs_accepted_total")
         bad = request(server.port, "POST", "/v1/completions",
                       headers=((b"x-runnel-resumable", b"maybe"), *AUTH),
                       body=orjson.dumps(COMPLETION))
         assert bad.status == 400
+        # a body refused by validation makes no run: it is checked before the run is made
+        invalid = request(server.port, "POST", "/v1/completions", headers=((b"x-runnel-resumable", b"true"), *AUTH),
+                          body=orjson.dumps({**COMPLETION, "max_tokens": -1}))
+        assert invalid.status == 400 and invalid.json()["error"]["param"] == "max_tokens"
+        assert metric(server.port, "runnel_runs_accepted_total") == runs_before
     finally:
         sock.close()
 
@@ -312,7 +324,9 @@ def test_on_redis_a_stream_is_reattached_through_another_server(tmp_path, redis_
         head, seen = start_and_drop(first.port, "/v1/chat/completions", CHAT, RESUMABLE, at_least=4)
         stream_id = head.header(b"x-runnel-stream-id").decode()
         path = f"/v1/chat/completions/{stream_id}/stream"
-        rest = parse_events(reattach(second.port, path, {}, seen[-1][0]).body)
+        chunks = reattach_chunks(second.port, path, {}, seen[-1][0])
+        assert len(chunks) > 3  # followed live, from the store's copy of the values
+        rest = parse_events(b"".join(chunks))
         ids = [event_id for event_id, _ in seen + rest[:-1]]
         assert ids == list(range(len(ids))) and rest[-1] == (None, "[DONE]")
         assert text_of(seen + rest) == EXPECTED
