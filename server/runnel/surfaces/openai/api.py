@@ -65,6 +65,7 @@ class OpenAIEvents(ServerSentEvents):
 SSE = OpenAIEvents()
 NDJSON = NDJSONFraming()  # RunPod's non-raw output: bare JSON lines, no [DONE]
 NO_CACHE = ((b"cache-control", b"no-cache"),)
+RESUMABLE = b"x-runnel-resumable"  # a streamed request's opt-in to a resumable stream (.resumable)
 # Templating or tokenizing more text than this runs on a worker thread, so the loop keeps
 # answering meanwhile (the tokenizers release the GIL; a template is Python, which yields
 # it every switch interval). Below it, a thread hop would cost more than the work.
@@ -270,7 +271,7 @@ class OpenAIAPI:
     async def _complete(self, request, app, parsed: CompletionRequest, prompts, *, chat: bool, reply: ReplyOptions,
                         tool_use: ToolUse | None = None):
         fit_to_model(parsed, app, max(len(tokens) for tokens in prompts), len(prompts))
-        if parsed.stream and reply is DEFAULT_REPLY and request.header(b"x-runnel-resumable") is not None:
+        if parsed.stream and reply is DEFAULT_REPLY and request.header(RESUMABLE) is not None:
             from .resumable import resumable, start  # only opted-in requests import it
 
             if resumable(request):  # a run that outlives this request, which follows it

@@ -37,14 +37,13 @@ import orjson
 from ...errors import HTTPError
 from ...runs import CANCELLED, FAILED, TIMED_OUT, Run, RunView
 from ...serializers import Serializer
-from .api import NO_CACHE, SSE, OpenAIAPI, is_model_app
+from .api import NO_CACHE, RESUMABLE, SSE, OpenAIAPI, is_model_app
 from .offline import stream as offline_stream
 from .params import invalid
 
-__all__ = ["HEADER", "SURFACE", "ReattachAPI", "StreamRuns", "follow_into", "resumable", "start", "wants_resume_from"]
+__all__ = ["SURFACE", "ReattachAPI", "StreamRuns", "follow_into", "resumable", "start", "wants_resume_from"]
 
 SURFACE = "openai-stream"  # Run.surface of a resumable stream
-HEADER = b"x-runnel-resumable"
 ROUTES = {True: "/v1/chat/completions", False: "/v1/completions"}  # by chat
 # Bytes a follower writes before it waits for the client to drain: far below
 # [server] max_stream_buffer_bytes (64 KiB at least), so catching up never overflows it.
@@ -53,7 +52,7 @@ WRITE_SLICE = 32 * 1024
 
 def resumable(request) -> bool:
     """Whether a streamed request asked to be resumable (``X-Runnel-Resumable: true``)."""
-    value = request.header(HEADER)
+    value = request.header(RESUMABLE)
     if value is None:
         return False
     value = value.strip().lower()
