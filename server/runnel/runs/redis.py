@@ -607,7 +607,8 @@ class RedisRunStore:
         await self._call("append_values", int(self.retention) + 1, *(_dumps(v) for v in values),
                          keys=(f"{PREFIX}values:{run_id}",))
 
-    async def values(self, run_id: str) -> list | None:
-        """A running generator's values so far; None when it has none (not started, or done)."""
-        values = await self._do(self._client().lrange, f"{PREFIX}values:{run_id}", 0, -1)
+    async def values(self, run_id: str, start: int = 0) -> list | None:
+        """A running generator's values so far, from index ``start`` on (a follower reads only
+        what is new); None when it has none there (not started, or done)."""
+        values = await self._do(self._client().lrange, f"{PREFIX}values:{run_id}", start, -1)
         return [orjson.loads(value) for value in values] if values else None

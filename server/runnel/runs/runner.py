@@ -92,6 +92,11 @@ logger = logging.getLogger("runnel.runs")
 __all__ = ["RunView", "Runner", "ValueStream"]
 
 CANCEL_GRACE = 5.0  # seconds a cancelled call gets to unwind (its finally blocks)
+# Seconds a follower (``follow``) waits for a wake-up before it looks at the store again: the
+# wake-ups are in-process, so this is how soon it sees a run another server executes move on
+# (and a safety net for a wake-up lost here).
+FOLLOW_POLL_SHARED = 0.1
+FOLLOW_POLL = 2.0
 QUEUE_FULL_RETRY_AFTER = b"5"  # seconds: a full queue of runs drains no faster than its runs run
 EXPIRE_INTERVAL = 1.0  # seconds between sweeps for queued runs past their deadline
 
@@ -147,6 +152,7 @@ class _Active:
 
     cancelled: bool = False
     task: asyncio.Task | None = None
+    at_once: bool = False  # submitted at_once: executing outside the workers
 
 
 @dataclass(slots=True)
@@ -219,6 +225,10 @@ class Runner:
         self._active: dict[str, _Active] = {}
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._streams: dict[str, list] = {}  # a running generator's values so far
+        # Set when a run executing here yields a value or finishes, for its followers (``follow``);
+        # made when the run starts (or is submitted ``at_once``), dropped when it finishes.
+        self._changed: dict[str, asyncio.Event] = {}
+        self._at_once: set[asyncio.Task] = set()  # runs executing outside the workers (``at_once``)
         self._opening = asyncio.Lock()
         # Shared store: workers free to take a run from the store's queue.
         self._free = asyncio.Semaphore(self.workers)
@@ -314,7 +324,7 @@ class Runner:
         if self._state == "closed":
             return
         self._state = "closed"
-        tasks = [*self._tasks, *self._deliveries]
+        tasks = [*self._tasks, *self._deliveries, *self._at_once]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -323,12 +333,18 @@ class Runner:
     # -- submitting and reading ---------------------------------------------------------
     async def submit(self, surface: str, app: str, function: str, input: Any, *, principal: str = ANYONE,
                      run_id: str | None = None, webhook: str | None = None, timeout_ms: int | None = None,
-                     idempotency: Idempotency | None = None, deadline: float | None = None) -> Run:
+                     idempotency: Idempotency | None = None, deadline: float | None = None,
+                     at_once: bool = False) -> Run:
         """Record a run durably, then queue it; the run recorded. With ``idempotency``, the
         run an earlier request with the same key made, if it is still kept (HTTPError 422
         when that request differed). HTTPError 429 when ``max_queued`` runs are queued
         already, 503 when the store cannot take it. ``deadline`` (unix seconds): if not
-        claimed by then, the run is never run; one already past is refused (504), unrecorded."""
+        claimed by then, the run is never run; one already past is refused (504), unrecorded.
+
+        ``at_once``: execute it now, here, outside the ``runs_workers`` (for a run that stands
+        for a live request, bounded by its app's own admission, not queued behind background
+        work). With a shared store another server may still claim it first (it is in the
+        store's queue): it executes there then, and ``follow`` reads its values from the store."""
         now = time.time()
         if deadline is not None and deadline <= now:
             raise deadline_exceeded("The run's deadline had passed before it was queued; it was not recorded.")
@@ -343,7 +359,13 @@ class Runner:
                 raise HTTPError(422, "This Idempotency-Key was used for a different request; use a new key "
                                 "for a new request", param="Idempotency-Key", code="idempotency_key_reused")
             return recorded
-        self._enqueue((run.id,))
+        if at_once:
+            self._changed[run.id] = asyncio.Event()  # for a follower that comes before it starts
+            task = asyncio.get_running_loop().create_task(self._run_at_once(run.id))
+            self._at_once.add(task)
+            task.add_done_callback(self._at_once.discard)
+        else:
+            self._enqueue((run.id,))
         self.metrics.run_accepted(app)
         return run
 
@@ -515,6 +537,9 @@ class Runner:
                 active.task.cancel()
 
     def _wake_waiters(self, run_id: str) -> None:
+        changed = self._changed.pop(run_id, None)
+        if changed is not None:  # a run submitted at_once here that another server finished
+            changed.set()
         for waiter in self._waiters.pop(run_id, ()):
             if not waiter.done():
                 waiter.set_result(None)
@@ -527,7 +552,48 @@ class Runner:
     @property
     def busy(self) -> int:
         """Workers busy with a run."""
-        return len(self._active)
+        return sum(not active.at_once for active in self._active.values())
+
+    async def follow(self, run_id: str, start: int = 0) -> AsyncIterator[list]:
+        """The values a run yields from index ``start`` on, as they come, until it is done:
+        each item is every value new since the last (one wake-up per burst, not per value),
+        read from the live list while the run executes here, from the store's copy while it
+        executes on another server (a shared store), and from its output once it is done.
+        Ends at once for an unknown run; the caller reads the run's outcome after (``get``).
+        A reader that stops taking items holds nothing back: the run goes on."""
+        sent = start
+        while True:
+            values = self._streams.get(run_id)
+            if values is None:
+                run = await self.get(run_id)
+                if run is None:
+                    return
+                if run.done:
+                    values = run.output if run.streamed and type(run.output) is list else []
+                    if len(values) > sent:
+                        yield values[sent:]
+                    return
+                if self._shared is not None and run.state == RUNNING and run_id not in self._changed:
+                    values = await self._shared.values(run_id, sent)
+                    if values:
+                        sent += len(values)
+                        yield values
+                        continue
+                if run_id in self._streams:  # it started here while the store was read
+                    continue
+            elif len(values) > sent:
+                burst = values[sent:]
+                sent += len(burst)
+                yield burst
+                continue
+            changed = self._changed.get(run_id)
+            if changed is None:  # queued, or executing on another server: look again shortly
+                await asyncio.sleep(FOLLOW_POLL_SHARED)
+                continue
+            changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FOLLOW_POLL):
+                    await changed.wait()
 
     async def counts(self, app: str, surface: str) -> dict[str, int]:
         return await self.store.counts(app, surface, time.time() - self.retention)
@@ -540,15 +606,9 @@ class Runner:
                 if self._shared is not None:
                     self._free.release()
                 continue
-            active = self._active[run_id] = _Active()
             try:
-                await self._run(run_id, active)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("run %s: the runner failed", run_id)
+                await self._hold_and_run(run_id, _Active())
             finally:
-                self._active.pop(run_id, None)
                 if self._shared is not None:
                     self._free.release()
 
@@ -571,6 +631,29 @@ class Runner:
                 self._queue.put_nowait(run_id)
             for _ in range(free - len(run_ids)):
                 self._free.release()
+
+    async def _run_at_once(self, run_id: str) -> None:
+        if run_id in self._active:  # a worker took it first from a shared store's queue: it runs it
+            return
+        try:
+            await self._hold_and_run(run_id, _Active(at_once=True))
+        finally:
+            changed = self._changed.pop(run_id, None)
+            if changed is not None:  # not run here after all (claimed elsewhere, cancelled)
+                changed.set()
+
+    async def _hold_and_run(self, run_id: str, active: _Active) -> None:
+        """``_run``, the run in ``_active`` meanwhile (so a cancel finds it); a failure of the
+        runner itself is logged, not raised."""
+        self._active[run_id] = active
+        try:
+            await self._run(run_id, active)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("run %s: the runner failed", run_id)
+        finally:
+            self._active.pop(run_id, None)
 
     async def _ready_app(self, name: str):
         """The app once it has loaded; None if it failed or is gone. No deadline: a run
@@ -646,9 +729,14 @@ class Runner:
                 streamed = True
                 values = self._streams[run.id] = []
                 sharing = None if self._shared is None else _ValueSharing(self._shared, run.id, values)
+                changed = self._changed.get(run.id)
+                if changed is None:
+                    changed = self._changed[run.id] = asyncio.Event()
+                changed.set()  # the values exist now
                 try:
                     async for value in result:
                         values.append(value)
+                        changed.set()  # a no-op until a follower has taken what came before
                         if sharing is not None:
                             sharing.poke()
                 finally:
@@ -695,6 +783,9 @@ class Runner:
                         written = True
                         break
         self._streams.pop(run.id, None)
+        changed = self._changed.pop(run.id, None)
+        if changed is not None:  # its followers read the rest from the store now
+            changed.set()
         if written:
             seconds = outcome.run_time_ms / 1000 if outcome.run_time_ms is not None else None
             self.metrics.run_finished(run.app, outcome.state, seconds)

@@ -239,5 +239,6 @@ class SharedRunStore(RunStore, Protocol):
     async def append_values(self, run_id: str, values: list) -> None:
         """Add a running generator's newest values to what ``values`` reads, on any server."""
 
-    async def values(self, run_id: str) -> list | None:
-        """A running generator's values so far; None when it has none here (not started, or done)."""
+    async def values(self, run_id: str, start: int = 0) -> list | None:
+        """A running generator's values so far, from index ``start`` on; None when it has none
+        there (not started, or done)."""

@@ -5,9 +5,11 @@
     sinks.py    token sinks: a generation as OpenAI's objects, streamed or collected
     tokens.py   /tokenize and /detokenize (vLLM's shapes)
     responses.py  the Responses API, /v1/responses (responses_items.py: its input and output items)
-    offline.py  an OpenAI body executed without an HTTP exchange (batch lines, async runs)
+    offline.py  an OpenAI body executed without an HTTP exchange (batch lines, async runs, resumable streams)
+    runs.py     OpenAI bodies as runs (/v4 ...?async=true, RunPod model jobs)
     files.py    /v1/files: uploads (multipart, streamed to disk) and batches' output files
     batches.py  the Batch API, /v1/batches: shards of lines as runs (batch_files.py: their files)
+    resumable.py  resumable streams: X-Runnel-Resumable, reattached with Last-Event-ID
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .batches import BatchesAPI
 from .files import MULTIPART_OVERHEAD, FilesAPI, FileStore, files_dir
 from .params import invalid
 from .responses import ResponsesAPI
+from .resumable import ReattachAPI, StreamRuns
 from .tokens import TokenEndpoints
 
 __all__ = ["NO_CACHE", "SSE", "OpenAIAPI", "ReplyOptions", "can_embed", "invalid", "is_model_app"]
@@ -31,6 +34,10 @@ def runnel_register_routes(register, server):
     register("POST", "/v1/chat/completions", api.chat)
     register("POST", "/v1/completions", api.completions)
     register("POST", "/v1/embeddings", api.embeddings)
+    streams = ReattachAPI(api)
+    server.runs.add_view(StreamRuns(api))
+    register("GET", "/v1/chat/completions/{stream_id}/stream", streams.chat)
+    register("GET", "/v1/completions/{stream_id}/stream", streams.completions)
     responses = ResponsesAPI(server)
     register("POST", "/v1/responses", responses.create)
     register("GET", "/v1/responses/{response_id}", responses.retrieve)

@@ -65,6 +65,7 @@ class OpenAIEvents(ServerSentEvents):
 SSE = OpenAIEvents()
 NDJSON = NDJSONFraming()  # RunPod's non-raw output: bare JSON lines, no [DONE]
 NO_CACHE = ((b"cache-control", b"no-cache"),)
+RESUMABLE = b"x-runnel-resumable"  # a streamed request's opt-in to a resumable stream (.resumable)
 # Templating or tokenizing more text than this runs on a worker thread, so the loop keeps
 # answering meanwhile (the tokenizers release the GIL; a template is Python, which yields
 # it every switch interval). Below it, a thread hop would cost more than the work.
@@ -270,13 +271,21 @@ class OpenAIAPI:
     async def _complete(self, request, app, parsed: CompletionRequest, prompts, *, chat: bool, reply: ReplyOptions,
                         tool_use: ToolUse | None = None):
         fit_to_model(parsed, app, max(len(tokens) for tokens in prompts), len(prompts))
+        if parsed.stream and reply is DEFAULT_REPLY and request.header(RESUMABLE) is not None:
+            from .resumable import resumable, start  # only opted-in requests import it
+
+            if resumable(request):  # a run that outlives this request, which follows it
+                return await start(self, request, app, chat=chat)
         n = parsed.n
         choices = n * len(prompts)
         usage = Usage(sum(len(tokens) for tokens in prompts))
-        if reply.uuid_ids:
-            completion_id = str(uuid.uuid4())
-        else:
-            completion_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        # Chosen by an offline caller (a resumable stream's run: its id is the completion's).
+        completion_id = getattr(request, "completion_id", None)
+        if completion_id is None:
+            if reply.uuid_ids:
+                completion_id = str(uuid.uuid4())
+            else:
+                completion_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": reply.model_name or app.model_id}
         echo = [prompt for prompt in parsed.prompts for _ in range(n)] if parsed.echo else None

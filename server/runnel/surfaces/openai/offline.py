@@ -21,7 +21,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -41,7 +41,8 @@ from .params import (
 
 logger = logging.getLogger("runnel.openai")
 
-__all__ = ["ROUTES", "ChunkStream", "OfflineRequest", "call", "check", "http_error", "route_handler", "stream"]
+__all__ = ["ROUTES", "ChunkStream", "OfflineRequest", "call", "check", "fill", "http_error", "route_handler",
+           "stream"]
 
 # The routes a body may be sent to, and the handler (an OpenAIAPI method name) each takes.
 ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
@@ -166,9 +167,10 @@ class ChunkStream:
 class OfflineRequest:
     """What the OpenAI handlers read from a request, for a body that came by another way."""
 
-    __slots__ = ("body", "principal", "started_at", "generation", "path_params", "headers", "response_stream")
+    __slots__ = ("body", "principal", "started_at", "generation", "path_params", "headers", "response_stream",
+                 "completion_id")
 
-    def __init__(self, body: Any, principal=ANONYMOUS) -> None:
+    def __init__(self, body: Any, principal=ANONYMOUS, completion_id: str | None = None) -> None:
         self.body = body
         self.principal = principal
         self.started_at = asyncio.get_running_loop().time()
@@ -176,6 +178,12 @@ class OfflineRequest:
         self.path_params: dict[str, str] = {}
         self.headers: tuple = ()
         self.response_stream: ChunkStream | None = None
+        # The id its completion gets (OpenAIAPI._complete), when its caller chose it: a resumable
+        # stream's chunks carry the id the stream is reattached by.
+        self.completion_id = completion_id
+
+    def header(self, name: bytes, default: bytes | None = None) -> bytes | None:
+        return default
 
     async def json(self) -> Any:
         return self.body
@@ -211,18 +219,33 @@ async def call(api: OpenAIAPI, route: str, body: Any, *, app=None, principal=ANO
 
 
 def stream(api: OpenAIAPI, route: str, body: Any, *, app=None, principal=ANONYMOUS,
-           reply: ReplyOptions = DEFAULT_REPLY) -> ChunkStream:
+           reply: ReplyOptions = DEFAULT_REPLY, completion_id: str | None = None) -> ChunkStream:
     """Start ``body`` (a streamed one) as a request to ``route`` and return its chunks as they
     come (iterate it; ``aclose`` stops the generation). A failure, before or after the first
-    chunk, ends the iteration with its HTTPError. Call on the event loop."""
-    request = OfflineRequest(body, principal)
+    chunk, ends the iteration with its HTTPError. ``completion_id``: the id its chunks carry
+    (else a new one). Call on the event loop."""
+    request = OfflineRequest(body, principal, completion_id)
     chunks = request.response_stream = ChunkStream()
+
+    async def handle(chunks: ChunkStream) -> None:
+        response = await _handle(api, route, request, app, reply)
+        if response is not None:  # answered whole after all: keep the body as one chunk
+            chunks.send(response.body)
+
+    return fill(handle, chunks, route)
+
+
+def fill(produce: Callable[[ChunkStream], Awaitable[None]], chunks: ChunkStream | None = None,
+         what: str = "stream") -> ChunkStream:
+    """``produce(chunks)`` started as a task filling ``chunks`` (a new ChunkStream when None),
+    which it returns: ended when ``produce`` returns, failed with the HTTPError it raises (or a
+    500 for a bug, logged as ``what``); ``aclose`` cancels it. Call on the event loop."""
+    if chunks is None:
+        chunks = ChunkStream()
 
     async def handle() -> None:
         try:
-            response = await _handle(api, route, request, app, reply)
-            if response is not None:  # answered whole after all: keep the body as one chunk
-                chunks.send(response.body)
+            await produce(chunks)
             chunks.end()
         except HTTPError as error:
             chunks.fail({"status": error.status, **error.to_dict()})
@@ -230,7 +253,7 @@ def stream(api: OpenAIAPI, route: str, body: Any, *, app=None, principal=ANONYMO
             chunks.end()
             raise
         except Exception as exc:  # a bug below: the reader sees a 500, the log the traceback
-            logger.exception("offline %s request failed", route)
+            logger.exception("offline %s request failed", what)
             chunks.fail({"status": 500, "error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error",
                                                   "param": None, "code": "internal_error"}})
 

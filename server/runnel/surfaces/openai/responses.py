@@ -6,7 +6,10 @@ Built on the chat surface's pieces (``OpenAIAPI.app_by_model``, the app's chat t
 Stored responses (``store``, the default) and background ones are runs in the server's
 run store (``runnel.runs``), of surface ``responses``: a stored response is recorded
 finished once generated; a background one is submitted queued, executed by the
-Runner (``ResponseRuns.call``), and read back, cancelled or deleted by id. Either way
+Runner (``ResponseRuns.call``), and read back, cancelled or deleted by id. A background
+one with ``stream`` too is streamed as it is generated (its run's values are its events)
+and resumed by ``GET /v1/responses/{id}?stream=true&starting_after=N``, OpenAI's
+resumable stream (``runnel.surfaces.openai.resumable.follow_into`` writes both). Either way
 it survives a restart and is kept ``[server] runs_retention`` seconds, for its caller
 (principal) only; ``previous_response_id`` continues one: its input and output items
 come before the new input (its ``instructions`` do not). Function tools go through
@@ -30,6 +33,7 @@ from ...http.response import JSON
 from ...runs import CANCELLED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Run, RunView
 from ...tools import ToolUse, function_tool
 from .api import NO_CACHE, OpenAIAPI, chat_prompt_tokens, is_model_app
+from .offline import ChunkStream, fill
 from .params import (
     MIN_TEMPERATURE,
     MIN_TOP_P,
@@ -41,6 +45,7 @@ from .params import (
 )
 from .responses_items import chat_messages, input_items, output_as_input
 from .responses_output import EVENTS, ResponseOutput
+from .resumable import follow_into, stream_headers, wants_resume_from
 from .sinks import Usage, run_generations
 
 SURFACE = "responses"
@@ -101,9 +106,6 @@ class ResponseRequest:
         self.background = typed_field(body, "background", bool, False)
         if self.background and not self.store:
             raise invalid("background", "Background responses must be stored: 'background' needs 'store' true.")
-        if self.background and self.stream:
-            raise invalid("stream", "Streaming a background response is not supported by this server.",
-                          "unsupported_parameter")
         if body.get("stream_options") is not None and not self.stream:
             raise invalid("stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled.")
         self.previous_response_id = typed_field(body, "previous_response_id", str)
@@ -191,7 +193,9 @@ class ResponseRuns(RunView):
     def takes(self, app) -> bool:
         return is_model_app(app)
 
-    async def call(self, app, run: Run) -> dict[str, Any]:
+    async def call(self, app, run: Run) -> dict[str, Any] | ChunkStream:
+        """The response; for a streamed background one, its events as they come (the run's
+        values: what a client follows, and resumes after a ``sequence_number``)."""
         data = run.input
         tool_use = self.openai.tool_use(app, data["tools"], data["tool_choice"], data["parallel"])
         messages = chat_messages(data["response"]["instructions"], data["items"])
@@ -199,11 +203,31 @@ class ResponseRuns(RunView):
         params = SamplingParams(**data["params"])
         if tool_use is not None:
             tool_use.constrain(params, app)
-        return await generate(app, tokens, params, data["response"], tool_use)
+        if not data.get("stream"):
+            return await generate(app, tokens, params, data["response"], tool_use)
+
+        async def events(chunks: ChunkStream) -> None:
+            sink = ResponseOutput(Usage(len(tokens)), {**data["response"], "status": "in_progress"}, tool_use)
+            try:
+                await run_generations(app, [tokens], params, 1, sink, lambda: sink.open(chunks))
+            except HTTPError as error:
+                if sink.stream is None:  # refused before it started: the run fails with it
+                    raise
+                sink.fail(error)  # its last event: response.failed
+
+        return fill(events, what="background response")
+
+    def check(self, run: Run, result: Any) -> Any:
+        """A streamed response that ended ``response.failed`` fails its run (its events kept)."""
+        if type(result) is list and result and _ended(result[-1]) == "response.failed":
+            error = result[-1]["response"]["error"]
+            raise HTTPError(500, error["message"], code=error["code"])
+        return result
 
     def render(self, run: Run) -> dict[str, Any]:
         if run.state == SUCCEEDED and run.output is not None:
-            return run.output
+            # A streamed one's output is its events, the last of which holds the response.
+            return run.output[-1]["response"] if run.streamed else run.output
         response = run.input["response"]
         if run.state == QUEUED:
             return response
@@ -214,6 +238,14 @@ class ResponseRuns(RunView):
         error = run.error or {}
         return {**response, "status": "failed",
                 "error": {"code": "server_error", "message": error.get("message", "The response failed.")}}
+
+
+def _ended(event: Any) -> str | None:
+    """The type of a response's last event (``response.completed``, ``.incomplete`` or
+    ``.failed``: plain dicts, never a token's delta); None for any other event."""
+    if type(event) is dict and event.get("type") in ("response.completed", "response.incomplete", "response.failed"):
+        return event["type"]
+    return None
 
 
 class ResponsesAPI:
@@ -244,7 +276,7 @@ class ResponsesAPI:
             if previous.state != SUCCEEDED:
                 raise invalid("previous_response_id", f"Previous response with id '{previous.id}' is "
                               f"{self.view.render(previous)['status']}: only a finished one can be continued.")
-            items = previous.input["items"] + output_as_input(previous.output["output"]) + items
+            items = previous.input["items"] + output_as_input(self.view.render(previous)["output"]) + items
         tool_use = self.openai.tool_use(app, parsed.tools, parsed.tool_choice, parsed.parallel)
         tokens = await chat_prompt_tokens(app, chat_messages(parsed.instructions, items), param="input",
                                           tool_use=tool_use)
@@ -265,12 +297,16 @@ class ResponsesAPI:
         }
         name = self.openai.by_model[app.model_id]
         data = {"response": response, "items": items, "tools": parsed.tools, "tool_choice": parsed.tool_choice,
-                "parallel": parsed.parallel,
+                "parallel": parsed.parallel, "stream": parsed.background and parsed.stream,
                 "params": {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p}}
         principal = request.principal.identity
         if parsed.background:
             run = await self.runs.submit(SURFACE, name, "respond", data, principal=principal, run_id=response["id"],
                                          deadline=unix_deadline(request))
+            if parsed.stream:  # followed live here; resumed by GET .../{id}?stream=true&starting_after=N
+                await follow_into(request, self.runs, run.id, 0, EVENTS, self._stream_headers(run.id), _ended,
+                                  opening=True)
+                return None
             return json_response(self.view.render(run))
         if parsed.stream:
             sink = ResponseOutput(Usage(len(tokens)), response, tool_use)
@@ -298,11 +334,22 @@ class ResponsesAPI:
                                    state=SUCCEEDED, output=result, created_at=result["created_at"], started_at=now,
                                    finished_at=now, principal=principal))
 
-    async def retrieve(self, request) -> Response:
-        if request.query_param("stream", "false") != "false":
-            raise _unsupported("stream")
+    async def retrieve(self, request) -> Response | None:
+        stream = request.query_param("stream", "false")
+        if stream not in ("true", "false"):
+            raise invalid("stream", f"'stream' must be true or false, not {stream!r}.")
+        start_at = wants_resume_from(request) if stream == "true" else 0
         run = await self._find(request, request.path_params["response_id"])
-        return json_response(self.view.render(run))
+        if stream == "false":
+            return json_response(self.view.render(run))
+        if not run.input.get("stream"):
+            raise invalid("stream", "Only a response created with background=true and stream=true can be streamed.")
+        await follow_into(request, self.runs, run.id, start_at, EVENTS, self._stream_headers(run.id), _ended)
+        return None
+
+    @staticmethod
+    def _stream_headers(response_id: str) -> tuple[tuple[bytes, bytes], ...]:
+        return stream_headers(response_id, f"/v1/responses/{response_id}?stream=true")
 
     async def delete(self, request) -> Response:
         run = await self._find(request, request.path_params["response_id"])
