@@ -60,7 +60,7 @@ import trio
 from .dataset import Sample
 from .metrics import SLO_KEYS, meets, request_metrics
 from .report import format_progress
-from .sse import StreamTokens, TokenWindow
+from .sse import StreamTokens, TokenWindow, usage_counts
 from .stats import summarize
 
 READ_SIZE = 64 * 1024
@@ -352,6 +352,7 @@ class _Run:
         self.cut = 0
         self.ok = 0
         self.tokens = 0  # output tokens of the requests that ended in the window
+        self.input_tokens = 0  # their prompt tokens, where the server reported them
         self.token_events = 0  # of those, the token-bearing pieces read (streams)
         self.good = 0  # requests that met every goodput SLO
         self.slos = spec.goodput
@@ -434,9 +435,9 @@ class _Run:
             if kind == "connect":
                 await trio.sleep(CONNECT_BACKOFF)
             return None
-        status, sse, tokens, nbytes, t_end, stream_error, reusable = result
+        status, sse, tokens, prompt_tokens, nbytes, t_end, stream_error, reusable = result
         if sse is not None:
-            tokens = sse.output_tokens
+            tokens, prompt_tokens = sse.output_tokens, sse.prompt_tokens
             self.window.settle(sse.tokens, sse.windowed, sse.reported, t_end)
         elif tokens:
             self.window.settle(0, 0, tokens, t_end)
@@ -449,6 +450,7 @@ class _Run:
             else:
                 self.ok += 1
                 self.tokens += tokens
+                self.input_tokens += prompt_tokens or 0
                 ttft, tpot, e2el = request_metrics(due, sse.first if sse is not None else 0, t_end, tokens)
                 self.latency.append(e2el)
                 if ttft is not None:
@@ -536,9 +538,9 @@ class _Run:
         if sse is not None:
             if sse.error:
                 stream_error = "stream_error"
-            return status, sse, 0, nbytes, t, stream_error, reusable
-        tokens = _usage_tokens(body) if body and b'"usage"' in body else 0
-        return status, None, tokens, nbytes, t, stream_error, reusable
+            return status, sse, 0, None, nbytes, t, stream_error, reusable
+        tokens, prompt_tokens = _usage_tokens(body) if body and b'"usage"' in body else (0, None)
+        return status, None, tokens, prompt_tokens, nbytes, t, stream_error, reusable
 
     async def client(self) -> None:
         """Closed loop: one client, one connection at a time, back to back."""
@@ -608,6 +610,7 @@ class _Run:
             "duration_s": round(duration, 3),
             "requests_per_s": round(self.ok / duration, 2) if duration else 0.0,
             "tokens": self.tokens,
+            "input_tokens": self.input_tokens,
             "tokens_per_s": round(self.window.tokens / duration, 2) if duration else 0.0,
             "completed_tokens_per_s": round(self.tokens / duration, 2) if duration else 0.0,
             "latency_ms": summarize(self.latency),
@@ -635,13 +638,16 @@ def _header(headers, name: bytes) -> bytes:
     return b""
 
 
-def _usage_tokens(body: bytes) -> int:
+def _usage_tokens(body: bytes) -> tuple[int, int | None]:
+    """(completion tokens, prompt tokens) of a JSON body's ``usage``; (0, None) without one."""
     try:
         usage = orjson.loads(body).get("usage")
-        tokens = usage.get("completion_tokens")
     except (orjson.JSONDecodeError, AttributeError):
-        return 0
-    return tokens if type(tokens) is int else 0
+        return 0, None
+    if type(usage) is not dict:
+        return 0, None
+    out, prompt = usage_counts(usage)
+    return out or 0, prompt
 
 
 def _open_files_for(n: int) -> int:

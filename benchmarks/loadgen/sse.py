@@ -60,10 +60,10 @@ class SSEParser:
         return events
 
 
-def parse_event(data: bytes) -> tuple[int, int | None]:
-    """(tokens, completion tokens the event reports) of one event's data; tokens is
-    -1 for an error event, and the report is None unless the event carries
-    ``usage.completion_tokens`` (OpenAI's ``stream_options.include_usage`` chunk).
+def parse_event(data: bytes) -> tuple[int, dict | None]:
+    """(tokens, usage) of one event's data: tokens is -1 for an error event; usage is
+    the ``usage`` object of an OpenAI chunk that has one (the
+    ``stream_options.include_usage`` chunk), else None (``usage_counts`` reads it).
 
     An OpenAI chunk (a JSON object with a ``choices`` list) carries one token per
     choice whose ``delta.content`` (chat) or ``text`` (completions) is a non-empty
@@ -87,11 +87,17 @@ def parse_event(data: bytes) -> tuple[int, int | None]:
                 if piece and type(piece) is str:
                     n += 1
         usage = obj.get("usage")
-        reported = usage.get("completion_tokens") if type(usage) is dict else None
-        return n, reported if type(reported) is int and reported >= 0 else None
+        return n, usage if type(usage) is dict else None
     if "error" in obj:
         return -1, None
     return 1, None
+
+
+def usage_counts(usage: dict) -> tuple[int | None, int | None]:
+    """(completion tokens, prompt tokens) of a ``usage`` object; None where it has no
+    count (missing, not an integer, or negative)."""
+    out, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
+    return (out if type(out) is int and out >= 0 else None, prompt if type(prompt) is int and prompt >= 0 else None)
 
 
 def count_tokens(data: bytes) -> int:
@@ -130,7 +136,8 @@ class StreamTokens:
     each socket read with that read's time (``perf_counter_ns``). With a
     ``TokenWindow``, the tokens read inside it are added to it as they arrive."""
 
-    __slots__ = ("parser", "tokens", "windowed", "window", "reported", "first", "last", "gaps", "done", "error")
+    __slots__ = ("parser", "tokens", "windowed", "window", "reported", "prompt_tokens", "first", "last", "gaps",
+                 "done", "error")
 
     def __init__(self, window: TokenWindow | None = None) -> None:
         self.parser = SSEParser()
@@ -138,6 +145,7 @@ class StreamTokens:
         self.windowed = 0  # of ``tokens``, those read inside the window
         self.window = window if window is not None else TokenWindow(1 << 62)
         self.reported: int | None = None  # the completion tokens the stream's usage reported
+        self.prompt_tokens: int | None = None  # and its prompt tokens
         self.first = 0  # time of the first token; 0 while there is none
         self.last = 0
         self.gaps: list[float] = []  # ms between consecutive token-bearing events
@@ -151,7 +159,7 @@ class StreamTokens:
             if payload == DONE:
                 self.done = True
                 continue
-            n, reported = parse_event(payload)
+            n, usage = parse_event(payload)
             if n > 0:
                 self.tokens += n
                 if t >= self.window.start:
@@ -164,8 +172,8 @@ class StreamTokens:
                 self.last = t
             elif n < 0:
                 self.error = True
-            if reported is not None:
-                self.reported = reported
+            if usage is not None:
+                self.reported, self.prompt_tokens = usage_counts(usage)
 
     @property
     def output_tokens(self) -> int:

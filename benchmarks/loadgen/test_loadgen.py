@@ -25,7 +25,7 @@ from .client import ARRIVAL_SEED, LoadSpec, Workload, arrival_offsets, load, par
 from .dataset import WORDS, Lengths, Sample, fixed, load_sharegpt, synthetic
 from .metrics import meets, parse_slos, request_metrics
 from .report import format_table
-from .sse import SSEParser, StreamTokens, TokenWindow, count_tokens, parse_event
+from .sse import SSEParser, StreamTokens, TokenWindow, count_tokens, parse_event, usage_counts
 from .stats import percentile, summarize
 
 # -- sans IO ----------------------------------------------------------------------
@@ -151,7 +151,7 @@ def test_metric_definitions_on_a_synthetic_timeline():
     tokens.feed(sse_event({"choices": [{"delta": {"content": "c"}}]}), 20 * MS)
     tokens.feed(sse_event({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
                 + b"data: [DONE]\n\n", 22 * MS)
-    assert (tokens.tokens, tokens.reported, tokens.output_tokens) == (4, 4, 4)
+    assert (tokens.tokens, tokens.reported, tokens.output_tokens, tokens.prompt_tokens) == (4, 4, 4, 3)
     assert tokens.gaps == pytest.approx([4.0, 0.0, 6.0], abs=1e-9)  # ITL: every gap, 0 within a read
     ttft, tpot, e2el = request_metrics(0, tokens.first, 22 * MS, tokens.output_tokens)
     assert ttft == pytest.approx(10.0, abs=1e-9)  # to the first token, not the role chunk
@@ -165,12 +165,14 @@ def test_metric_definitions_on_a_synthetic_timeline():
 
 
 def test_parse_event_reads_usage():
-    assert parse_event(b'{"choices":[],"usage":{"completion_tokens":9}}') == (0, 9)
-    assert parse_event(b'{"choices":[{"text":"x"}],"usage":{"completion_tokens":2}}') == (1, 2)
-    assert parse_event(b'{"choices":[],"usage":{"completion_tokens":"9"}}') == (0, None)
-    assert parse_event(b'{"choices":[],"usage":{"completion_tokens":-1}}') == (0, None)
+    usage = {"completion_tokens": 9, "prompt_tokens": 4}
+    assert parse_event(orjson.dumps({"choices": [], "usage": usage})) == (0, usage)
+    assert parse_event(b'{"choices":[{"text":"x"}],"usage":{"completion_tokens":2}}') == (1, {"completion_tokens": 2})
     assert parse_event(b'{"choices":[],"usage":null}') == (0, None)
     assert parse_event(b'{"value": 1, "usage": {"completion_tokens": 3}}') == (1, None)  # not an OpenAI chunk
+    assert usage_counts(usage) == (9, 4)
+    assert usage_counts({"completion_tokens": "9", "prompt_tokens": -1}) == (None, None)
+    assert usage_counts({}) == (None, None)
 
 
 def test_goodput_slos():
@@ -658,6 +660,7 @@ def test_against_runnel_with_builtin_tiny(tiny_server):
     r = run_load(workload, spec)
     assert r["errors"] == {} and r["requests"] == 10 and r["sent"] == 10
     assert r["tokens"] == 6 * 10  # runnel's usage: ignore_eos makes exactly max_tokens
+    assert r["input_tokens"] >= sum(len(s.prompt.split()) for s in samples)  # a word is a token or more
     assert r["token_events"] <= r["tokens"]  # several tokens may share an event
     assert r["goodput"]["requests"] == 10
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "latency_ms"):
