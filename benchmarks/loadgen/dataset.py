@@ -4,8 +4,9 @@ The client has no tokenizer (it serves any model), so lengths are counted as the
 servers' usage counts them where it can and estimated where it cannot:
 
 - a synthetic prompt of N tokens is N words drawn from a list of common short English
-  words, each one token in the BPE vocabularies of GPT-2, Llama and their kin (so
-  "N words" is N tokens give or take the template around it);
+  words, nearly all one token in the BPE vocabularies of GPT-2, Llama and their kin (so
+  "N words" is about N tokens there; a small vocabulary such as builtin:tiny's splits
+  them further, and the server's usage says by how much);
 - an output length is ``max_tokens``; with ``ignore_eos`` (vLLM, runnel) the server
   makes exactly that many;
 - a ShareGPT reply's length, when a record does not give one, is its characters / 4
