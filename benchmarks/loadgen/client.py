@@ -91,7 +91,7 @@ def parse_url(url: str, allow_remote: bool = False) -> tuple[str, int, str, str]
         raise ValueError(f"no host in {url!r}")
     refused = ValueError(
         f"{host!r} is not a loopback address: the load generator only sends to "
-        "127.0.0.1, ::1 or localhost"
+        "127.0.0.1, ::1 or localhost unless asked (--allow-remote, allow_remote=True)"
     )
     if host == "localhost":
         address = "127.0.0.1"
