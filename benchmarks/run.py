@@ -384,10 +384,9 @@ def scenario_inference(settings: dict, tmp: str) -> dict:
                 print(f"  {server.name}: skipped: {error}", flush=True)
                 continue
             for point in points:
-                # Every request makes exactly `tokens` tokens (ignore_eos, checked above); the load client
-                # counts token-bearing SSE events, and a server may put several tokens in one event.
-                point["token_events_per_s"] = point["tokens_per_s"]
-                point["tokens_per_s"] = round(point["requests"] * tokens / point["duration_s"], 2)
+                # tokens_per_s is the load client's: tokens counted when they arrive in the window (a
+                # stream's usage chunk gives its count: a server may put several tokens in one event).
+                point["token_events_per_s"] = round(point.get("token_events", 0) / point["duration_s"], 2)
                 if point["errors"]:
                     NOTES.append(f"{server.name} c={point['concurrency']}: errors {point['errors']}")
             passes.setdefault(server.name, []).append(points)

@@ -19,7 +19,10 @@ events (0 when two arrive in one read). The window measured is
 it has sent a tenth of ``max_requests`` (so ``max_requests=50`` measures 45 rather
 than none): a request counts when it ends in it; at the window's end, requests still in flight are cancelled (counted in
 ``in_flight_at_end``, not as errors). A run also ends when ``max_requests``
-(warmup included) have been sent and answered.
+(warmup included) have been sent and answered. Output-token throughput is counted by
+arrival instead (``sse.TokenWindow``): every token read inside the window counts, so a
+request that takes longer than the window still shows its tokens. The per-request
+metrics (TTFT, TPOT, E2EL, goodput) are defined in ``metrics``.
 
 Client ceiling (2026-11, this 2-core machine, ``python -m benchmarks.loadgen.ceiling``:
 a server that writes canned bytes, on the other core; the machine was shared with
@@ -46,6 +49,7 @@ import socket
 import sys
 import time
 from array import array
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
@@ -53,8 +57,10 @@ import h11
 import orjson
 import trio
 
+from .dataset import Sample
+from .metrics import SLO_KEYS, meets, request_metrics
 from .report import format_progress
-from .sse import StreamTokens
+from .sse import StreamTokens, TokenWindow, usage_counts
 from .stats import summarize
 
 READ_SIZE = 64 * 1024
@@ -64,14 +70,17 @@ MAX_BODY_SCAN = 1 << 20  # non-stream 2xx bodies up to this size are scanned for
 WARMUP_SHARE = 0.1  # the warmup ends early once it has sent this share of max_requests
 ARRIVAL_SEED = 20261101
 CONNECT_BACKOFF = 0.01  # a client whose connect failed waits this long before the next try
-USER_AGENT = "runnel-loadgen/0.1"
+USER_AGENT = "runnel-loadgen/0.2"
 
 perf_counter_ns = time.perf_counter_ns
 
 
-def parse_url(url: str) -> tuple[str, int, str, str]:
+def parse_url(url: str, allow_remote: bool = False) -> tuple[str, int, str, str]:
     """(address to connect to, port, request target, Host header) of an http URL on
-    loopback; ValueError for anything else. ``localhost`` connects to 127.0.0.1."""
+    loopback; ValueError for anything else. ``localhost`` connects to 127.0.0.1.
+    ``allow_remote`` lets any host through (a name is resolved when connecting): a
+    load generator aimed at someone else's server by a typo is an attack, so it is
+    asked for by name."""
     parts = urlsplit(url)
     if parts.scheme != "http":
         raise ValueError(f"only http:// URLs are supported: {url!r}")
@@ -82,10 +91,12 @@ def parse_url(url: str) -> tuple[str, int, str, str]:
         raise ValueError(f"no host in {url!r}")
     refused = ValueError(
         f"{host!r} is not a loopback address: the load generator only sends to "
-        "127.0.0.1, ::1 or localhost"
+        "127.0.0.1, ::1 or localhost unless asked (--allow-remote, allow_remote=True)"
     )
     if host == "localhost":
         address = "127.0.0.1"
+    elif allow_remote:
+        address = host
     else:
         try:
             ip = ipaddress.ip_address(host)
@@ -101,13 +112,17 @@ def parse_url(url: str) -> tuple[str, int, str, str]:
 
 @dataclass
 class Workload:
-    """One request, sent over and over. ``url`` must be on loopback (ValueError).
+    """One request, sent over and over; or, with ``bodies``, each body in turn (then
+    ``body`` is ignored). ``url`` must be on loopback (ValueError) unless
+    ``allow_remote``.
 
     ``stream``: parse the answer as SSE (``Accept: text/event-stream`` is added
     unless given) and count tokens: for OpenAI chunks the choices whose
     ``delta.content`` / ``text`` is non-empty, for other SSE every data event but
-    ``[DONE]``; record TTFT and inter-token gaps. Without ``stream``, a 2xx JSON body
-    with ``usage.completion_tokens`` counts those tokens.
+    ``[DONE]``; record TTFT and inter-token gaps; a stream's ``usage.completion_tokens``
+    (OpenAI's ``stream_options.include_usage``), when it has one, is its output token
+    count. Without ``stream``, a 2xx JSON body with ``usage.completion_tokens`` counts
+    those tokens.
     """
 
     url: str
@@ -115,12 +130,16 @@ class Workload:
     body: bytes | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
     stream: bool = False
+    bodies: list[bytes] | None = None
+    allow_remote: bool = False
 
     def __post_init__(self) -> None:
-        parse_url(self.url)
+        parse_url(self.url, self.allow_remote)
         self.method = self.method.upper()
         if isinstance(self.body, str):
             self.body = self.body.encode()
+        if self.bodies is not None and not self.bodies:
+            raise ValueError("bodies, when given, must not be empty")
 
     @classmethod
     def openai_chat(cls, base_url, model, prompt, max_tokens, stream, **extra) -> Workload:
@@ -143,7 +162,33 @@ class Workload:
         return cls._openai(base_url, "completions", body, stream)
 
     @classmethod
-    def _openai(cls, base_url: str, endpoint: str, body: dict, stream: bool) -> Workload:
+    def openai(cls, base_url: str, model: str, samples: list[Sample], *, chat: bool = False, stream: bool = True,
+               api_key: str | None = None, allow_remote: bool = False, **extra) -> Workload:
+        """One request per sample (cycled): ``POST {base_url}/completions`` with the
+        sample's prompt, or ``/chat/completions`` with it as the user message
+        (``chat``); ``max_tokens`` is the sample's output length. Streams ask for
+        usage (``stream_options.include_usage``) so that output tokens are the
+        server's count. ``api_key`` is sent as ``Authorization: Bearer``; ``extra``
+        goes into every body (e.g. ``ignore_eos=True``, ``temperature=0``)."""
+        if not samples:
+            raise ValueError("no samples to send")
+        options = {"stream": bool(stream)}
+        if stream:
+            options["stream_options"] = {"include_usage": True}
+        bodies = []
+        for sample in samples:
+            content = ({"messages": [{"role": "user", "content": sample.prompt}]} if chat
+                       else {"prompt": sample.prompt})
+            bodies.append(orjson.dumps({"model": model, **content, "max_tokens": sample.output_tokens,
+                                        **options, **extra}))
+        workload = cls._openai(base_url, "chat/completions" if chat else "completions", {}, stream, allow_remote)
+        workload.body, workload.bodies = bodies[0], bodies
+        if api_key:
+            workload.headers.append(("authorization", f"Bearer {api_key}"))
+        return workload
+
+    @classmethod
+    def _openai(cls, base_url: str, endpoint: str, body: dict, stream: bool, allow_remote: bool = False) -> Workload:
         base = base_url.rstrip("/")
         if not urlsplit(base).path:
             base += "/v1"
@@ -153,6 +198,7 @@ class Workload:
             body=orjson.dumps(body),
             headers=[("content-type", "application/json")],
             stream=bool(stream),
+            allow_remote=allow_remote,
         )
 
 
@@ -169,6 +215,8 @@ class LoadSpec:
     warmup: float = 1.0
     timeout: float = 30.0
     progress: bool = False
+    burstiness: float = 1.0
+    goodput: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
@@ -185,6 +233,28 @@ class LoadSpec:
             raise ValueError("warmup must be >= 0 seconds")
         if not (isinstance(self.max_requests, int) and self.max_requests >= 1):
             raise ValueError("max_requests must be a positive integer")
+        if not (self.burstiness > 0 and math.isfinite(self.burstiness)):
+            raise ValueError("burstiness must be a positive number (1 is Poisson)")
+        for key, bound in (self.goodput or {}).items():
+            if key not in SLO_KEYS or not (bound > 0 and math.isfinite(bound)):
+                raise ValueError(f"goodput SLOs are {', '.join(SLO_KEYS)}: a positive number of ms each")
+
+
+def arrival_offsets(rate: float, burstiness: float = 1.0, seed: int = ARRIVAL_SEED) -> Iterator[float]:
+    """Open loop: when each request is due, in seconds from the start, as vLLM draws
+    them: inter-arrival times from a gamma distribution of mean ``1 / rate`` and shape
+    ``burstiness`` (1 is exponential, i.e. Poisson arrivals; below 1 burstier, above
+    1 more even), from ``random.Random(seed)``."""
+    rng = random.Random(seed)
+    offset = 0.0
+    if burstiness == 1.0:
+        while True:
+            offset += rng.expovariate(rate)
+            yield offset
+    scale = 1.0 / (rate * burstiness)
+    while True:
+        offset += rng.gammavariate(burstiness, scale)
+        yield offset
 
 
 class _Failed(Exception):
@@ -246,13 +316,13 @@ class _Conn:
 
 
 class _Run:
-    """The state of one run: the prepared request, counters, and samples (arrays of
+    """The state of one run: the prepared requests, counters, and samples (arrays of
     floats in ms, appended only for requests that end in the window)."""
 
     def __init__(self, workload: Workload, spec: LoadSpec) -> None:
         self.workload = workload
         self.spec = spec
-        self.address, self.port, target, host_header = parse_url(workload.url)
+        self.address, self.port, target, host_header = parse_url(workload.url, workload.allow_remote)
         names = {name.lower() for name, _ in workload.headers}
         headers = []
         if "host" not in names:
@@ -261,17 +331,19 @@ class _Run:
             headers.append(("user-agent", USER_AGENT))
         if workload.stream and "accept" not in names:
             headers.append(("accept", "text/event-stream"))
-        if workload.body is not None:
-            if "content-type" not in names:
-                headers.append(("content-type", "application/json"))
-            if "content-length" not in names and "transfer-encoding" not in names:
-                headers.append(("content-length", str(len(workload.body))))
-        headers += workload.headers
-        # h11 event objects are immutable: built (and validated) once, sent every time.
-        self.events = [h11.Request(method=workload.method, target=target, headers=headers)]
-        if workload.body:
-            self.events.append(h11.Data(data=workload.body))
-        self.events.append(h11.EndOfMessage())
+        if (workload.body is not None or workload.bodies) and "content-type" not in names:
+            headers.append(("content-type", "application/json"))
+        sized = "content-length" not in names and "transfer-encoding" not in names
+        # h11 event objects are immutable: built (and validated) once per body, sent every time.
+        self.requests = []
+        for body in workload.bodies or [workload.body]:
+            length = [("content-length", str(len(body)))] if body is not None and sized else []
+            events = [h11.Request(method=workload.method, target=target, headers=headers + length + workload.headers)]
+            if body:
+                events.append(h11.Data(data=body))
+            events.append(h11.EndOfMessage())
+            self.requests.append(events)
+        self.turn = 0  # the index in ``requests`` of the next request's events
         self.stream = workload.stream
         self.timeout = spec.timeout
 
@@ -279,16 +351,22 @@ class _Run:
         self.in_flight = 0
         self.cut = 0
         self.ok = 0
-        self.tokens = 0
+        self.tokens = 0  # output tokens of the requests that ended in the window
+        self.input_tokens = 0  # their prompt tokens, where the server reported them
+        self.token_events = 0  # of those, the token-bearing pieces read (streams)
+        self.good = 0  # requests that met every goodput SLO
+        self.slos = spec.goodput
+        self.window = TokenWindow()  # output tokens by arrival time; starts with the measuring
         self.nbytes = 0
         self.errors: dict[str, int] = {}
-        self.latency = array("d")
+        self.latency = array("d")  # E2EL
         self.ttft = array("d")
+        self.tpot = array("d")
         self.itl = array("d")
         self.idle: list[_Conn] = []
         self.cap = IN_FLIGHT_CAP
         self.warm_quota = int(spec.max_requests * WARMUP_SHARE)
-        self.window: trio.CancelScope | None = None  # the run's deadline
+        self.deadline: trio.CancelScope | None = None  # the run's
         self.t0 = self.warm_end = self.end = 0
 
     def take(self) -> bool:
@@ -300,8 +378,8 @@ class _Run:
         if sent == self.warm_quota:
             now = perf_counter_ns()
             if now < self.warm_end:
-                self.warm_end = now
-                self.window.deadline = trio.current_time() + self.spec.duration
+                self.warm_end = self.window.start = now
+                self.deadline.deadline = trio.current_time() + self.spec.duration
         self.sent = sent + 1
         return True
 
@@ -319,12 +397,14 @@ class _Run:
         Returns the connection when it can carry the next request, else None."""
         kind = None
         result = None
+        events = self.requests[self.turn]
+        self.turn = (self.turn + 1) % len(self.requests)
         try:
             with trio.move_on_after(self.timeout) as scope:
                 try:
                     if conn is not None:
                         try:
-                            result = await self.roundtrip(conn)
+                            result = await self.roundtrip(conn, events)
                         except _Stale:
                             conn.close()
                             conn = None
@@ -334,7 +414,7 @@ class _Run:
                         except OSError:
                             kind = "connect"
                         else:
-                            result = await self.roundtrip(conn)
+                            result = await self.roundtrip(conn, events)
                 except _Failed as exc:
                     kind = exc.args[0]
                 except OSError:
@@ -355,7 +435,12 @@ class _Run:
             if kind == "connect":
                 await trio.sleep(CONNECT_BACKOFF)
             return None
-        status, tokens, first, gaps, nbytes, t_end, stream_error, reusable = result
+        status, sse, tokens, prompt_tokens, nbytes, t_end, stream_error, reusable = result
+        if sse is not None:
+            tokens, prompt_tokens = sse.output_tokens, sse.prompt_tokens
+            self.window.settle(sse.tokens, sse.windowed, sse.reported, t_end)
+        elif tokens:
+            self.window.settle(0, 0, tokens, t_end)
         if t_end >= self.warm_end:
             self.nbytes += nbytes
             if not 200 <= status < 300:
@@ -365,19 +450,26 @@ class _Run:
             else:
                 self.ok += 1
                 self.tokens += tokens
-                self.latency.append((t_end - due) * 1e-6)
-                if first:
-                    self.ttft.append((first - due) * 1e-6)
-                    self.itl.extend(gaps)
+                self.input_tokens += prompt_tokens or 0
+                ttft, tpot, e2el = request_metrics(due, sse.first if sse is not None else 0, t_end, tokens)
+                self.latency.append(e2el)
+                if ttft is not None:
+                    self.ttft.append(ttft)
+                    self.itl.extend(sse.gaps)
+                    self.token_events += sse.tokens
+                if tpot is not None:
+                    self.tpot.append(tpot)
+                if self.slos and meets(self.slos, ttft, tpot, e2el):
+                    self.good += 1
         if reusable:
             return conn
         conn.close()
         return None
 
-    async def roundtrip(self, conn: _Conn):
+    async def roundtrip(self, conn: _Conn, events: list):
         """One request/response cycle on ``conn``; raises _Failed (or a socket error)."""
         h = conn.h11
-        out = b"".join([h.send(event) for event in self.events])
+        out = b"".join([h.send(event) for event in events])
         try:
             await conn.send(out)
         except OSError:  # EPIPE, ECONNRESET: the server closed the connection
@@ -426,7 +518,7 @@ class _Run:
                         if self.stream:
                             ctype = _header(event.headers, b"content-type")
                             if ctype.startswith(b"text/event-stream"):
-                                sse = StreamTokens()
+                                sse = StreamTokens(self.window)
                             else:
                                 stream_error = "not_sse"
                         else:
@@ -446,9 +538,9 @@ class _Run:
         if sse is not None:
             if sse.error:
                 stream_error = "stream_error"
-            return status, sse.tokens, sse.first, sse.gaps, nbytes, t, stream_error, reusable
-        tokens = _usage_tokens(body) if body and b'"usage"' in body else 0
-        return status, tokens, 0, None, nbytes, t, stream_error, reusable
+            return status, sse, 0, None, nbytes, t, stream_error, reusable
+        tokens, prompt_tokens = _usage_tokens(body) if body and b'"usage"' in body else (0, None)
+        return status, None, tokens, prompt_tokens, nbytes, t, stream_error, reusable
 
     async def client(self) -> None:
         """Closed loop: one client, one connection at a time, back to back."""
@@ -465,13 +557,12 @@ class _Run:
                 conn.close()
 
     async def arrivals(self, nursery: trio.Nursery, start: float) -> None:
-        """Open loop: Poisson arrivals at ``spec.rate``, one task each."""
-        rng = random.Random(ARRIVAL_SEED)
-        rate = self.spec.rate
-        offset = 0.0
-        while self.take():
-            offset += rng.expovariate(rate)
+        """Open loop: arrivals at ``spec.rate`` (``arrival_offsets``), one task each."""
+        offsets = arrival_offsets(self.spec.rate, self.spec.burstiness)
+        while self.sent < self.spec.max_requests:
+            offset = next(offsets)
             await trio.sleep_until(start + offset)
+            self.take()  # after the sleep: an arrival the window's end cuts off was never sent
             due = self.t0 + int(offset * 1e9)
             if self.in_flight >= self.cap:
                 self.fail("dropped", due)
@@ -510,7 +601,8 @@ class _Run:
         w = self.workload
         duration = max(0.0, (self.end - self.warm_end) * 1e-9)
         report = {
-            "workload": {"url": w.url, "method": w.method, "stream": w.stream},
+            "workload": {"url": w.url, "method": w.method, "stream": w.stream,
+                         "bodies": len(self.requests)},
             "spec": asdict(self.spec),
             "mode": "closed" if self.spec.concurrency is not None else "open",
             "requests": self.ok,
@@ -518,12 +610,19 @@ class _Run:
             "duration_s": round(duration, 3),
             "requests_per_s": round(self.ok / duration, 2) if duration else 0.0,
             "tokens": self.tokens,
-            "tokens_per_s": round(self.tokens / duration, 2) if duration else 0.0,
+            "input_tokens": self.input_tokens,
+            "tokens_per_s": round(self.window.tokens / duration, 2) if duration else 0.0,
+            "completed_tokens_per_s": round(self.tokens / duration, 2) if duration else 0.0,
             "latency_ms": summarize(self.latency),
         }
         if w.stream:
+            report["token_events"] = self.token_events
             report["ttft_ms"] = summarize(self.ttft)
+            report["tpot_ms"] = summarize(self.tpot)
             report["itl_ms"] = summarize(self.itl)
+        if self.slos:
+            report["goodput"] = {"slo_ms": dict(self.slos), "requests": self.good,
+                                 "requests_per_s": round(self.good / duration, 2) if duration else 0.0}
         report["bytes_received"] = self.nbytes
         report["sent"] = self.sent
         report["in_flight_at_end"] = self.cut
@@ -539,13 +638,16 @@ def _header(headers, name: bytes) -> bytes:
     return b""
 
 
-def _usage_tokens(body: bytes) -> int:
+def _usage_tokens(body: bytes) -> tuple[int, int | None]:
+    """(completion tokens, prompt tokens) of a JSON body's ``usage``; (0, None) without one."""
     try:
         usage = orjson.loads(body).get("usage")
-        tokens = usage.get("completion_tokens")
     except (orjson.JSONDecodeError, AttributeError):
-        return 0
-    return tokens if type(tokens) is int else 0
+        return 0, None
+    if type(usage) is not dict:
+        return 0, None
+    out, prompt = usage_counts(usage)
+    return out or 0, prompt
 
 
 def _open_files_for(n: int) -> int:
@@ -573,12 +675,12 @@ async def load(workload: Workload, spec: LoadSpec) -> dict:
     cpu0 = time.process_time()
     start = trio.current_time()
     run.t0 = perf_counter_ns()
-    run.warm_end = run.t0 + int(spec.warmup * 1e9)
+    run.warm_end = run.window.start = run.t0 + int(spec.warmup * 1e9)
     try:
         async with trio.open_nursery() as outer:
             if spec.progress:
                 outer.start_soon(run.show_progress)
-            with trio.CancelScope(deadline=start + spec.warmup + spec.duration) as run.window:
+            with trio.CancelScope(deadline=start + spec.warmup + spec.duration) as run.deadline:
                 async with trio.open_nursery() as nursery:
                     if spec.concurrency is not None:
                         for _ in range(spec.concurrency):

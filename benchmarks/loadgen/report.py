@@ -38,7 +38,9 @@ def format_table(report: dict) -> str:
     if spec["concurrency"] is not None:
         load = f"closed loop, {spec['concurrency']} clients"
     else:
-        load = f"open loop, {spec['rate']:g} requests/s (Poisson)"
+        burstiness = spec.get("burstiness", 1.0)
+        shape = "Poisson" if burstiness == 1.0 else f"gamma, burstiness {burstiness:g}"
+        load = f"open loop, {spec['rate']:g} requests/s ({shape})"
     load += f", {spec['duration']:g} s after {spec['warmup']:g} s warmup, at most {spec['max_requests']} requests"
     errors = report["errors"]
     n_errors = sum(errors.values())
@@ -50,7 +52,12 @@ def format_table(report: dict) -> str:
     ]
     if report["tokens"] or w["stream"]:
         per = f" ({report['tokens'] / report['requests']:.1f} per request)" if report["requests"] else ""
-        rows.append(("tokens", f"{report['tokens']} = {report['tokens_per_s']:.1f} tokens/s{per}"))
+        rows.append(("tokens", f"{report['tokens']} out{per}; {report['tokens_per_s']:.1f} tokens/s by arrival"
+                               f" ({report.get('completed_tokens_per_s', 0.0):.1f} counting finished requests only)"))
+    if "goodput" in report:
+        good = report["goodput"]
+        slos = ", ".join(f"{key} <= {bound:g} ms" for key, bound in good["slo_ms"].items())
+        rows.append(("goodput", f"{good['requests']} requests met {slos} = {good['requests_per_s']:.1f} requests/s"))
     rows.append(("received", _size(report["bytes_received"])))
     if n_errors:
         rows.append(("errors", ", ".join(f"{kind} {count}" for kind, count in errors.items())))
@@ -63,7 +70,8 @@ def format_table(report: dict) -> str:
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
 
     dists = [(name, report[key]) for name, key in
-             (("latency ms", "latency_ms"), ("ttft ms", "ttft_ms"), ("itl ms", "itl_ms")) if key in report]
+             (("e2el ms", "latency_ms"), ("ttft ms", "ttft_ms"), ("tpot ms", "tpot_ms"), ("itl ms", "itl_ms"))
+             if key in report]
     table = [["", *KEYS]] + [[name, *(_number(d[k]) for k in KEYS)] for name, d in dists]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines.append("")

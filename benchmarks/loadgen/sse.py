@@ -60,8 +60,10 @@ class SSEParser:
         return events
 
 
-def count_tokens(data: bytes) -> int:
-    """Tokens in one event's data: -1 for an error event.
+def parse_event(data: bytes) -> tuple[int, dict | None]:
+    """(tokens, usage) of one event's data: tokens is -1 for an error event; usage is
+    the ``usage`` object of an OpenAI chunk that has one (the
+    ``stream_options.include_usage`` chunk), else None (``usage_counts`` reads it).
 
     An OpenAI chunk (a JSON object with a ``choices`` list) carries one token per
     choice whose ``delta.content`` (chat) or ``text`` (completions) is a non-empty
@@ -70,11 +72,11 @@ def count_tokens(data: bytes) -> int:
     a failed stream). Any other event is one token.
     """
     if data[:1] != b"{":
-        return 1
+        return 1, None
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return 1
+        return 1, None
     choices = obj.get("choices")
     if type(choices) is list:
         n = 0
@@ -84,21 +86,66 @@ def count_tokens(data: bytes) -> int:
                 piece = delta.get("content") if type(delta) is dict else choice.get("text")
                 if piece and type(piece) is str:
                     n += 1
-        return n
+        usage = obj.get("usage")
+        return n, usage if type(usage) is dict else None
     if "error" in obj:
-        return -1
-    return 1
+        return -1, None
+    return 1, None
+
+
+def usage_counts(usage: dict) -> tuple[int | None, int | None]:
+    """(completion tokens, prompt tokens) of a ``usage`` object; None where it has no
+    count (missing, not an integer, or negative)."""
+    out, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
+    return (out if type(out) is int and out >= 0 else None, prompt if type(prompt) is int and prompt >= 0 else None)
+
+
+def count_tokens(data: bytes) -> int:
+    """Tokens in one event's data, -1 for an error event (``parse_event``'s first half)."""
+    return parse_event(data)[0]
+
+
+class TokenWindow:
+    """Output tokens counted by when they arrive: every token read at or after ``start``
+    (ns) counts, whether its request ends inside the window, after it, or is cut at
+    its end. A token-bearing event counts its choices; when the request's usage later
+    says how many tokens it made (a server may put several in one event), the
+    difference is spread over its events in proportion, so the window gets its share.
+    """
+
+    __slots__ = ("start", "tokens")
+
+    def __init__(self, start: int = 0) -> None:
+        self.start = start
+        self.tokens = 0.0
+
+    def settle(self, counted: int, windowed: int, reported: int | None, end: int) -> None:
+        """Correct for a request that ended at ``end``: ``counted`` token-bearing
+        pieces were read, ``windowed`` of them inside the window, and the server
+        reported ``reported`` tokens (None: it did not say)."""
+        if reported is None or reported == counted:
+            return
+        if counted:
+            self.tokens += (reported - counted) * windowed / counted
+        elif end >= self.start:  # nothing streamed: every token arrived with the end
+            self.tokens += reported
 
 
 class StreamTokens:
     """Tokens of one streamed answer and when they came: feed it the body bytes of
-    each socket read with that read's time (``perf_counter_ns``)."""
+    each socket read with that read's time (``perf_counter_ns``). With a
+    ``TokenWindow``, the tokens read inside it are added to it as they arrive."""
 
-    __slots__ = ("parser", "tokens", "first", "last", "gaps", "done", "error")
+    __slots__ = ("parser", "tokens", "windowed", "window", "reported", "prompt_tokens", "first", "last", "gaps",
+                 "done", "error")
 
-    def __init__(self) -> None:
+    def __init__(self, window: TokenWindow | None = None) -> None:
         self.parser = SSEParser()
         self.tokens = 0
+        self.windowed = 0  # of ``tokens``, those read inside the window
+        self.window = window if window is not None else TokenWindow(1 << 62)
+        self.reported: int | None = None  # the completion tokens the stream's usage reported
+        self.prompt_tokens: int | None = None  # and its prompt tokens
         self.first = 0  # time of the first token; 0 while there is none
         self.last = 0
         self.gaps: list[float] = []  # ms between consecutive token-bearing events
@@ -112,9 +159,12 @@ class StreamTokens:
             if payload == DONE:
                 self.done = True
                 continue
-            n = count_tokens(payload)
+            n, usage = parse_event(payload)
             if n > 0:
                 self.tokens += n
+                if t >= self.window.start:
+                    self.windowed += n
+                    self.window.tokens += n
                 if self.first:
                     self.gaps.append((t - self.last) * 1e-6)
                 else:
@@ -122,3 +172,10 @@ class StreamTokens:
                 self.last = t
             elif n < 0:
                 self.error = True
+            if usage is not None:
+                self.reported, self.prompt_tokens = usage_counts(usage)
+
+    @property
+    def output_tokens(self) -> int:
+        """What the server says it made when it says so, else the pieces counted."""
+        return self.tokens if self.reported is None else self.reported
