@@ -36,6 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
+import os
+import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -181,7 +184,7 @@ class Metrics:
         assert self._live_gauges is not None
         self._live_gauges.refresh()  # this worker's state as of now; the others' as of their last copy
         summed = CollectorRegistry()
-        MultiProcessCollector(summed, path=self.multiprocess_dir)
+        _WorkersCollector(summed, path=self.multiprocess_dir)
         return generate_latest(summed)
 
     @hookimpl
@@ -396,6 +399,28 @@ class LiveGauges:
         if runner is not None:
             self.runs_queued.set(runner.queued)
             self.runs_running.set(runner.busy)
+
+
+class _WorkersCollector(MultiProcessCollector):
+    """prometheus_client's sum over the workers' files, minus a race it loses: a worker that has
+    just created a metric's file (empty until it is sized) fails the whole scrape with
+    struct.error, and one whose files the supervisor removes as it died, with
+    FileNotFoundError. An empty file holds no values yet: it is skipped; a file gone between
+    listing and reading: the files are listed again (a few times at most)."""
+
+    def collect(self) -> Iterator[Metric]:
+        for attempt in range(3):
+            files = []
+            for name in glob.glob(os.path.join(self._path, "*.db")):
+                with contextlib.suppress(OSError):
+                    if os.path.getsize(name) > 0:
+                        files.append(name)
+            try:
+                return self.merge(files, accumulate=True)
+            except (FileNotFoundError, struct.error):
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

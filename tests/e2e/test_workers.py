@@ -223,12 +223,22 @@ def test_metrics_are_summed_over_the_workers(tmp_path):
 
     with Workers(tmp_path, echo_config(tmp_path, "metrics_public = true")) as serve:
         serve.wait_up()
-        before = [Scrape(serve.port) for _ in range(4)]  # whichever workers answer: one sum
-        health = before[0].value("runnel_http_requests_total", route="/health", method="GET", status="2xx")
-        assert health > 0 and all(scrape.value("runnel_http_requests_total", route="/health", method="GET",
-                                               status="2xx") == health for scrape in before)
+
+        def health_count(scrape: Scrape) -> float:
+            return scrape.value("runnel_http_requests_total", route="/health", method="GET", status="2xx")
+
+        def agreed() -> float | None:
+            """The count four scrapes agree on (whichever workers answer: one sum), else None. A
+            request is counted once its response is sent: a worker may still be counting the
+            last /health when the next scrape reads its file, so the counts settle first."""
+            counts = {health_count(Scrape(serve.port)) for _ in range(4)}
+            return counts.pop() if len(counts) == 1 else None
+
+        health = wait_until(agreed, timeout=10)
+        assert health > 0
         pids = [worker_pid(serve.port) for _ in range(30)]
         assert len(set(pids)) == 2  # both workers served some of the 30
+        wait_until(lambda: health_count(Scrape(serve.port)) == health + 30, timeout=10)
         for _ in range(6):
             after = Scrape(serve.port)
             assert after.value("runnel_http_requests_total", route="/health", method="GET", status="2xx") == \

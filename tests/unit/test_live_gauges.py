@@ -40,3 +40,31 @@ def test_a_workers_readiness_is_copied_when_the_app_turns_ready(tmp_path):
                             timeout=60, env={"PROMETHEUS_MULTIPROC_DIR": str(directory), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0.0", "1.0", "0.0"]
+
+
+def test_a_scrape_skips_a_metrics_file_another_worker_has_only_just_created(tmp_path):
+    """prometheus_client fails a whole scrape (struct.error) on a worker's file that exists but
+    is not yet sized; the scrape must answer with the other files' values instead."""
+    script = textwrap.dedent("""
+        import sys
+        from runnel.apps import AppRegistry
+        from runnel.metrics import Metrics
+
+        class Idle:
+            async def start(self): pass
+            async def close(self): pass
+
+        apps = AppRegistry()
+        apps.add("echo", Idle())
+        metrics = Metrics(apps, multiprocess_dir=sys.argv[1])
+        metrics.generation_requests.labels("echo", "stop").inc(3)
+        open(sys.argv[1] + "/counter_99999.db", "wb").close()  # a worker between create and size
+        text = metrics.render().decode()
+        print([line for line in text.splitlines() if line.startswith("runnel_generation_requests_total")])
+    """)
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    result = subprocess.run([sys.executable, "-c", script, str(directory)], capture_output=True, text=True,
+                            timeout=60, env={"PROMETHEUS_MULTIPROC_DIR": str(directory), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert 'finish_reason="stop"} 3.0' in result.stdout
