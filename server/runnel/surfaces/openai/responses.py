@@ -30,9 +30,9 @@ from ...errors import HTTPError
 from ...generation import SamplingParams
 from ...http import Response, json_response
 from ...http.response import JSON
-from ...runs import CANCELLED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Run, RunView
+from ...runs import CANCELLED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Run
 from ...tools import ToolUse, function_tool
-from .api import NO_CACHE, OpenAIAPI, chat_prompt_tokens, is_model_app
+from .api import NO_CACHE, OpenAIAPI, chat_prompt_tokens
 from .offline import ChunkStream, fill
 from .params import (
     MIN_TEMPERATURE,
@@ -46,6 +46,7 @@ from .params import (
 from .responses_items import chat_messages, input_items, output_as_input
 from .responses_output import EVENTS, ResponseOutput
 from .resumable import follow_into, stream_headers, wants_resume_from
+from .runs import ModelAppRuns
 from .sinks import Usage, run_generations
 
 SURFACE = "responses"
@@ -179,25 +180,16 @@ async def generate(app, tokens: list[int], params: SamplingParams, response: dic
     return output.response
 
 
-class ResponseRuns(RunView):
+class ResponseRuns(ModelAppRuns):
     """Responses as runs: a background one is executed here; every one is shown as a response."""
 
     name = SURFACE
-    # Every model app takes responses, and most servers never store one: no store is
-    # opened (no file locked) until a response is stored or read.
-    opens_lazily = True
-
-    def __init__(self, openai: OpenAIAPI) -> None:
-        self.openai = openai
-
-    def takes(self, app) -> bool:
-        return is_model_app(app)
 
     async def call(self, app, run: Run) -> dict[str, Any] | ChunkStream:
         """The response; for a streamed background one, its events as they come (the run's
         values: what a client follows, and resumes after a ``sequence_number``)."""
         data = run.input
-        tool_use = self.openai.tool_use(app, data["tools"], data["tool_choice"], data["parallel"])
+        tool_use = self.api.tool_use(app, data["tools"], data["tool_choice"], data["parallel"])
         messages = chat_messages(data["response"]["instructions"], data["items"])
         tokens = await chat_prompt_tokens(app, messages, param="input", tool_use=tool_use)
         params = SamplingParams(**data["params"])

@@ -35,11 +35,12 @@ from typing import Any
 import orjson
 
 from ...errors import HTTPError
-from ...runs import CANCELLED, FAILED, TIMED_OUT, Run, RunView
+from ...runs import CANCELLED, FAILED, TIMED_OUT, Run
 from ...serializers import Serializer
-from .api import NO_CACHE, RESUMABLE, SSE, OpenAIAPI, is_model_app
+from .api import NO_CACHE, RESUMABLE, SSE, OpenAIAPI
 from .offline import stream as offline_stream
 from .params import invalid
+from .runs import ModelAppRuns
 
 __all__ = ["SURFACE", "ReattachAPI", "StreamRuns", "follow_into", "resumable", "start", "wants_resume_from"]
 
@@ -61,31 +62,16 @@ def resumable(request) -> bool:
     return value == b"true"
 
 
-class StreamRuns(RunView):
+class StreamRuns(ModelAppRuns):
     """Resumable streams as runs: executed through ``offline.stream``, their values the chunks."""
 
     name = SURFACE
-    # Most servers never see a resumable stream: no store is opened until one is made or read.
-    opens_lazily = True
-
-    def __init__(self, openai: OpenAIAPI) -> None:
-        self.openai = openai
-
-    def takes(self, app) -> bool:
-        return is_model_app(app)
 
     async def call(self, app, run: Run) -> Any:
-        return offline_stream(self.openai, run.input["route"], run.input["body"], app=app, completion_id=run.id)
+        return offline_stream(self.api, run.input["route"], run.input["body"], app=app, completion_id=run.id)
 
     def render(self, run: Run) -> dict:
         return {"id": run.id, "object": "stream", "status": run.state, "error": run.error}
-
-
-def _app_name(openai: OpenAIAPI, app) -> str:
-    for name, candidate in openai.server.apps.items():
-        if candidate is app:
-            return name
-    raise HTTPError(503, f"The model `{app.model_id}` is not served now; try again shortly.", code="model_not_ready")
 
 
 async def start(openai: OpenAIAPI, request, app, *, chat: bool) -> None:
@@ -93,7 +79,7 @@ async def start(openai: OpenAIAPI, request, app, *, chat: bool) -> None:
     route = ROUTES[chat]
     stream_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     body = await request.json()
-    await openai.server.runs.submit(SURFACE, _app_name(openai, app), "stream", {"route": route, "body": body},
+    await openai.server.runs.submit(SURFACE, openai.by_model[app.model_id], "stream", {"route": route, "body": body},
                                     principal=request.principal.identity, run_id=stream_id, at_once=True)
     await follow_into(request, openai.server.runs, stream_id, 0, SSE,
                       stream_headers(stream_id, f"{route}/{stream_id}/stream"), opening=True)

@@ -20,7 +20,7 @@ from ...runs import Run, RunView
 from . import offline
 from .api import DEFAULT_REPLY, OpenAIAPI, ReplyOptions, can_embed, is_model_app
 
-__all__ = ["OpenAIRuns", "execute"]
+__all__ = ["ModelAppRuns", "OpenAIRuns", "execute"]
 
 
 async def execute(api: OpenAIAPI, route: str, body: Any, *, app, reply: ReplyOptions = DEFAULT_REPLY) -> Any:
@@ -34,16 +34,25 @@ async def execute(api: OpenAIAPI, route: str, body: Any, *, app, reply: ReplyOpt
     return answer
 
 
-class OpenAIRuns(RunView):
-    """Runs whose function is an OpenAI route and whose input is its body."""
+class ModelAppRuns(RunView):
+    """The runs of a surface that generates with model apps (OpenAI bodies, stored or
+    background responses, resumable streams): what every such view shares."""
 
-    name = "openai"
     # Every model app takes them and most servers never keep one: no store is opened (no
-    # file locked) until one is submitted or read (as the Responses API's runs).
+    # file locked) until one is submitted or read.
     opens_lazily = True
 
     def __init__(self, api: OpenAIAPI) -> None:
         self.api = api
+
+    def takes(self, app) -> bool:
+        return is_model_app(app)
+
+
+class OpenAIRuns(ModelAppRuns):
+    """Runs whose function is an OpenAI route and whose input is its body."""
+
+    name = "openai"
 
     def takes(self, app) -> bool:
         return is_model_app(app) or can_embed(app)
