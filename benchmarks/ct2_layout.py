@@ -1,0 +1,175 @@
+"""CTranslate2 thread layouts and batch division, measured through runnel's scheduler in-process.
+
+    .venv/bin/python benchmarks/ct2_layout.py [--model small|tiny] [--passes 3] [--seconds 4] [--busy]
+
+Issue 17 asks which CPU layout to default to and whether dividing a window's rows over the
+free batch slots pays. Each point runs ``clients`` closed-loop generations (greedy,
+ignore_eos, ``--tokens`` each) through ``runnel_ctranslate2.scheduler.BatchScheduler``,
+the code the server runs, with a sink that only counts, so the figures are the scheduler
+plus CTranslate2 without HTTP. Layouts:
+
+- ``2x1 divide``: inter_threads=2, intra_threads=1, rows divided over the free slots (now)
+- ``2x1 fill``:   the same, one batch filled first (before issue 17's change)
+- ``1x2``:        inter_threads=1, intra_threads=2 (one batch at a time, two threads on it)
+
+The layouts alternate in short windows within each pass (these machines' two cores drift in
+speed from minute to minute), and each figure is the median of the passes with the spread.
+``--busy`` adds one process spinning on a core meanwhile (a neighbour, or the event loop
+under load), the condition in which intra-op threads are said to collapse. Bounded: every
+point runs ``--seconds``; the whole run prints its duration up front.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+MODELS = {  # the random Llama-style models of the inference scenario's sizes
+    "tiny": dict(vocab_size=512, d_model=64, layers=2, heads=4, ffn=256),
+    "small": dict(vocab_size=8000, d_model=768, layers=12, heads=12, ffn=3072),  # ~120M parameters
+}
+PROMPT = "The cat sees a red ball in the garden"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "runnel-bench"
+
+
+def model_dir(name: str) -> str:
+    from runnel_ctranslate2.builtin import build_random_model
+
+    directory = CACHE / f"layout-{name}"
+    if not (directory / "model.bin").exists():
+        print(f"building the {name} model in {directory} (once)", flush=True)
+        build_random_model(directory, max_position=4096, **MODELS[name])
+    return str(directory)
+
+
+class Counting:
+    """A TokenSink that counts tokens and resolves when every choice has finished."""
+
+    def __init__(self, done: asyncio.Future) -> None:
+        self.tokens = 0
+        self.done = done
+
+    def on_tokens(self, index, text, token_ids, logprobs=None) -> None:
+        self.tokens += len(token_ids)
+
+    def on_finish(self, index, reason, completion_tokens) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def on_error(self, error) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+
+
+async def measure(directory: str, layout: str, clients: int, tokens: int, seconds: float) -> float:
+    import ctranslate2
+
+    from runnel.generation import SamplingParams
+    from runnel_ctranslate2 import scheduler as ct2_scheduler
+    from runnel_ctranslate2.tokenizer import load_tokenizer
+
+    inter, intra = (1, 2) if layout == "1x2" else (2, 1)
+    generator = ctranslate2.Generator(directory, device="cpu", inter_threads=inter, intra_threads=intra,
+                                      compute_type="int8")
+    tokenizer = load_tokenizer(directory)
+    generator.generate_batch([[tokenizer.id_to_token(tokenizer.bos_id or 0)]], max_length=2)  # warm-up
+    scheduler = ct2_scheduler.BatchScheduler(generator, tokenizer, max_batch_size=64, window=0.002,
+                                             max_queue=1024, slots=inter)
+    if layout == "2x1 fill":
+        scheduler._flush = lambda: _fill_flush(scheduler)  # type: ignore[method-assign]
+    prompt = tokenizer.encode(PROMPT, add_bos=True)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    made = 0
+
+    async def client() -> None:
+        nonlocal made
+        while loop.time() < deadline:
+            sink = Counting(loop.create_future())
+            scheduler.submit(prompt, params, 1, sink)
+            await sink.done
+            made += sink.tokens
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    elapsed = time.perf_counter() - started
+    await scheduler.close(5)
+    del generator
+    return made / elapsed
+
+
+def _fill_flush(self) -> None:
+    """The scheduler's flush before issue 17: each batch takes every row of its key it can."""
+    if self._timer is not None:
+        self._timer.cancel()
+        self._timer = None
+    self.waiting = [row for row in self.waiting if not row.done]
+    while self.waiting and self.running < self.slots:
+        key = self.waiting[0].key
+        batch_rows, rest = [], []
+        for row in self.waiting:
+            if row.key == key and len(batch_rows) < self.max_batch_size:
+                batch_rows.append(row)
+            else:
+                rest.append(row)
+        self.waiting = rest
+        self._launch(batch_rows)
+
+
+def _spin(stop) -> None:
+    while not stop.is_set():
+        sum(range(10_000))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="small")
+    parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--busy", action="store_true", help="one process spins on a core meanwhile")
+    args = parser.parse_args()
+    layouts = ["2x1 divide", "2x1 fill", "1x2"]
+    clients = [int(c) for c in args.clients.split(",")]
+    directory = model_dir(args.model)
+    print(f"{args.model} model, {args.tokens} tokens a request, {args.passes} passes x {len(clients)} client "
+          f"counts x {len(layouts)} layouts x {args.seconds:g} s = ~"
+          f"{args.passes * len(clients) * len(layouts) * (args.seconds + 1):.0f} s"
+          + (", one core kept busy" if args.busy else ""), flush=True)
+    stop = multiprocessing.Event()
+    spinner = None
+    if args.busy:
+        spinner = multiprocessing.Process(target=_spin, args=(stop,), daemon=True)
+        spinner.start()
+    results: dict[tuple[str, int], list[float]] = {}
+    try:
+        for _ in range(args.passes):
+            for count in clients:
+                for layout in layouts:
+                    rate = asyncio.run(measure(directory, layout, count, args.tokens, args.seconds))
+                    results.setdefault((layout, count), []).append(rate)
+    finally:
+        stop.set()
+        if spinner is not None:
+            spinner.join(5)
+    print(f"\n| clients | {' | '.join(layouts)} | divide / fill | 1x2 / divide |")
+    print("|---:|" + "---:|" * (len(layouts) + 2))
+    for count in clients:
+        medians = {layout: statistics.median(results[layout, count]) for layout in layouts}
+        cells = [f"{medians[layout]:.0f} ({min(results[layout, count]):.0f}-{max(results[layout, count]):.0f})"
+                 for layout in layouts]
+        print(f"| {count} | {' | '.join(cells)} | {medians['2x1 divide'] / medians['2x1 fill']:.2f}x | "
+              f"{medians['1x2'] / medians['2x1 divide']:.2f}x |")
+    print("\ntokens/s, median of the passes (spread)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
