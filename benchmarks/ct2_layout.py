@@ -8,13 +8,17 @@ ignore_eos, ``--tokens`` each) through ``runnel_ctranslate2.scheduler.BatchSched
 the code the server runs, with a sink that only counts, so the figures are the scheduler
 plus CTranslate2 without HTTP. Layouts:
 
-- ``2x1 divide``: inter_threads=2, intra_threads=1, rows divided over the free slots (now)
+- ``2x1 divide``: inter_threads=2, intra_threads=1, rows divided over the free slots when
+                  each part gets ``MIN_SPLIT_ROWS`` (now)
+- ``2x1 split``:  the same, divided whatever the count (a slot taken by even 1 row)
 - ``2x1 fill``:   the same, one batch filled first (before issue 17's change)
 - ``1x2``:        inter_threads=1, intra_threads=2 (one batch at a time, two threads on it)
 
 The layouts alternate in short windows within each pass (these machines' two cores drift in
 speed from minute to minute), and each figure is the median of the passes with the spread.
-``--busy`` adds one process spinning on a core meanwhile (a neighbour, or the event loop
+``--staggered`` measures time to first token instead: ``clients`` requests arriving
+``--gap-ms`` apart (a burst spread over a few ms, as real clients arrive), one round per
+pass. ``--busy`` adds one process spinning on a core meanwhile (a neighbour, or the event loop
 under load), the condition in which intra-op threads are said to collapse. Bounded: every
 point runs ``--seconds``; the whole run prints its duration up front.
 """
@@ -67,7 +71,7 @@ class Counting:
             self.done.set_exception(error)
 
 
-async def measure(directory: str, layout: str, clients: int, tokens: int, seconds: float) -> float:
+async def measure(directory: str, layout: str, clients: int, tokens: int, seconds: float, gap: float | None = None):
     import ctranslate2
 
     from runnel.generation import SamplingParams
@@ -83,6 +87,10 @@ async def measure(directory: str, layout: str, clients: int, tokens: int, second
                                              max_queue=1024, slots=inter)
     if layout == "2x1 fill":
         scheduler._flush = lambda: _fill_flush(scheduler)  # type: ignore[method-assign]
+    elif layout == "2x1 split":
+        ct2_scheduler.MIN_SPLIT_ROWS = 1
+    else:
+        ct2_scheduler.MIN_SPLIT_ROWS = 4
     prompt = tokenizer.encode(PROMPT, add_bos=True)
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     loop = asyncio.get_running_loop()
@@ -97,7 +105,28 @@ async def measure(directory: str, layout: str, clients: int, tokens: int, second
             await sink.done
             made += sink.tokens
 
+    async def first_token(delay: float) -> float:
+        await asyncio.sleep(delay)
+        sink = Counting(loop.create_future())
+        sent = loop.time()
+        first = loop.create_future()
+        on_tokens = sink.on_tokens
+
+        def seen(*args) -> None:
+            if not first.done():
+                first.set_result(loop.time() - sent)
+            on_tokens(*args)
+        sink.on_tokens = seen  # type: ignore[method-assign]
+        scheduler.submit(prompt, params, 1, sink)
+        await sink.done
+        return first.result()
+
     started = time.perf_counter()
+    if gap is not None:
+        ttfts = await asyncio.gather(*(first_token(i * gap) for i in range(clients)))
+        await scheduler.close(5)
+        del generator
+        return ttfts
     await asyncio.gather(*(client() for _ in range(clients)))
     elapsed = time.perf_counter() - started
     await scheduler.close(5)
@@ -123,6 +152,27 @@ def _fill_flush(self) -> None:
         self._launch(batch_rows)
 
 
+def staggered(args) -> None:
+    layouts = ["2x1 divide", "2x1 split", "2x1 fill"]
+    clients = [int(c) for c in args.clients.split(",")]
+    directory = model_dir(args.model)
+    ttfts: dict[tuple[str, int], list[float]] = {}
+    for _ in range(args.passes):
+        for count in clients:
+            for layout in layouts:
+                got = asyncio.run(measure(directory, layout, count, args.tokens, 0, args.gap_ms / 1000))
+                ttfts.setdefault((layout, count), []).extend(got)
+    print(f"\nTTFT (ms) of {args.passes} rounds of N requests arriving {args.gap_ms:g} ms apart, {args.tokens} tokens each")
+    print(f"| clients | {' | '.join(f'{layout} p50 / p90' for layout in layouts)} |")
+    print("|---:|" + "---:|" * len(layouts))
+    for count in clients:
+        cells = []
+        for layout in layouts:
+            values = sorted(ttfts[layout, count])
+            cells.append(f"{1000 * statistics.median(values):.0f} / {1000 * values[int(0.9 * (len(values) - 1))]:.0f}")
+        print(f"| {count} | {' | '.join(cells)} |")
+
+
 def _spin(stop) -> None:
     while not stop.is_set():
         sum(range(10_000))
@@ -136,7 +186,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--busy", action="store_true", help="one process spins on a core meanwhile")
+    parser.add_argument("--staggered", action="store_true", help="TTFT of requests arriving --gap-ms apart")
+    parser.add_argument("--gap-ms", type=float, default=1.0)
     args = parser.parse_args()
+    if args.staggered:
+        return staggered(args)
     layouts = ["2x1 divide", "2x1 fill", "1x2"]
     clients = [int(c) for c in args.clients.split(",")]
     directory = model_dir(args.model)

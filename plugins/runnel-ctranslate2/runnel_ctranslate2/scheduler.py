@@ -3,7 +3,8 @@
 Each ``generate`` call (a ``BatchedGeneration``) adds one ``Row`` per choice to
 the waiting rows. Rows wait a short window (or until a batch is full), then the waiting rows
 that share the batch-level sampling settings run in ``generate_batch`` calls, divided
-evenly over the free slots (so that each slot's thread, and core, has work).
+evenly over the free slots when there are enough of them (``MIN_SPLIT_ROWS`` a part), so
+that each slot's thread, and core, has work.
 CTranslate2's batches are static: a row that starts alone keeps its slot to the
 end, so the window is what lets a burst share one. A window of 0 starts work at
 the loop's next turn, for deployments that put first-token latency first.
@@ -37,6 +38,9 @@ from runnel.workers import DaemonThreads
 from .tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger("runnel.ctranslate2")
+
+# The fewest rows a batch split off to use another free slot gets (see BatchScheduler._flush).
+MIN_SPLIT_ROWS = 4
 
 
 def batch_key(params: SamplingParams) -> tuple:
@@ -244,10 +248,13 @@ class BatchScheduler:
             key = self.waiting[0].key
             # Divide the rows over the free slots: each batch decodes on its own thread, so
             # two half batches use two cores where one full batch leaves the second idle
-            # (measured in-process on 2 cores: 48-60% more tokens/s; issue 17). A batch is
-            # static: rows that arrive later wait for one to end either way.
+            # (benchmarks/ct2_layout.py: 1.54x tokens/s at 16 clients). But a batch is
+            # static: a slot taken now is not free for the rows arriving a few ms later,
+            # which then wait for a whole batch to end. So a few rows stay one batch, and
+            # only MIN_SPLIT_ROWS or more per part are worth a slot of their own.
             same = sum(1 for row in self.waiting if row.key == key)
-            share = min(self.max_batch_size, -(-same // (self.slots - self.running)))
+            parts = max(1, min(self.slots - self.running, same // MIN_SPLIT_ROWS))
+            share = min(self.max_batch_size, -(-same // parts))
             batch_rows, rest = [], []
             for row in self.waiting:
                 if row.key == key and len(batch_rows) < share:

@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import orjson
+import pytest
 
 from ct2_reference import (  # noqa: F401 (reference: fixture)
     StepProbe, reference, stream_completion, sync_client, tiny_config)
@@ -77,20 +78,24 @@ def test_concurrent_streams_are_batched_and_each_equals_its_solo_greedy_output(
     assert max(len(rows) for rows in probe.batches.values()) == stats["largest_batch"]
 
 
-def test_rows_that_arrive_together_are_divided_over_the_free_slots(start_server, tiny_dir, reference, monkeypatch):
-    # Two slots (inter_threads): five rows of one window run as batches of 3 and 2, one per
-    # thread, not as one batch of 5 that leaves the second thread (and core) idle.
+@pytest.mark.parametrize(("rows", "sizes"), [(9, [4, 5]), (3, [3])])
+def test_rows_that_arrive_together_are_divided_over_the_free_slots(start_server, tiny_dir, reference, monkeypatch,
+                                                                   rows, sizes):
+    # Two slots (inter_threads): nine rows of one window run as batches of 4 and 5, one per
+    # thread, not as one batch that leaves the second thread (and core) idle. Three rows stay
+    # one batch: the other slot is kept for rows that arrive next (a batch is static).
     probe = StepProbe().install(monkeypatch)
     server = start_server(tiny_config(tiny_dir, batch_window_ms=150, max_batch_size=16, inter_threads=2))
     app = server.server.apps.get("tiny")
+    prompts = (PROMPTS * 2)[:rows]
     calls = [(stream_completion, dict(server=server, model="tiny", prompt=prompt, max_tokens=12, temperature=0))
-             for prompt in PROMPTS[:5]]
+             for prompt in prompts]
     results = run_concurrently(calls)
-    for prompt, (text, reason, _) in zip(PROMPTS, results):
+    for prompt, (text, reason, _) in zip(prompts, results):
         assert text == reference.greedy_text(prompt, 12), prompt
     stats = server.call_soon(app.stats)
-    assert sorted(stats["recent_batch_sizes"]) == [2, 3]
-    assert sorted(len(rows) for rows in probe.batches.values()) == [2, 3]
+    assert sorted(stats["recent_batch_sizes"]) == sizes
+    assert sorted(len(rows) for rows in probe.batches.values()) == sizes
 
 
 def test_requests_with_other_sampling_settings_do_not_share_a_batch(start_server, tiny_dir, reference, monkeypatch):
