@@ -145,6 +145,11 @@ class RunView:
         """The run as this surface's clients (and webhooks) see it."""
         return {"id": run.id, "state": run.state, "output": run.output, "error": run.error}
 
+    def webhook_headers(self, run: Run, body: bytes, secret: str) -> list[tuple[str, str]]:
+        """Headers of this surface's own that each webhook attempt carries besides runnel's
+        (e.g. a platform's signature of ``body`` with ``[server] webhook_secret``)."""
+        return []
+
 
 @dataclass(slots=True)
 class _Active:
@@ -495,11 +500,12 @@ class Runner:
             self.metrics.run_accepted(run.app)
         return requeued
 
-    async def cancel(self, run_id: str) -> Run | None:
-        """Cancel a queued or running run; the run as it is then (None when unknown)."""
+    async def cancel(self, run_id: str, *, queued_only: bool = False) -> Run | None:
+        """Cancel a queued or running run (with ``queued_only``, a queued one only: one that
+        has started is left to run); the run as it is then (None when unknown)."""
         for _ in range(50):
             run = await self.get(run_id)
-            if run is None or run.done:
+            if run is None or run.done or (queued_only and run.state != QUEUED):
                 return run
             if run.state == QUEUED and await self.store.finish(run_id, CANCELLED):
                 self.metrics.run_finished(run.app, CANCELLED, None)
@@ -804,12 +810,14 @@ class Runner:
     def _send_webhook(self, run: Run) -> None:
         if self._state == "closed":
             return
-        body = orjson.dumps(self.view(run).render(run), option=orjson.OPT_SERIALIZE_NUMPY)
-        task = asyncio.get_running_loop().create_task(self._deliver(run, body))
+        view = self.view(run)
+        body = orjson.dumps(view.render(run), option=orjson.OPT_SERIALIZE_NUMPY)
+        headers = view.webhook_headers(run, body, self.webhooks.secret)
+        task = asyncio.get_running_loop().create_task(self._deliver(run, body, headers))
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
 
-    async def _deliver(self, run: Run, body: bytes) -> None:
+    async def _deliver(self, run: Run, body: bytes, headers: list[tuple[str, str]]) -> None:
         url = run.webhook
         assert url is not None  # only runs with a webhook are sent one
         try:
@@ -820,7 +828,7 @@ class Runner:
         else:
             delivered = False
             try:
-                delivered = await self.webhooks.deliver(url, run.id, body)
+                delivered = await self.webhooks.deliver(url, run.id, body, headers)
             except Exception:
                 logger.exception("webhook for run %s failed", run.id)
             self.metrics.webhook_outcome("delivered" if delivered else "failed")

@@ -126,12 +126,13 @@ class Webhooks:
                         ("x-webhook-signature", sign(self.secret, run_id, timestamp, body))]
         return headers
 
-    async def deliver(self, url: str, run_id: str, body: bytes) -> bool:
-        """POST until delivered or given up (see the module docstring); True when delivered."""
+    async def deliver(self, url: str, run_id: str, body: bytes, extra_headers=()) -> bool:
+        """POST until delivered or given up (see the module docstring); True when delivered.
+        ``extra_headers``: the surface's own (``RunView.webhook_headers``), on every attempt."""
         host = urlsplit(url).hostname
         for attempt in range(1, self.attempts + 1):
             try:
-                status = await post(url, body, self.headers(run_id, body), timeout=self.timeout)
+                status = await post(url, body, [*self.headers(run_id, body), *extra_headers], timeout=self.timeout)
             except (OSError, h11.ProtocolError) as exc:
                 outcome, retry = f"{type(exc).__name__}: {exc}", True
             else:
