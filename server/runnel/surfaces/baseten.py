@@ -10,8 +10,10 @@ Each app can answer for one Baseten model id and deployment:
     deployment_id = "q4w8e2"     # default: the app's name
     production = true            # the deployment used when a request names none
                                  # (default: the first app that serves the model)
+    function = "predict"         # a python function app's: what async_predict calls
 
-Answers carry a UUID as their id, as Baseten's do.
+Answers carry a UUID as their id, as Baseten's do. Baseten's async inference API
+(``async_predict``, ``/async_request/{id}``) is ``baseten_async.py``, on the same tables.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 from ..config import ConfigError
 from ..errors import HTTPError
 from ..hookspecs import hookimpl
+from . import baseten_async
 from .openai import OpenAIAPI, ReplyOptions, invalid
 
 BASETEN_REPLY = ReplyOptions(uuid_ids=True)
@@ -31,6 +34,7 @@ class BasetenBridge:
         self.api = OpenAIAPI.of(server)
         self.deployments: dict[tuple[str, str], str] = {}  # (model_id, deployment_id) -> app
         self.production: dict[str, str] = {}  # model_id -> app
+        self.functions: dict[str, str] = {}  # app -> its [apps.NAME.baseten] function, when set
         config = server.config
         first: dict[str, str] = {}  # model_id -> its first app, production unless another says so
         for name, app_config in config.apps.items():
@@ -41,7 +45,10 @@ class BasetenBridge:
             model_id = table.get("model_id", str)
             deployment_id = table.get("deployment_id", str, default=name)
             production = table.get("production", bool, default=None)
+            function = table.get("function", str, default=None)
             table.finish()
+            if function is not None:
+                self.functions[name] = function
             if (model_id, deployment_id) in self.deployments:
                 raise ConfigError(f"model {model_id!r} deployment {deployment_id!r} is served by two apps",
                                   key=f"{key}.deployment_id", source=config.source)
@@ -99,3 +106,5 @@ def runnel_register_routes(register, server):
     bridge = BasetenBridge(server)
     register("POST", "/v1/direct/chat/completions", bridge.chat)
     register("POST", "/v1/direct/completions", bridge.completions)
+    if bridge.deployments:
+        baseten_async.register_routes(register, server, bridge, bridge.functions)
