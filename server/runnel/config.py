@@ -123,6 +123,10 @@ class ServerConfig:
     webhook_secret: str = ""  # signs webhooks (HMAC-SHA256); "" = unsigned
     webhook_retry_delay: float = 2.0  # seconds between webhook attempts
     runsync_timeout: float = 90.0  # RunPod /runsync waits this long for a result
+    # The deadline (runnel.deadlines) of a generation request that sends no X-Request-Deadline:
+    # work still waiting for the model after this many seconds is dropped, 504. None: no limit.
+    # Runs and batch lines are not bounded by it (they wait in their queues by design).
+    max_queue_wait: float | None = None
     # The Batch API (runnel.surfaces.openai.files, .batches). Directory of uploaded files and
     # batch progress; None: next to the SQLite run store (runnel.surfaces.openai.files.files_dir).
     # Servers sharing runs through Redis must share this directory too.
@@ -288,6 +292,15 @@ def _at_least(low: float) -> Callable[[Any], Any]:
     return check
 
 
+def _queue_wait(value: float) -> float:
+    from .deadlines import MAX_SECONDS  # the header's range: a default no request could ask for is refused
+
+    _finite(value)
+    if not 0 < value <= MAX_SECONDS:
+        raise ValueError(f"must be greater than 0 and at most {MAX_SECONDS:.0f} (seconds), got {value}")
+    return value
+
+
 def _above(low: float) -> Callable[[Any], Any]:
     def check(value):
         _finite(value)
@@ -390,6 +403,7 @@ _SERVER_RULES: dict[str, tuple[type | tuple[type, ...], Callable[[Any], Any] | N
     "webhook_secret": (str, None),
     "webhook_retry_delay": (float, _at_least(0)),
     "runsync_timeout": (float, _above(0)),
+    "max_queue_wait": (float, _queue_wait),
     "files_path": (str, _non_empty),
     "files_max_bytes": (int, _between(1, 209715200)),
     "batch_max_lines": (int, _between(1, 50000)),

@@ -8,7 +8,8 @@ surface's own error shape.
 
 What a deadline means where (the work that is dropped is never started):
 
-- a generation (every surface that generates, through ``run_generations``): work still
+- a generation (every surface that generates, through ``run_generations``; without the
+  header, the server's ``[server] max_queue_wait`` if set): work still
   waiting in the model's queue at the deadline is dropped and the request answered 504
   (``runnel.generation.deadline_exceeded``); a deadline already past is refused at once;
   work already running is not affected;
@@ -63,8 +64,12 @@ def _waited(request: Any) -> float:
 
 def monotonic_deadline(request: Any) -> float | None:
     """The request's deadline as a ``time.monotonic()`` value (what ``SamplingParams.deadline``
-    holds), or None; HTTPError 400 for a bad header."""
+    holds), or None; HTTPError 400 for a bad header. Without the header, the server's
+    ``[server] max_queue_wait`` (an HTTP request's ``max_queue_wait``; work that came another
+    way, a run or a batch line, has none)."""
     seconds = seconds_of(request)
+    if seconds is None:
+        seconds = getattr(request, "max_queue_wait", None)
     if seconds is None:
         return None
     return time.monotonic() - _waited(request) + seconds

@@ -87,7 +87,7 @@ def admit(waiting: int, n: int, max_queue: int) -> None:
 
 
 def deadline_exceeded(message: str = "The request waited in the model's queue past its deadline "
-                      "(X-Request-Deadline) and was not run.") -> HTTPError:
+                      "(X-Request-Deadline, or the server's max_queue_wait) and was not run.") -> HTTPError:
     """The error of work dropped at its deadline: 504, as a gateway answers when what it waited
     on did not come in time (not 408, which says the client was slow to send its request and
     which clients may retry on their own); no Retry-After: its client has given up already."""

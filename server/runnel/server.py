@@ -174,6 +174,7 @@ class Server:
             body_limits=self.body_limits,
             max_stream_buffer_bytes=settings.max_stream_buffer_bytes,
             header_timeout=settings.header_timeout,
+            max_queue_wait=settings.max_queue_wait,
             keepalive_timeout=settings.keepalive_timeout,
             body_timeout=settings.body_timeout,
             body_min_rate=settings.body_min_rate,

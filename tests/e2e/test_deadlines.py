@@ -91,6 +91,21 @@ def test_a_request_still_waiting_at_its_deadline_is_504_and_never_reaches_the_mo
     assert generations(port, "expired") == 1 and generations(port, "length") == 2
 
 
+def test_the_servers_max_queue_wait_is_the_deadline_of_a_request_without_one(start_server):
+    # [server] max_queue_wait: a request sending no X-Request-Deadline gets it; one that sends
+    # its own (longer) deadline keeps that instead.
+    port = start_server({"server": {"max_queue_wait": 0.3}, "apps": {"echo": SLOW_ECHO}}).port
+    with slot_held(port) as (pool, first):
+        defaulted = pool.submit(post, port, "/v1/completions", {**HELD, "max_tokens": 3})
+        wait_until(lambda: echo_stats(port)["generating"] == 2)
+        patient = pool.submit(post, port, "/v1/completions", {**HELD, "max_tokens": 3}, "60")
+        reply = defaulted.result()
+        assert reply.status == 504 and reply.json()["error"]["code"] == "deadline_exceeded", reply.body
+        assert "max_queue_wait" in reply.json()["error"]["message"]
+        assert patient.result().status == 200
+    assert echo_stats(port)["started"] == 2  # the first (started before its 0.3 s passed) and the patient one
+
+
 def test_a_deadline_already_past_is_refused_at_once(slow_echo):
     port = slow_echo.port
     with slot_held(port) as (_, first):

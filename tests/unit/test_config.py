@@ -101,10 +101,11 @@ def test_server_example_covers_every_key_at_its_default():
 
     text = (EXAMPLES / "server.toml").read_text(encoding="utf-8")
     data = tomllib.loads(text)
-    # runs_path's, runs' and files_path's defaults (unset: the per-user default; SQLite; next to
-    # it) have no TOML spelling: they are shown commented out.
+    # runs_path's, runs', files_path's and max_queue_wait's defaults (unset: the per-user
+    # default; SQLite; next to it; no limit) have no TOML spelling: they are shown commented out.
     assert set(data["server"]) == {f.name for f in dataclasses.fields(ServerConfig)} - {
-        "runs_path", "runs", "files_path"}
+        "runs_path", "runs", "files_path", "max_queue_wait"}
+    assert "\n# max_queue_wait = " in text
     assert "\n# runs_path = " in text
     assert "\n# runs = " in text
     assert "\n# files_path = " in text
@@ -639,3 +640,14 @@ def test_metrics_public_and_drain_delay():
     assert (ServerConfig().metrics_public, ServerConfig().shutdown_drain_delay) == (False, 0.0)
     error = raises_config_error(config_from_dict, {"server": {"shutdown_drain_delay": -1}})
     assert error.key == "server.shutdown_drain_delay"
+
+
+@pytest.mark.parametrize("literal", ["0", "-1.0", "604801", "inf", "nan", '"soon"'])
+def test_max_queue_wait_is_a_positive_number_of_seconds_up_to_a_week(tmp_path, literal):
+    path = tmp_path / "runnel.toml"
+    path.write_text(f"[server]\nmax_queue_wait = {literal}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "server.max_queue_wait" in str(caught.value)
+    path.write_text("[server]\nmax_queue_wait = 2.5\n", encoding="utf-8")
+    assert load_config(path).server.max_queue_wait == 2.5

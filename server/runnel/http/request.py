@@ -188,5 +188,11 @@ class Request:
         return self._response_stream
 
     @property
+    def max_queue_wait(self) -> float | None:
+        """The server's ``[server] max_queue_wait``: how long a generation may wait for its
+        model when the request sets no deadline of its own (runnel.deadlines)."""
+        return self._protocol.server_state.max_queue_wait
+
+    @property
     def response_started(self) -> bool:
         return self._response_stream is not None

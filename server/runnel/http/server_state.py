@@ -49,6 +49,8 @@ class ServerState:
     # Bytes a stream may have waiting in the transport before its client is dropped.
     max_stream_buffer_bytes: int = 4 * 1024 * 1024
     header_timeout: float = 10.0
+    # [server] max_queue_wait: the deadline of a generation request without X-Request-Deadline.
+    max_queue_wait: float | None = None
     keepalive_timeout: float = 5.0
     body_timeout: float = 30.0
     # Bytes a second a body must average (after body_timeout's grace) once the handler reads it; 0 = no floor.
