@@ -205,9 +205,11 @@ class Metrics:
             sent.inc(request.bytes_sent)
         record = request.generation
         if record is not None:
-            self._generation(record, status)
+            self.generation_finished(record, status)
 
-    def _generation(self, record: GenerationRecord, status: int) -> None:
+    def generation_finished(self, record: GenerationRecord, status: int) -> None:
+        """Count one generation: a finished request's (above), or one with no HTTP request of
+        its own (a run's, a batch line's, a resumable stream's: runnel.surfaces.openai.offline)."""
         key = (self.app_name(record.app), outcome(record, status))
         children = self._generation_children.get(key)
         if children is None:

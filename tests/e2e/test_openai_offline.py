@@ -102,3 +102,33 @@ def test_closing_a_stream_stops_its_generation(server):
         return chunks._task
     task = server.call(partial())
     assert task.done() and task.cancelled()
+
+
+def generation_samples(server) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    reply = request(server.port, "GET", "/metrics")
+    assert reply.status == 200, reply.body
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(reply.body.decode()) for sample in family.samples
+            if sample.name.startswith("runnel_generation_")}
+
+
+def test_an_offline_generation_is_counted_in_the_generation_metrics(server):
+    # Runs, batch lines and resumable streams generate without an HTTP request of their own:
+    # the metrics count them as they count a live request's generation.
+    requests = ("runnel_generation_requests_total", (("app", "tiny"), ("finish_reason", "length")))
+    tokens = ("runnel_generation_generated_tokens_total", (("app", "tiny"),))
+    ttft = ("runnel_generation_time_to_first_token_seconds_count", (("app", "tiny"),))
+    before = generation_samples(server)
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 7, "ignore_eos": True}
+    assert offline(server, "/v1/completions", body)[0] == 200
+
+    async def streamed():
+        return [chunk async for chunk in stream(OpenAIAPI.of(server.server), "/v1/completions",
+                                                 {**body, "stream": True})]
+    server.call(streamed())
+    after = generation_samples(server)
+    assert after[requests] - before.get(requests, 0) == 2
+    assert after[tokens] - before.get(tokens, 0) == 14
+    assert after[ttft] - before.get(ttft, 0) == 2

@@ -28,6 +28,7 @@ import orjson
 
 from ...auth import ANONYMOUS
 from ...errors import HTTPError
+from ...http.protocol import CLIENT_GONE
 from .api import DEFAULT_REPLY, OpenAIAPI, ReplyOptions
 from .params import (
     CHAT_FIELDS,
@@ -91,12 +92,30 @@ def http_error(status: int, body: dict[str, Any]) -> HTTPError:
 
 
 async def _handle(api: OpenAIAPI, route: str, request: OfflineRequest, app, reply: ReplyOptions):
-    handler = route_handler(api, route)
-    if app is None:
-        return await handler(request)
-    if ROUTES[route] == "embeddings":  # no reply options: an embedding has no role or stream
-        return await handler(request, app)
-    return await handler(request, app, reply)
+    """The route's handler on ``request``; its generation, if it made one, counted in the
+    server's generation metrics as a live request's is (it has no HTTP request whose end the
+    metrics would see): 200, the error's status, or 499 when cancelled (its reader left)."""
+    status = CLIENT_GONE
+    try:
+        handler = route_handler(api, route)
+        if app is None:
+            response = await handler(request)
+        elif ROUTES[route] == "embeddings":  # no reply options: an embedding has no role or stream
+            response = await handler(request, app)
+        else:
+            response = await handler(request, app, reply)
+        status = 200 if response is None else response.status
+        return response
+    except HTTPError as error:
+        status = error.status
+        raise
+    except Exception:
+        status = 500
+        raise
+    finally:
+        metrics = getattr(api.server, "metrics", None)
+        if request.generation is not None and metrics is not None:
+            metrics.generation_finished(request.generation, status)
 
 
 class ChunkStream:
