@@ -185,6 +185,25 @@ def test_only_its_owner_can_reattach(server):
                .body.endswith(b"[DONE]\n\n"), timeout=30)  # let it end: the next test needs the slot
 
 
+def test_a_deleted_stream_stops_generating_and_is_gone(server):
+    head, first = start_and_drop(server.port, "/v1/completions", {**COMPLETION, "max_tokens": 2000},
+                                 {**RESUMABLE, **auth()}, at_least=2)
+    stream_id = head.header(b"x-runnel-stream-id").decode()
+    url = f"/v1/completions/{stream_id}/stream"
+    assert request(server.port, "DELETE", url, headers=((b"authorization", f"Bearer {KEYS[1]}".encode()),)
+                   ).status == 404  # not the other principal's to delete
+    assert request(server.port, "DELETE", f"/v1/chat/completions/{stream_id}/stream", headers=AUTH).status == 404
+    deleted = request(server.port, "DELETE", url, headers=AUTH)
+    assert deleted.status == 200 and deleted.json() == {"id": stream_id, "object": "stream.deleted", "deleted": True}
+    assert reattach(server.port, url, auth()).status == 404
+    assert request(server.port, "DELETE", url, headers=AUTH).status == 404
+    # The generation stopped: echo's only slot takes a new request at once (2000 tokens at
+    # 10 ms would hold it 20 s).
+    short = orjson.dumps({**COMPLETION, "stream": False, "max_tokens": 2})
+    wait_until(lambda: request(server.port, "POST", "/v1/completions", headers=AUTH, body=short).status == 200,
+               timeout=5)
+
+
 def test_a_refused_resumable_stream_is_answered_with_the_refusal_status(server):
     sock = connect(server.port)
     try:

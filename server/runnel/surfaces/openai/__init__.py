@@ -38,6 +38,8 @@ def runnel_register_routes(register, server):
     server.runs.add_view(StreamRuns(api))
     register("GET", "/v1/chat/completions/{stream_id}/stream", streams.chat)
     register("GET", "/v1/completions/{stream_id}/stream", streams.completions)
+    register("DELETE", "/v1/chat/completions/{stream_id}/stream", streams.delete_chat)
+    register("DELETE", "/v1/completions/{stream_id}/stream", streams.delete_completions)
     responses = ResponsesAPI(server)
     register("POST", "/v1/responses", responses.create)
     register("GET", "/v1/responses/{response_id}", responses.retrieve)

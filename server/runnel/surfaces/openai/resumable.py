@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 
 from ...errors import HTTPError
+from ...http import Response, json_response
 from ...runs import CANCELLED, FAILED, TIMED_OUT, Run
 from ...serializers import Serializer
 from .api import NO_CACHE, RESUMABLE, SSE, OpenAIAPI
@@ -112,7 +113,9 @@ def wants_resume_from(request, query: str = "starting_after") -> int:
 
 
 class ReattachAPI:
-    """``GET /v1/chat/completions/{stream_id}/stream`` and ``/v1/completions/{stream_id}/stream``."""
+    """``GET /v1/chat/completions/{stream_id}/stream`` and ``/v1/completions/{stream_id}/stream``
+    (reattach), and ``DELETE`` on them: stop the generation, if it still runs, and forget it
+    (a stream no one will reattach to would otherwise run to its ``max_tokens``)."""
 
     def __init__(self, openai: OpenAIAPI) -> None:
         self.openai = openai
@@ -124,12 +127,28 @@ class ReattachAPI:
     async def completions(self, request) -> None:
         await self._reattach(request, chat=False)
 
-    async def _reattach(self, request, *, chat: bool) -> None:
+    async def delete_chat(self, request) -> Response:
+        return await self._delete(request, chat=True)
+
+    async def delete_completions(self, request) -> Response:
+        return await self._delete(request, chat=False)
+
+    async def _find(self, request, *, chat: bool) -> Run:
         stream_id = request.path_params["stream_id"]
-        start_at = wants_resume_from(request)
         run = await self.runs.find(stream_id, surface=SURFACE, app=None, principal=request.principal.identity)
         if run is None or run.input.get("route") != ROUTES[chat]:
             raise not_found(stream_id)
+        return run
+
+    async def _delete(self, request, *, chat: bool) -> Response:
+        run = await self._find(request, chat=chat)
+        await self.runs.delete(run.id)  # cancelled first when still generating; a follower ends 410
+        return json_response({"id": run.id, "object": "stream.deleted", "deleted": True})
+
+    async def _reattach(self, request, *, chat: bool) -> None:
+        stream_id = request.path_params["stream_id"]
+        start_at = wants_resume_from(request)
+        await self._find(request, chat=chat)
         await follow_into(request, self.runs, stream_id, start_at, SSE,
                           stream_headers(stream_id, f"{ROUTES[chat]}/{stream_id}/stream"))
 
