@@ -14,6 +14,7 @@ from .config import LOG_LEVELS, Config, ConfigError, ServerConfig, apply_environ
 from .plugins import describe_plugins, make_plugin_manager
 from .server import Server
 from .supervisor import report_listening, serve_workers, watch_supervisor, worker_slot
+from .workers import exit_past_running_calls
 
 logger = logging.getLogger("runnel")
 
@@ -95,6 +96,7 @@ def cmd_serve(args) -> int:
     server = Server(config, worker=slot)
     server.build()  # config mistakes are reported before anything binds
     run(_serve(server))
+    exit_past_running_calls(0)  # a batch abandoned at shutdown must not crash the exit
     return 0
 
 

@@ -8,13 +8,23 @@ deadline (``asyncio.wait_for`` on the futures ``run`` returns), then abandons wh
 stuck, and the process still exits. An abandoned call keeps whatever it references
 (a model) alive until it returns; if it never does, the thread is frozen at exit with
 it, so that object is never destroyed mid-finalization.
+
+Frozen, unless it calls back into Python: a model's C++ thread that runs a Python callback
+(CTranslate2's step callback) while the interpreter finalizes is ended by CPython with
+``pthread_exit``, whose unwinding through the C++ frames aborts or crashes the whole
+process (measured: SIGABRT or SIGSEGV, 5 exits in 5). A server whose shutdown left such a
+call running exits with ``exit_past_running_calls`` instead of finalizing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import logging
+import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,6 +32,10 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 _Done = Callable[[], None] | None
+
+# Threads (their idents) inside a call now, of every DaemonThreads in the process. A set:
+# add and discard are atomic under the GIL, so the threads keep it without a lock.
+_in_call: set[int] = set()
 
 
 class _Job:
@@ -124,10 +138,14 @@ class DaemonThreads:
             loop, future, call, done = job.loop, job.future, job.call, job.done
             del job
             assert call is not None
+            me = threading.get_ident()
+            _in_call.add(me)
             try:
                 outcome: tuple[bool, Any] = (True, call())
             except BaseException as error:  # handed to the loop, as an executor would
                 outcome = (False, error)
+            finally:
+                _in_call.discard(me)
             # Drop the call (and what it holds, a model) before waiting for the next one.
             del call
             _call_on(loop, _settle, future, *outcome, done)
@@ -154,4 +172,26 @@ class DaemonThreads:
             self._jobs.put(None)
 
 
-__all__ = ["DaemonThreads"]
+def calls_running() -> int:
+    """Calls a ``DaemonThreads`` thread of this process is inside now (abandoned ones included)."""
+    return len(_in_call)
+
+
+def exit_past_running_calls(code: int) -> None:
+    """At the very end of a process: if calls are still running (abandoned at shutdown: a
+    batch that did not stop in time), exit now with ``code``, logs and output flushed, without
+    the interpreter's finalization that such a call could crash (see the module docstring).
+    Returns, doing nothing, when none is running."""
+    running = calls_running()
+    if not running:
+        return
+    logging.getLogger("runnel").warning(
+        "%d backend call(s) still running at exit: exiting without waiting for them", running)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+__all__ = ["DaemonThreads", "calls_running", "exit_past_running_calls"]

@@ -202,3 +202,40 @@ def test_a_process_with_a_batch_stuck_inside_ctranslate2_still_exits(tiny_dir, t
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "abandoned"
     assert time.monotonic() - started < 15
+
+
+_ABANDONED_CALLING_BACK = """
+import asyncio, ctranslate2, sys, time
+from runnel.workers import DaemonThreads, calls_running, exit_past_running_calls
+
+generator = ctranslate2.Generator(sys.argv[1], device="cpu", inter_threads=1, intra_threads=1)
+
+def slow_step(step):  # each step calls back into Python, slowly: the batch outlives its wait
+    time.sleep(0.01)
+    return False
+
+async def main():
+    threads = DaemonThreads(1, "batch")
+    running = threads.run(lambda: generator.generate_batch(
+        [["<s>", "\\u2581The"]], max_length=2000, sampling_topk=1, end_token=[], callback=slow_step))
+    try:
+        await asyncio.wait_for(asyncio.shield(running), 0.5)
+    except TimeoutError:
+        print("abandoned", calls_running(), flush=True)
+    threads.close()
+
+asyncio.run(main())
+exit_past_running_calls(0)  # what `runnel serve` does last
+"""
+
+
+def test_a_process_whose_abandoned_batch_still_calls_back_exits_cleanly(tiny_dir, tmp_path):
+    # Finalizing the interpreter while CTranslate2's thread calls the step callback ends that
+    # thread with pthread_exit through C++ frames: SIGABRT or SIGSEGV (5 exits in 5 without
+    # exit_past_running_calls). The server exits past such calls instead.
+    script = tmp_path / "calling_back.py"
+    script.write_text(_ABANDONED_CALLING_BACK)
+    done = subprocess.run([sys.executable, str(script), str(tiny_dir)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "abandoned 1"
+    assert "1 backend call(s) still running at exit" in done.stderr
