@@ -649,10 +649,10 @@ def plot(path: Path, title: str, panels: list[tuple[str, dict[str, list[tuple[in
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False, layout="constrained")
     for ax, (label, lines) in zip(axes[0], panels):
-        for name, xy in lines.items():
+        for number, (name, xy) in enumerate(lines.items()):
             xy = [(x, y) for x, y in xy if y is not None]
-            if xy:
-                ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o",
+            if xy:  # a fixed colour per server: one with no values must not shift the others'
+                ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", color=f"C{number % 10}",
                         linewidth=2.5 if name == "runnel" else 1.2, label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
@@ -708,7 +708,7 @@ def report_inference(data: dict, out: Path) -> list[str]:
     md += ["", "In-process ITL is per token; over HTTP it is the gap between reads that carried new text, and "
            "runnel may put several tokens in one event when they arrive together.", ""]
     name = data["scenario"]
-    plot(out / f"{name}.png", f"Inference: {model.split(' (')[0]} on one core",
+    plot(out / f"{name}.png", f"Inference: {model.split(' (')[0].strip('`')} on one core",
          [("tokens/s", {k: series(v, lambda p: p["tokens_per_s"]) for k, v in res.items()}),
           ("TTFT p50 (ms)", {k: series(v, lambda p: p["ttft_ms"]["p50"]) for k, v in res.items()}),
           ("inter-token p99 (ms)", {k: series(v, lambda p: p["itl_ms"]["p99"]) for k, v in res.items()})])
