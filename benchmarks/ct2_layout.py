@@ -1,6 +1,6 @@
 """CTranslate2 thread layouts and batch division, measured through runnel's scheduler in-process.
 
-    .venv/bin/python benchmarks/ct2_layout.py [--model small|tiny] [--passes 3] [--seconds 4] [--busy]
+    .venv/bin/python benchmarks/ct2_layout.py [--model small|medium|tiny] [--passes 3] [--seconds 4] [--busy]
 
 Issue 17 asks which CPU layout to default to and whether dividing a window's rows over the
 free batch slots pays. Each point runs ``clients`` closed-loop generations (greedy,
