@@ -1,6 +1,6 @@
 """CTranslate2 thread layouts and batch division, measured through runnel's scheduler in-process.
 
-    .venv/bin/python benchmarks/ct2_layout.py [--model small|tiny] [--passes 3] [--seconds 4] [--busy]
+    .venv/bin/python benchmarks/ct2_layout.py [--model small|medium|tiny] [--passes 3] [--seconds 4] [--busy]
 
 Issue 17 asks which CPU layout to default to and whether dividing a window's rows over the
 free batch slots pays. Each point runs ``clients`` closed-loop generations (greedy,
@@ -28,28 +28,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-MODELS = {  # the random Llama-style models of the inference scenario's sizes
-    "tiny": dict(vocab_size=512, d_model=64, layers=2, heads=4, ffn=256),
-    "small": dict(vocab_size=8000, d_model=768, layers=12, heads=12, ffn=3072),  # ~120M parameters
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.models
+
+from benchmarks.models import SHAPES, model_dir  # noqa: E402
+
 PROMPT = "The cat sees a red ball in the garden"
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "runnel-bench"
-
-
-def model_dir(name: str) -> str:
-    from runnel_ctranslate2.builtin import build_random_model
-
-    directory = CACHE / f"layout-{name}"
-    if not (directory / "model.bin").exists():
-        print(f"building the {name} model in {directory} (once)", flush=True)
-        build_random_model(directory, max_position=4096, **MODELS[name])
-    return str(directory)
 
 
 class Counting:
@@ -180,7 +168,7 @@ def _spin(stop) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="small")
+    parser.add_argument("--model", choices=sorted(SHAPES), default="small")
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=4.0)

@@ -1,6 +1,6 @@
 """Tokens/s through runnel's HTTP stream against CTranslate2 in-process (the ceiling).
 
-    .venv/bin/python benchmarks/inference.py [--model builtin:tiny] [--tokens 128] [--seconds 10]
+    .venv/bin/python benchmarks/inference.py [--model tiny|small|medium|MODEL] [--tokens 128] [--seconds 10]
 
 Both sides run the same model with the same settings: greedy decoding,
 ignore_eos so every request makes exactly --tokens tokens, inter_threads=2 and
@@ -8,7 +8,9 @@ intra_threads=1 (this machine has 2 cores). For 1 client the ceiling is one
 generate_batch of one prompt after another; for 16 clients it is one
 generate_batch of all 16 prompts, which is the best runnel's batching can do.
 The server runs in its own process (pinned to core 0 when taskset exists), the
-client here (pinned to core 1). Every loop is bounded by --seconds.
+client here (pinned to core 1). Every loop is bounded by --seconds. ``small`` and ``medium``
+are the ~120M and ~400M random Llama-style models of benchmarks/models.py (built once,
+cached, int8 on both sides); any other value is a ``model`` setting runnel takes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.models
+
+from benchmarks.models import CHOICES, model_spec  # noqa: E402
 
 PROMPT = "The cat sees a red ball"
 
@@ -34,14 +41,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def in_process(model_dir: str, clients: int, tokens: int, seconds: float) -> float:
+def in_process(model_dir: str, clients: int, tokens: int, seconds: float, compute_type: str | None) -> float:
     import ctranslate2
 
     from runnel_ctranslate2.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     start_tokens = [tokenizer.id_to_token(i) for i in tokenizer.encode(PROMPT, add_bos=True)]
-    generator = ctranslate2.Generator(model_dir, device="cpu", inter_threads=2, intra_threads=1)
+    generator = ctranslate2.Generator(model_dir, device="cpu", inter_threads=2, intra_threads=1,
+                                      compute_type=compute_type or "default")
     options = dict(max_length=tokens, min_length=tokens, sampling_topk=1, include_prompt_in_result=False,
                    end_token=[])
     # The server streams through a callback; so does the ceiling, with the cheapest one.
@@ -86,12 +94,13 @@ async def through_http(port: int, clients: int, tokens: int, seconds: float) -> 
     return made / (time.perf_counter() - start)
 
 
-def start_server(model: str, port: int, config_dir: str) -> subprocess.Popen:
+def start_server(model: str, port: int, config_dir: str, compute_type: str | None) -> subprocess.Popen:
     config = os.path.join(config_dir, "bench.toml")
     with open(config, "w") as f:
+        compute = f'compute_type = "{compute_type}"\n' if compute_type else ""
         f.write(f'[server]\nport = {port}\nlog_level = "warning"\n\n[apps.bench]\nbackend = "ctranslate2"\n'
                 f'model = "{model}"\nserved_model_name = "bench"\ndevice = "cpu"\ninter_threads = 2\nintra_threads = 1\n'
-                f"max_batch_size = 16\nbatch_window_ms = 2\n")
+                f"max_batch_size = 16\nbatch_window_ms = 2\n{compute}")
     command = [sys.executable, "-m", "runnel", "serve", "--config", config]
     if shutil.which("taskset"):
         command = ["taskset", "-c", "0", *command]
@@ -112,22 +121,23 @@ def start_server(model: str, port: int, config_dir: str) -> subprocess.Popen:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="builtin:tiny")
+    parser.add_argument("--model", default="tiny", help=f"{' | '.join(CHOICES)}, or a runnel model setting")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=8.0)
     args = parser.parse_args()
     from runnel_ctranslate2.apps import model_directory
 
-    model_dir = model_directory(args.model)
+    model, compute_type = model_spec(args.model) if args.model in CHOICES else (args.model, None)
+    model_dir = model_directory(model)
     if shutil.which("taskset"):
         os.sched_setaffinity(0, {1})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        server = start_server(args.model, port, tmp)
+        server = start_server(model, port, tmp, compute_type)
         try:
             for clients in (1, 16):
-                ceiling = in_process(model_dir, clients, args.tokens, args.seconds)
+                ceiling = in_process(model_dir, clients, args.tokens, args.seconds, compute_type)
                 served = asyncio.run(through_http(port, clients, args.tokens, args.seconds))
                 rows.append((clients, served, ceiling))
         finally:

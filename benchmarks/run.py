@@ -1,13 +1,17 @@
 """runnel against its peers, side by side in one run, reported as ratios.
 
-    python benchmarks/run.py [--quick] [--scenario http|inference|scale|all] [--out benchmarks/results]
+    python benchmarks/run.py [--quick] [--scenario http|inference|scale|all] [--model tiny|small|medium]
+                             [--out benchmarks/results]
 
 Scenarios (benchmarks/README.md says what each measures and shows the latest results):
   http       GET /v1/models (small JSON) and an SSE stream of N events written as fast as
              possible: runnel, a bare h11+uvloop loop, uvicorn (h11, httptools) with a raw
              ASGI app, Starlette and FastAPI, and granian when it is installed.
-  inference  the built-in tiny CTranslate2 model: runnel, a plain FastAPI + sse-starlette
-             server, and CTranslate2 in-process (no HTTP) at 1, 4, 16 and 64 streams.
+  inference  one CTranslate2 model (--model: builtin:tiny, or the ~120M / ~400M random
+             Llama-style models of benchmarks/models.py, int8): runnel, a plain FastAPI +
+             sse-starlette server, llama.cpp (runnel's app and llama-cpp-python's server, the
+             same weights as GGUF) and CTranslate2 in-process (no HTTP) at 1, 4, 16 and 64
+             streams. Reports inference.md for tiny, inference-MODEL.md for the others.
   scale      RSS and CPU per idle keep-alive connection and per open stream at 1000 of each.
 
 Each server runs in its own process pinned to one core, the load client here on another;
@@ -194,6 +198,32 @@ def peer(script: str, *args: str) -> list[str]:
     return [PY, str(PEERS / script), *args]
 
 
+def llama_cpp_server(gguf: str, alias: str, threads: int = 2) -> Server:
+    """llama-cpp-python's own server on ``threads`` threads: what its users run. One context;
+    ``--interrupt_requests False`` so a new request never cuts a running stream short."""
+    return Server("llama-cpp-python server", [PY, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", alias,
+                                              "--n_threads", str(threads), "--n_threads_batch", str(threads),
+                                              "--interrupt_requests", "False"])
+
+
+def without_eos(model_dir: str) -> dict:
+    """Request fields that make llama-cpp-python's server run to max_tokens: it has no
+    ignore_eos, so the end token is biased away instead (llama.cpp's logit_bias)."""
+    from runnel_ctranslate2.tokenizer import load_tokenizer
+
+    return {"logit_bias": {str(load_tokenizer(model_dir).eos_id): -100}}
+
+
+def check_tokens(server: Server, body: dict, tokens: int) -> None:
+    """One unstreamed completion must make exactly ``tokens`` tokens (by the server's usage):
+    unstreamed, because llama-cpp-python's streams carry no usage."""
+    status, raw = request(server.port, "POST", "/v1/completions", json.dumps({**body, "stream": False}).encode(),
+                          timeout=120)
+    usage = re.findall(rb'"completion_tokens": ?(\d+)', raw)
+    if status != 200 or not usage or int(usage[-1]) != tokens:
+        raise RuntimeError(f"{server.name}: a request did not make {tokens} tokens: {status} {raw[-300:]!r}")
+
+
 def load(server: Server, workload, concurrency: int, duration: float, warmup: float) -> dict:
     """One closed-loop run, with the server's CPU use over it (all its threads and children)."""
     from benchmarks.loadgen import LoadSpec, run_load
@@ -329,53 +359,44 @@ def http_targets(results: dict) -> list[dict]:
 # -- scenario 2: inference -----------------------------------------------------------------------
 def scenario_inference(settings: dict, tmp: str) -> dict:
     from benchmarks.loadgen import Workload
+    from benchmarks.models import gguf_path, model_spec
     from runnel_ctranslate2.apps import model_directory
 
-    model_dir = model_directory("builtin:tiny")
+    name = settings["model"]
+    model, compute_type = model_spec(name)
+    model_dir = model_directory(model)
+    compute = ["--compute-type", compute_type] if compute_type else []
     tokens, levels = settings["tokens"], settings["streams"]
     duration, warmup = settings["stream_duration"], settings["warmup"]
-    apps = ('[apps.tiny]\nbackend = "ctranslate2"\nmodel = "builtin:tiny"\nserved_model_name = "tiny"\n'
+    apps = (f'[apps.tiny]\nbackend = "ctranslate2"\nmodel = "{model}"\nserved_model_name = "tiny"\n'
             'device = "cpu"\ninter_threads = 2\nintra_threads = 1\n'
-            f"max_batch_size = {max(levels)}\nbatch_window_ms = {BATCH_WINDOW_MS}\n")
+            f"max_batch_size = {max(levels)}\nbatch_window_ms = {BATCH_WINDOW_MS}\n"
+            + (f'compute_type = "{compute_type}"\n' if compute_type else ""))
     skipped: dict[str, str] = {}
     # The llama.cpp app serves the same weights (builtin:tiny's GGUF, written from them) on the same
     # two threads: two contexts of one thread each. llama-cpp-python's own server is the peer its
     # users would otherwise run: one context on two threads, never interrupting a running stream.
-    llama_apps = ('[apps.tiny]\nbackend = "llamacpp"\nmodel = "builtin:tiny"\nserved_model_name = "tiny"\n'
-                  "parallel = 2\nthreads = 1\n")
     servers = [Server("runnel", runnel_command(tmp, "inference", apps), ready="/health"),
-               Server("FastAPI+CTranslate2", peer("fastapi_ct2.py", "--model-dir", model_dir))]
+               Server("FastAPI+CTranslate2", peer("fastapi_ct2.py", "--model-dir", model_dir, *compute))]
     extra: dict[str, dict] = {}  # a server's request fields in place of ignore_eos and include_usage
     try:
-        from runnel_ctranslate2.tokenizer import load_tokenizer
-        from runnel_llamacpp.builtin import ensure_builtin_gguf
-
-        gguf = ensure_builtin_gguf("tiny")
+        gguf = gguf_path(name)
+        llama_apps = (f'[apps.tiny]\nbackend = "llamacpp"\nmodel = "{gguf}"\nserved_model_name = "tiny"\n'
+                      "parallel = 2\nthreads = 1\n")
         servers.append(Server("runnel llama.cpp", runnel_command(tmp, "inference-llamacpp", llama_apps),
                               ready="/health"))
-        servers.append(Server("llama-cpp-python server", [PY, "-m", "llama_cpp.server", "--model", gguf,
-                                                          "--model_alias", "tiny", "--n_threads", "2",
-                                                          "--interrupt_requests", "False"]))
-        # It has no ignore_eos: the end token is biased away instead (llama.cpp's logit_bias).
-        extra["llama-cpp-python server"] = {"logit_bias": {str(load_tokenizer(model_dir).eos_id): -100}}
+        servers.append(llama_cpp_server(gguf, "tiny"))
+        extra["llama-cpp-python server"] = without_eos(model_dir)
     except ImportError as error:
         skipped["runnel llama.cpp"] = skipped["llama-cpp-python server"] = f"not installed: {error}"
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
     passes: dict[str, list[list[dict]]] = {}
     for _ in range(settings["repeat"]):  # each pass starts every server in turn
         for server in servers:
             try:
                 with server:
-                    if server.name in extra:  # checked unstreamed: its streams carry no usage
-                        fields = extra[server.name]
-                        check = {"model": "tiny", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, **fields}
-                    else:
-                        fields, check = {"ignore_eos": True}, body
-                    status, raw = request(server.port, "POST", "/v1/completions", json.dumps(check).encode())
-                    usage = re.findall(rb'"completion_tokens": ?(\d+)', raw)
-                    if status != 200 or not usage or int(usage[-1]) != tokens:
-                        raise RuntimeError(f"a stream did not make {tokens} tokens: {status} {raw[-300:]!r}")
+                    fields = extra.get(server.name, {"ignore_eos": True})
+                    check_tokens(server, {"model": "tiny", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
+                                          **fields}, tokens)
                     workload = Workload.openai_completion(f"http://127.0.0.1:{server.port}", "tiny", PROMPT,
                                                           tokens, True, temperature=0, **fields)
                     points = run_points(server, workload, levels, duration, warmup)
@@ -393,7 +414,8 @@ def scenario_inference(settings: dict, tmp: str) -> dict:
         ceiling = []
         for clients in levels:
             command = peer("ct2_in_process.py", "--model-dir", model_dir, "--clients", str(clients), "--tokens",
-                           str(tokens), "--seconds", str(duration), "--warmup", str(warmup), "--prompt", PROMPT)
+                           str(tokens), "--seconds", str(duration), "--warmup", str(warmup), "--prompt", PROMPT,
+                           *compute)
             done = subprocess.run(command, cwd=ROOT, preexec_fn=_on_server_core, capture_output=True, text=True,
                                   timeout=duration + warmup + 60)
             if done.returncode != 0:
@@ -404,8 +426,18 @@ def scenario_inference(settings: dict, tmp: str) -> dict:
                   f"ttft p50 {ceiling[-1]['ttft_ms']['p50']:.2f} ms", flush=True)
         passes.setdefault("in-process CTranslate2", []).append(ceiling)
     results = {name: median_points(runs, "tokens_per_s") for name, runs in passes.items() if name not in skipped}
-    return {"servers": results, "skipped": skipped, "tokens": tokens, "prompt": PROMPT,
+    return {"servers": results, "skipped": skipped, "tokens": tokens, "prompt": PROMPT, "model": model_label(name),
             "batch_window_ms": BATCH_WINDOW_MS, "targets": inference_targets(results)}
+
+
+def model_label(name: str) -> str:
+    from benchmarks.models import SHAPES, parameters
+
+    if name == "tiny":
+        return "`builtin:tiny`"
+    shape = SHAPES[name]
+    return (f"`{name}` (~{parameters(name) / 1e6:.0f}M-parameter random Llama-style: d_model {shape['d_model']}, "
+            f"{shape['layers']} layers, {shape['heads']} heads, FFN {shape['ffn']}; int8)")
 
 
 def inference_targets(results: dict) -> list[dict]:
@@ -617,10 +649,10 @@ def plot(path: Path, title: str, panels: list[tuple[str, dict[str, list[tuple[in
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False, layout="constrained")
     for ax, (label, lines) in zip(axes[0], panels):
-        for name, xy in lines.items():
+        for number, (name, xy) in enumerate(lines.items()):
             xy = [(x, y) for x, y in xy if y is not None]
-            if xy:
-                ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o",
+            if xy:  # a fixed colour per server: one with no values must not shift the others'
+                ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", color=f"C{number % 10}",
                         linewidth=2.5 if name == "runnel" else 1.2, label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
@@ -661,7 +693,8 @@ def summary_ms(summary: dict) -> str:
 def report_inference(data: dict, out: Path) -> list[str]:
     res = {name: pts for name, pts in data["servers"].items() if pts}
     levels = sorted({p["concurrency"] for pts in res.values() for p in pts})
-    md = [f"Model `builtin:tiny`, CPU, inter_threads=2 intra_threads=1, greedy, {data['tokens']} tokens per "
+    model = data.get("model", "`builtin:tiny`")
+    md = [f"Model {model}, CPU, inter_threads=2 intra_threads=1, greedy, {data['tokens']} tokens per "
           f"request (ignore_eos), prompt \"{data['prompt']}\", runnel batch window {data['batch_window_ms']:g} ms.",
           "", "**Tokens/s by concurrent streams**", "", *points_table(res, None, "tokens_per_s", "tok/s"), "",
           "**Time to first token and inter-token latency (ms, p50 / p99)**", "",
@@ -674,11 +707,12 @@ def report_inference(data: dict, out: Path) -> list[str]:
         md.append(f"| {name} | {' | '.join(ttft)} | {' | '.join(itl)} |")
     md += ["", "In-process ITL is per token; over HTTP it is the gap between reads that carried new text, and "
            "runnel may put several tokens in one event when they arrive together.", ""]
-    plot(out / "inference.png", "Inference: builtin:tiny on one core",
+    name = data["scenario"]
+    plot(out / f"{name}.png", f"Inference: {model.split(' (')[0].strip('`')} on one core",
          [("tokens/s", {k: series(v, lambda p: p["tokens_per_s"]) for k, v in res.items()}),
           ("TTFT p50 (ms)", {k: series(v, lambda p: p["ttft_ms"]["p50"]) for k, v in res.items()}),
           ("inter-token p99 (ms)", {k: series(v, lambda p: p["itl_ms"]["p99"]) for k, v in res.items()})])
-    return md + ["![Inference](inference.png)"]
+    return md + [f"![Inference]({name}.png)"]
 
 
 def report_scale(data: dict, out: Path) -> list[str]:
@@ -733,7 +767,7 @@ def write_report(name: str, title: str, data: dict, out: Path, quick: bool, seco
     data.update(scenario=name, quick=quick, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 run_seconds=round(seconds, 1), machine=machine(), settings=settings)
     m = data["machine"]
-    body = {"http": report_http, "inference": report_inference, "scale": report_scale}[name](data, out)
+    body = {"http": report_http, "inference": report_inference, "scale": report_scale}[name.split("-")[0]](data, out)
     skipped = [f"- {k}: {v}" for k, v in data.get("skipped", {}).items()]
     data["notes"] = list(NOTES)
     md = [f"### {title}", "",
@@ -762,6 +796,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs, fewer points (each scenario < 2 min)")
     parser.add_argument("--scenario", choices=("http", "inference", "scale", "all"), default="all")
+    parser.add_argument("--model", choices=("tiny", "small", "medium"), default="tiny",
+                        help="the inference scenario's model (benchmarks/models.py)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--repeat", type=int, default=1,
                         help="passes over the servers (http, inference); each point reports the median pass")
@@ -780,7 +816,9 @@ def main() -> None:
     if len(cores) >= 2:
         SERVER_CORE, CLIENT_CORE = cores[0], cores[1]
         os.sched_setaffinity(0, {CLIENT_CORE})
-    settings = {**(QUICK if args.quick else FULL), "repeat": max(1, args.repeat)}
+    settings = {**(QUICK if args.quick else FULL), "repeat": max(1, args.repeat), "model": args.model}
+    if args.model != "tiny":  # milliseconds a token: shorter requests, longer points (still bounded)
+        settings.update(tokens=32, stream_duration=settings["stream_duration"] * 2)
     args.out.mkdir(parents=True, exist_ok=True)
     names = ("http", "inference", "scale") if args.scenario == "all" else (args.scenario,)
     titles = {"http": "HTTP core", "inference": "Inference", "scale": "Cost of scale"}
@@ -791,7 +829,8 @@ def main() -> None:
             NOTES.clear()
             start = time.monotonic()
             data = runners[name](settings, tmp)
-            write_report(name, titles[name], data, args.out, args.quick, time.monotonic() - start, settings)
+            report = f"inference-{args.model}" if name == "inference" and args.model != "tiny" else name
+            write_report(report, titles[name], data, args.out, args.quick, time.monotonic() - start, settings)
             for target in data["targets"]:
                 print(f"  target: {target['name']}: {verdict(target)}", flush=True)
     print(f"reports in {args.out}")

@@ -81,9 +81,10 @@ def main():
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--inter-threads", type=int, default=2)
     parser.add_argument("--intra-threads", type=int, default=1)
+    parser.add_argument("--compute-type", default="default")
     args = parser.parse_args()
     generator = ctranslate2.Generator(args.model_dir, device="cpu", inter_threads=args.inter_threads,
-                                      intra_threads=args.intra_threads)
+                                      intra_threads=args.intra_threads, compute_type=args.compute_type)
     result = measure(generator, prompt_tokens(args.model_dir, args.prompt), args.clients, args.tokens, args.seconds,
                      args.warmup)
     del generator  # before exit: a generator that ran Python callbacks can abort at exit

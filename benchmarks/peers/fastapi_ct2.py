@@ -33,9 +33,9 @@ class CompletionRequest(BaseModel):
     stream_options: dict | None = None
 
 
-def make_app(model_dir: str, inter_threads: int, intra_threads: int) -> FastAPI:
+def make_app(model_dir: str, inter_threads: int, intra_threads: int, compute_type: str = "default") -> FastAPI:
     generator = ctranslate2.Generator(model_dir, device="cpu", inter_threads=inter_threads,
-                                      intra_threads=intra_threads)
+                                      intra_threads=intra_threads, compute_type=compute_type)
     sp = spm.SentencePieceProcessor(model_file=os.path.join(model_dir, "tokenizer.model"))
     app = FastAPI()
 
@@ -95,8 +95,9 @@ def main():
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--inter-threads", type=int, default=2)
     parser.add_argument("--intra-threads", type=int, default=1)
+    parser.add_argument("--compute-type", default="default")
     args = parser.parse_args()
-    app = make_app(args.model_dir, args.inter_threads, args.intra_threads)
+    app = make_app(args.model_dir, args.inter_threads, args.intra_threads, args.compute_type)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
