@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from runnel import HTTPError
 from runnel.choices import Choice
 from runnel.generation import SamplingParams, admit, expired_while_waiting
+from runnel.memory import IdleTrim
 from runnel.workers import DaemonThreads
 
 from .tokenizer import IncrementalDetokenizer
@@ -213,6 +214,8 @@ class BatchScheduler:
         # One thread per batch that may run at once: each makes one generate_batch call.
         # Daemons: a batch stuck in CTranslate2 is abandoned at close, not joined (runnel.workers).
         self._threads = DaemonThreads(slots, "runnel-ct2-batch")
+        # The batches' freed memory goes back to the OS once no batch has run for a second.
+        self._trim = IdleTrim(self.loop)
         self.stats = SchedulerStats(recent_batch_sizes=collections.deque(maxlen=32),
                                     size_counts=[0] * (max_batch_size + 1))
 
@@ -298,6 +301,7 @@ class BatchScheduler:
             options["end_token"] = []
         self.running += 1
         self._batches.add(batch)
+        self._trim.busy()
         stats = self.stats
         stats.batches += 1
         stats.rows += len(rows)
@@ -335,6 +339,8 @@ class BatchScheduler:
             self._idle.set()
         if self.waiting:
             self._flush()
+        if not self._batches:
+            self._trim.idle()
 
     async def close(self, wait: float) -> bool:
         """Stop every row, then wait up to ``wait`` seconds for the running batches to end
@@ -344,6 +350,7 @@ class BatchScheduler:
         for row in self.waiting:
             row.stop()
         self.waiting = []
+        self._trim.close()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -346,3 +346,17 @@ def test_a_stop_id_inside_min_tokens_does_not_end_the_row(start_server, tiny_dir
     assert reply.choices[0].finish_reason == ("stop" if later else "length")
     assert reply.usage.completion_tokens == (end + 1 if later else 40)
     assert probe.steps(start_tokens(reference, prompt)) == [reply.usage.completion_tokens]
+
+
+def test_the_heap_is_trimmed_once_the_batches_are_over(start_server, tiny_dir, monkeypatch):
+    # A burst's freed memory goes back to the OS after it (runnel.memory.IdleTrim), not
+    # between batches: the trim runs once the scheduler has had no batch for its idle delay.
+    import runnel.memory
+
+    trims = []
+    monkeypatch.setattr(runnel.memory, "malloc_trim", lambda pad: trims.append(pad) or 1)
+    monkeypatch.setattr(runnel.memory, "IDLE_SECONDS", 0.05)
+    server = start_server(tiny_config(tiny_dir))
+    with sync_client(server) as client:
+        client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=5, temperature=0)
+    wait_until(lambda: trims == [0], timeout=10)
