@@ -19,9 +19,11 @@ own ``__slots__``) to keep its per-row state in the same object, and override
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
+from .errors import HTTPError
 from .generation import SamplingParams, StopStrings, TokenLogprob, TokenSink
 
 
@@ -136,4 +138,34 @@ class Choice:
         return piece
 
 
-__all__ = ["Choice", "Detokenizer"]
+class RowGeneration:
+    """One ``generate`` call of a backend that runs each choice as a row (a ``Choice``): its
+    rows, its sink, and its cancellation (``runnel.generation.Generation``). Invariant: the
+    sink hears of a failure once (``failed``); a later failure of another row is dropped, its
+    request having been answered with the first."""
+
+    __slots__ = ("rows", "sink", "failed")
+
+    def __init__(self, sink: TokenSink) -> None:
+        self.rows: list[Choice] = []
+        self.sink = sink
+        self.failed = False
+
+    def cancel(self) -> None:
+        for row in self.rows:
+            row.stop()
+
+    def fail(self, error: BaseException, logger: logging.Logger | None = None) -> None:
+        """Fail the whole generation with ``error`` (once) and stop every row: its request is
+        answered with the error, so no row's tokens would reach it. ``logger``: where a
+        failure that is the server's (not an HTTPError below 500, which the client caused)
+        is logged."""
+        if not self.failed:
+            self.failed = True
+            if logger is not None and not (isinstance(error, HTTPError) and error.status < 500):
+                logger.error("generation failed: %s", error)
+            self.sink.on_error(error)
+        self.cancel()
+
+
+__all__ = ["Choice", "Detokenizer", "RowGeneration"]

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 
 from runnel import HTTPError
-from runnel.choices import Choice
+from runnel.choices import Choice, RowGeneration
 from runnel.generation import SamplingParams, admit, expired_while_waiting
 from runnel.memory import IdleTrim
 from runnel.workers import DaemonThreads
@@ -59,20 +59,10 @@ def batch_key(params: SamplingParams) -> tuple:
     )
 
 
-class BatchedGeneration:
-    """One ``generate`` call as the scheduler runs it: its rows (one per choice), its
-    sink, and its cancellation (``runnel.generation.Generation``)."""
+class BatchedGeneration(RowGeneration):
+    """One ``generate`` call as the scheduler runs it: a row per choice, each in some batch."""
 
-    __slots__ = ("rows", "sink", "failed")
-
-    def __init__(self, sink) -> None:
-        self.rows: list[Row] = []
-        self.sink = sink
-        self.failed = False
-
-    def cancel(self) -> None:
-        for row in self.rows:
-            row.stop()
+    __slots__ = ()
 
 
 class Row(Choice):
@@ -275,11 +265,7 @@ class BatchScheduler:
         error = expired_while_waiting(row.params)
         if error is None:
             return False
-        generation = row.generation
-        if not generation.failed:
-            generation.failed = True
-            generation.sink.on_error(error)
-        generation.cancel()
+        row.generation.fail(error)
         return True
 
     def _launch(self, rows: list[Row]) -> None:
@@ -324,14 +310,9 @@ class BatchScheduler:
             if row.done:
                 continue
             if error is not None:
-                if not row.generation.failed:
-                    row.generation.failed = True
-                    # The surfaces check every value against the model's limits first, so a
-                    # failure here is the server's (an HTTPError a backend raised is the client's).
-                    if not (isinstance(error, HTTPError) and error.status < 500):
-                        logger.error("generation failed: %s", error)
-                    row.generation.sink.on_error(error)
-                row.stop()
+                # The surfaces check every value against the model's limits first, so a
+                # failure here is the server's (an HTTPError a backend raised is the client's).
+                row.generation.fail(error, logger)
             else:
                 row.finish("length")
         self.running -= 1
@@ -368,10 +349,7 @@ class BatchScheduler:
                                len(self._batches), wait)
                 for batch in self._batches:
                     for row in batch.rows:
-                        if not row.generation.failed:
-                            row.generation.failed = True
-                            row.generation.sink.on_error(HTTPError(503, "The server is shutting down.",
-                                                                   code="shutting_down"))
+                        row.generation.fail(HTTPError(503, "The server is shutting down.", code="shutting_down"))
                 self._batches.clear()
         self._threads.close()
         self.generator = None  # the app deletes it next; no reference of ours may outlive that

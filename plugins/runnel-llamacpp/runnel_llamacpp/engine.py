@@ -27,8 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from runnel import HTTPError
-from runnel.choices import Choice
+from runnel.choices import Choice, RowGeneration
 from runnel.generation import SamplingParams, admit, expired_while_waiting
 from runnel.workers import DaemonThreads
 
@@ -55,18 +54,10 @@ class Detokenizer:
         return self._decoder.decode(b"", True)
 
 
-class Generation:
-    """One ``generate`` call: its rows (runnel.generation.Generation)."""
+class Generation(RowGeneration):
+    """One ``generate`` call: a row per choice, each on a context of the pool when its turn comes."""
 
-    __slots__ = ("rows", "failed")
-
-    def __init__(self) -> None:
-        self.rows: list[Row] = []
-        self.failed = False
-
-    def cancel(self) -> None:
-        for row in self.rows:
-            row.stop()
+    __slots__ = ()
 
 
 class Row(Choice):
@@ -138,7 +129,7 @@ class ContextPool:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, n: int, sink) -> Generation:
         admit(sum(not row.done for row in self.waiting), n, self.max_queue)
-        generation = Generation()
+        generation = Generation(sink)
         generation.rows = [Row(generation, sink, index, prompt_ids, params, self.eos_id, self.pieces, self.texts,
                                self.loop) for index in range(n)]
         self.waiting.extend(generation.rows)
@@ -152,10 +143,7 @@ class ContextPool:
                 continue
             expired = expired_while_waiting(row.params)
             if expired is not None:  # its deadline passed while it waited: never started
-                if not row.generation.failed:
-                    row.generation.failed = True
-                    row.sink.on_error(expired)
-                row.generation.cancel()
+                row.generation.fail(expired)
                 continue
             llama = self.free.pop()
             self.running.add(row)
@@ -172,12 +160,7 @@ class ContextPool:
             row.deliver()  # steps that arrived after the last scheduled delivery
         if not row.done:
             if error is not None:
-                row.stop()
-                if not row.generation.failed:
-                    row.generation.failed = True
-                    if not (isinstance(error, HTTPError) and error.status < 500):
-                        logger.error("generation failed: %s", error)
-                    row.sink.on_error(error)
+                row.generation.fail(error, logger)
             else:
                 row.finish("length")  # the context ran out (the surface keeps prompt + max_tokens within it)
         if not self.running and self._idle is not None:
