@@ -214,9 +214,9 @@ class GeneratorApp:
     def tool_parser(self) -> str | None:
         """The built-in model writes tool calls in the Hermes format (its training script);
         a converted model's format is its app's ``tool_parser`` setting."""
-        from .builtin import TINY_TOOL_PARSER
+        from .builtin import tool_parser_of
 
-        return TINY_TOOL_PARSER if self.model.startswith("builtin:") else None
+        return tool_parser_of(self.model)
 
     def generate(self, prompt_tokens, params, n, sink):
         return self.scheduler.submit(list(prompt_tokens), params, n, sink)

@@ -36,6 +36,13 @@ TINY_CHAT_TEMPLATE = BUILTIN_TEMPLATES["plain"]
 # that serves its weights names this format (runnel.tools.FORMATS).
 TINY_TOOL_PARSER = "hermes"
 
+
+def tool_parser_of(model: str) -> str | None:
+    """The tool-call format an app's ``model`` setting implies: builtin:tiny's (its training
+    script writes Hermes calls), None for a model of the user's (its app's ``tool_parser``
+    setting says). Every backend that serves these weights asks here."""
+    return TINY_TOOL_PARSER if model.startswith("builtin:") else None
+
 _SUBJECTS = [
     "the cat", "a small dog", "my friend", "the river", "an old man", "the teacher",
     "a bird", "the engine", "our neighbour", "the children", "a robot", "the server",

@@ -161,9 +161,9 @@ class LlamaApp(_GGUFApp):
     def tool_parser(self) -> str | None:
         """builtin:tiny's format (its weights are the CTranslate2 plugin's); a GGUF's is its
         app's ``tool_parser`` setting."""
-        from runnel_ctranslate2.builtin import TINY_TOOL_PARSER
+        from runnel_ctranslate2.builtin import tool_parser_of
 
-        return TINY_TOOL_PARSER if self.model.startswith("builtin:") else None
+        return tool_parser_of(self.model)
 
     def generate(self, prompt_tokens, params, n, sink):
         return self.pool.submit(list(prompt_tokens), params, n, sink)
