@@ -15,7 +15,8 @@ written under --out:
    greedy, in each compute type (float16 and int8_float16; on --cpu float32 and int8).
 4. ``runnel serve`` with the app's device defaults (nothing set but the device), loaded by
    the load client at 1, 16, 64 and 128 streams: tokens/s, TTFT and inter-token p50/p99,
-   and runnel / in-process (first compute type, same batch) at each.
+   and runnel / in-process (first compute type, same batch) at each. Then once more for each
+   ``--variant 'SETTING = VALUE'`` (TOML added to the app's table), reported in its own table.
 
 --cpu runs the same steps on the CPU with a tiny model and short runs, skipping step 1: the
 test that keeps this script working (benchmarks/gpu/test_check.py).
@@ -172,14 +173,16 @@ def health(port: int) -> bool:
         return False
 
 
-def serve(model_dir: Path, device: str, out: Path, tokens: int, seconds: float, warmup: float) -> dict:
-    """``runnel serve`` on a free port with the app's device defaults; the load client at each count."""
+def serve(model_dir: Path, device: str, out: Path, tokens: int, seconds: float, warmup: float,
+          setting: str = "") -> dict:
+    """``runnel serve`` on a free port with the app's device defaults, or with ``setting`` (TOML
+    lines added to the app's table) on top; the load client at each count."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gpu.toml"
         config.write_text(f'[server]\nport = {port}\nlog_level = "info"\n\n[apps.bench]\nbackend = "ctranslate2"\n'
-                          f'model = "{model_dir}"\nserved_model_name = "bench"\ndevice = "{device}"\n')
-        with open(out / "server.log", "w") as server_log:
+                          f'model = "{model_dir}"\nserved_model_name = "bench"\ndevice = "{device}"\n{setting}\n')
+        with open(out / "server.log", "a") as server_log:
             server = subprocess.Popen([sys.executable, "-m", "runnel", "serve", "--config", str(config)],
                                       stdout=server_log, stderr=subprocess.STDOUT, cwd=ROOT)
             try:
@@ -192,7 +195,7 @@ def serve(model_dir: Path, device: str, out: Path, tokens: int, seconds: float, 
                 for streams in STREAMS:
                     points[streams] = load_streams(f"http://127.0.0.1:{port}", "bench", PROMPT, tokens, streams,
                                                    seconds, warmup)
-                    log(f"runnel {streams:>3} streams: {points[streams]['tokens_per_s']:>10,.0f} tok/s, "
+                    log(f"runnel{f' ({setting})' if setting else ''} {streams:>3} streams: {points[streams]['tokens_per_s']:>10,.0f} tok/s, "
                         f"TTFT p50 {points[streams]['ttft_ms']['p50'] or 0:.1f} ms, errors {points[streams]['errors']}")
             finally:
                 server.send_signal(signal.SIGINT)
@@ -201,8 +204,8 @@ def serve(model_dir: Path, device: str, out: Path, tokens: int, seconds: float, 
                 except subprocess.TimeoutExpired:
                     server.kill()
                     server.wait(10)
-    app_line = re.search(r"app 'bench': .*", (out / "server.log").read_text())
-    return {"app": app_line.group(0) if app_line else None, "points": points}
+    app_lines = re.findall(r"app 'bench': .*", (out / "server.log").read_text())
+    return {"app": app_lines[-1] if app_lines else None, "setting": setting, "points": points}
 
 
 # -- the report -----------------------------------------------------------------------------
@@ -245,15 +248,17 @@ def report(data: dict) -> str:
     if served is None:
         return "\n".join(md + [""])
     base = next(iter(data["in_process"]))
-    md += ["", f"**runnel** (`runnel serve`, device defaults: `{served['app']}`)", "",
-           f"| streams | tokens/s | in-process {base}, same batch | runnel / in-process | TTFT p50 / p99 ms | "
-           "ITL p50 / p99 ms | errors |", "|---|---|---|---|---|---|---|"]
-    for streams in STREAMS:
-        point = served["points"][streams]
-        ceiling = data["in_process"][base]["points"][streams]["tokens_per_s"]
-        md.append(f"| {streams} | {point['tokens_per_s']:,.0f} | {ceiling:,.0f} | "
-                  f"{point['tokens_per_s'] / ceiling:.2f}x | {ms(point['ttft_ms'])} | {ms(point['itl_ms'])} | "
-                  f"{sum(point['errors'].values()) or '—'} |")
+    for served in [served, *data.get("variants", [])]:
+        title = f"with `{served['setting']}`" if served["setting"] else "device defaults"
+        md += ["", f"**runnel** (`runnel serve`, {title}: `{served['app']}`)", "",
+               f"| streams | tokens/s | in-process {base}, same batch | runnel / in-process | TTFT p50 / p99 ms | "
+               "ITL p50 / p99 ms | errors |", "|---|---|---|---|---|---|---|"]
+        for streams in STREAMS:
+            point = served["points"][streams]
+            ceiling = data["in_process"][base]["points"][streams]["tokens_per_s"]
+            md.append(f"| {streams} | {point['tokens_per_s']:,.0f} | {ceiling:,.0f} | "
+                      f"{point['tokens_per_s'] / ceiling:.2f}x | {ms(point['ttft_ms'])} | {ms(point['itl_ms'])} | "
+                      f"{sum(point['errors'].values()) or '—'} |")
     md += ["", "Over HTTP the inter-token gap is between reads that carried new text (several tokens may share "
            "one event); in-process figures are per generate_batch.", ""]
     return "\n".join(md)
@@ -276,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="the same steps on the CPU, tiny model, short runs")
     parser.add_argument("--tokens", type=int, help="tokens per request (default 128; --cpu: 32)")
     parser.add_argument("--seconds", type=float, help="each measured point (default 3; --cpu: 0.3)")
+    parser.add_argument("--variant", action="append", default=[], metavar="TOML",
+                        help="serve and load once more with this app setting (e.g. 'max_batch_size = 128'); "
+                             "repeatable, each a run of its own after the defaults'")
     args = parser.parse_args(argv)
     cpu = args.cpu
     tokens = args.tokens or (32 if cpu else 128)
@@ -283,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = min(1.0, seconds / 3)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    (out / "server.log").write_text("")  # every server this run starts appends its log
     started = time.monotonic()
     data: dict = {"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "cpu": cpu,
                   "tokens": tokens, "seconds_per_point": seconds, "machine": machine(cpu, out)}
@@ -316,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
                 data["in_process"] = in_process(model_dir, device, types, tokens, seconds, warmup)
                 save()
                 data["runnel"] = serve(model_dir, device, out, tokens, seconds, warmup)
+                data["variants"] = []
+                for setting in args.variant:
+                    save()
+                    data["variants"].append(serve(model_dir, device, out, tokens, seconds, warmup, setting))
         except Exception as error:
             status = 1
             data["stopped"] = f"{type(error).__name__}: {error}"

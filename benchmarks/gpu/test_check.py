@@ -27,7 +27,7 @@ def run(out: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
-    done = run(tmp_path, "--cpu", "--tokens", "16", "--seconds", "0.25")
+    done = run(tmp_path, "--cpu", "--tokens", "16", "--seconds", "0.25", "--variant", "max_batch_size = 4")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads((tmp_path / "gpu.json").read_text())
     assert data["cpu"] and "stopped" not in data and "cublas" not in data
@@ -43,7 +43,13 @@ def test_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
     # The server ran with the device's defaults, and says which.
     app = data["runnel"]["app"]
     assert " on cpu (float32), " in app and app.endswith(" threads, batches of up to 16 rows, 2 ms window"), app
+    # A variant is served once more with its setting on top of the defaults, and reported apart.
+    [variant] = data["variants"]
+    assert variant["setting"] == "max_batch_size = 4" and "batches of up to 4 rows" in variant["app"], variant
+    assert [int(s) for s in variant["points"]] == [1, 16, 64, 128]
+    assert all(not point["errors"] and point["tokens_per_s"] > 0 for point in variant["points"].values())
     report = (tmp_path / "gpu.md").read_text()
+    assert "with `max_batch_size = 4`" in report
     assert "| 128 |" in report and "runnel / in-process" in report and "| float32 (float32) |" in report
     assert (tmp_path / "run.log").read_text().count("in-process") >= 12
 
