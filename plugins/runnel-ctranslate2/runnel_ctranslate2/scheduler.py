@@ -320,10 +320,11 @@ class BatchScheduler:
 
     def batching_stats(self) -> dict:
         """Rows waiting (cancelled ones are dropped at the next flush: not counted), rows
-        decoding, and the batch sizes so far; read at scrape time, never on the hot path."""
+        decoding, the batch sizes and the folds so far; read at scrape time, never on the hot path."""
         return {"waiting_rows": sum(not row.done for row in self.waiting),
                 "running_rows": sum(not row.done for batch in self._batches for row in batch.rows),
-                "batch_sizes": self.stats.size_counts}
+                "batch_sizes": self.stats.size_counts, "folds": self.stats.folds,
+                "folded_rows": self.stats.folded_rows}
 
     # -- generations -------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, n: int, sink) -> BatchedGeneration:

@@ -100,6 +100,10 @@ def test_streams_that_join_a_running_batch_each_equal_their_solo_greedy_output(
     report = stats(server)
     assert report["folds"] >= 1 and report["folded_rows"] >= 1, report
     assert report["rows"] == 4  # a resumed row is admitted once
+    # /metrics reads the same counters.
+    metrics = request(server.port, "GET", "/metrics").body.decode()
+    assert f'runnel_generation_folds_total{{app="tiny"}} {float(report["folds"])}' in metrics
+    assert f'runnel_generation_folded_rows_total{{app="tiny"}} {float(report["folded_rows"])}' in metrics
     # At least one later row started beside the long one, long before the long one ended.
     assert any(start_tokens(reference, first) in rows and len(rows) > 1 for rows in probe.batches.values())
 
