@@ -58,6 +58,16 @@ def always_fold(monkeypatch) -> None:
     monkeypatch.setattr(ct2_scheduler.BatchScheduler, "_fold_pays", staticmethod(lambda cost, wait: True))
 
 
+def held_server(start_server, tiny_dir, monkeypatch, step: int, **config):
+    """(server, app, probe, hold): a server whose folds always pay (``always_fold``), its decoding
+    steps counted (``StepProbe``), and its first batch to reach ``step`` held there (``FoldAt``)."""
+    always_fold(monkeypatch)
+    probe = StepProbe().install(monkeypatch)
+    hold = FoldAt(step).install(monkeypatch)
+    server = start_server(tiny_config(tiny_dir, **config))
+    return server, server.server.apps.get("tiny"), probe, hold
+
+
 def stats(server) -> dict:
     reply = request(server.port, "GET", "/stats")
     assert reply.status == 200
@@ -78,7 +88,6 @@ def test_streams_that_join_a_running_batch_each_equal_their_solo_greedy_output(
     # arrive after it would wait ~1 s; re-forwarding a few dozen tokens is far cheaper.
     probe = StepProbe(delay=0.003).install(monkeypatch)
     server = start_server(tiny_config(tiny_dir, batch_window_ms=5))
-    app = server.server.apps.get("tiny")
     first, later = PROMPTS[0], PROMPTS[1:4]
     lengths = [300, 40, 25, 60]
     with ThreadPoolExecutor(4) as pool:
@@ -113,10 +122,7 @@ def test_a_stop_string_that_spans_the_fold_point_still_stops(start_server, tiny_
     stop, before, last = boundary_stop(reference, prompt, 200)
     # The stop string straddles tokens last - 1 and last: fold right after token last - 1
     # (decoding step last - 1), so its first half is made before the fold and its end after.
-    always_fold(monkeypatch)
-    hold = FoldAt(step=last - 1).install(monkeypatch)
-    server = start_server(tiny_config(tiny_dir, batch_window_ms=5))
-    app = server.server.apps.get("tiny")
+    server, app, probe, hold = held_server(start_server, tiny_dir, monkeypatch, last - 1, batch_window_ms=5)
     deltas: list[str] = []
 
     def stream_with_stop():
@@ -149,11 +155,8 @@ def test_max_tokens_at_and_right_after_the_fold_point_end_with_length(start_serv
     # Two rows fold after 11 tokens: one whose limit is that very token (it ends, and is not
     # resumed), one whose limit is the next (it resumes for exactly one token). Their prompts
     # are as long (11 tokens): CTranslate2 starts a shorter prompt's output steps earlier.
-    always_fold(monkeypatch)
-    probe = StepProbe().install(monkeypatch)
-    hold = FoldAt(step=10).install(monkeypatch)
-    server = start_server(tiny_config(tiny_dir, batch_window_ms=200, max_batch_size=2))
-    app = server.server.apps.get("tiny")
+    server, app, probe, hold = held_server(start_server, tiny_dir, monkeypatch,
+                                           10, batch_window_ms=200, max_batch_size=2)
     at, after, joining_prompt = PROMPTS[2], PROMPTS[4], PROMPTS[3]
     with ThreadPoolExecutor(3) as pool:
         ending = pool.submit(stream_completion, server, model="tiny", prompt=at, max_tokens=11, temperature=0)
@@ -194,11 +197,8 @@ def test_max_tokens_at_and_right_after_the_fold_point_end_with_length(start_serv
 
 def test_a_client_gone_during_a_fold_is_never_resumed_while_the_others_go_on(
         start_server, tiny_dir, reference, monkeypatch):
-    always_fold(monkeypatch)
-    probe = StepProbe().install(monkeypatch)
-    hold = FoldAt(step=6).install(monkeypatch)
-    server = start_server(tiny_config(tiny_dir, batch_window_ms=200, max_batch_size=2))
-    app = server.server.apps.get("tiny")
+    server, app, probe, hold = held_server(start_server, tiny_dir, monkeypatch,
+                                           6, batch_window_ms=200, max_batch_size=2)
     kept, gone, joining = PROMPTS[2], PROMPTS[4], PROMPTS[1]  # kept and gone: as long (11 tokens)
     with ThreadPoolExecutor(2) as pool:
         staying = pool.submit(stream_completion, server, model="tiny", prompt=kept, max_tokens=40, temperature=0)
@@ -231,11 +231,8 @@ def test_a_client_gone_during_a_fold_is_never_resumed_while_the_others_go_on(
 def test_a_row_cancelled_while_its_batch_folds_is_dropped(start_server, tiny_dir, reference, monkeypatch):
     # The window between a fold being asked for and the batch returning: a client that leaves
     # then is not resumed, its batch-mate is.
-    always_fold(monkeypatch)
-    probe = StepProbe().install(monkeypatch)
-    hold = FoldAt(step=6).install(monkeypatch)
-    server = start_server(tiny_config(tiny_dir, batch_window_ms=200, max_batch_size=3))
-    app = server.server.apps.get("tiny")
+    server, app, probe, hold = held_server(start_server, tiny_dir, monkeypatch,
+                                           6, batch_window_ms=200, max_batch_size=3)
     kept, gone, joining = PROMPTS[2], PROMPTS[4], PROMPTS[1]  # kept and gone: as long (11 tokens)
     with ThreadPoolExecutor(2) as pool:
         staying = pool.submit(stream_completion, server, model="tiny", prompt=kept, max_tokens=40, temperature=0)
@@ -262,10 +259,7 @@ def test_a_resumed_row_is_not_held_to_the_queue_wait_deadline(start_server, tiny
     # X-Request-Deadline drops work still waiting at the deadline; work already running is not
     # affected. A row resumed by a fold passes through the waiting rows again, after its deadline:
     # it must go on, not end in a 504.
-    always_fold(monkeypatch)
-    hold = FoldAt(step=6).install(monkeypatch)
-    server = start_server(tiny_config(tiny_dir, batch_window_ms=5))
-    app = server.server.apps.get("tiny")
+    server, app, probe, hold = held_server(start_server, tiny_dir, monkeypatch, 6, batch_window_ms=5)
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(stream_completion, server, model="tiny", prompt=PROMPTS[0], max_tokens=30,
                               temperature=0, extra_headers={"x-request-deadline": "0.2"})
@@ -280,10 +274,7 @@ def test_a_resumed_row_is_not_held_to_the_queue_wait_deadline(start_server, tiny
 
 
 def test_n_choices_and_logprobs_are_right_across_a_fold(start_server, tiny_dir, reference, monkeypatch):
-    always_fold(monkeypatch)
-    hold = FoldAt(step=12).install(monkeypatch)
-    server = start_server(tiny_config(tiny_dir, batch_window_ms=5))
-    app = server.server.apps.get("tiny")
+    server, app, probe, hold = held_server(start_server, tiny_dir, monkeypatch, 12, batch_window_ms=5)
     prompt, other = PROMPTS[3], PROMPTS[5]
 
     def complete(prompt, max_tokens, n):
@@ -323,11 +314,8 @@ def test_n_choices_and_logprobs_are_right_across_a_fold(start_server, tiny_dir, 
 def test_no_fold_for_min_tokens_batches_nor_with_fold_off(start_server, tiny_dir, reference, monkeypatch, case):
     # min_tokens: CTranslate2 applies min_length per batch, so a resumed row past it would
     # still have its end held back. fold = false: batches always run to their end.
-    always_fold(monkeypatch)
-    probe = StepProbe().install(monkeypatch)
-    hold = FoldAt(step=6).install(monkeypatch)
-    server = start_server(tiny_config(tiny_dir, batch_window_ms=5, **({"fold": False} if case == "fold off" else {})))
-    app = server.server.apps.get("tiny")
+    server, app, probe, hold = held_server(start_server, tiny_dir, monkeypatch,
+                                           6, batch_window_ms=5, **({"fold": False} if case == "fold off" else {}))
     extra = {"extra_body": {"min_tokens": 1}} if case == "min_tokens" else {}
     first, second = PROMPTS[0], PROMPTS[1]
     with ThreadPoolExecutor(2) as pool:
