@@ -151,48 +151,38 @@ def test_a_stop_string_that_spans_the_fold_point_still_stops(start_server, tiny_
     assert stats(server)["folded_rows"] == 1
 
 
-def test_max_tokens_at_and_right_after_the_fold_point_end_with_length(start_server, tiny_dir, reference, monkeypatch):
+@pytest.mark.parametrize("room", [True, False], ids=["room", "no room"])
+def test_max_tokens_at_and_right_after_the_fold_point_end_with_length(start_server, tiny_dir, reference, monkeypatch,
+                                                                      room):
     # Two rows fold after 11 tokens: one whose limit is that very token (it ends, and is not
     # resumed), one whose limit is the next (it resumes for exactly one token). Their prompts
     # are as long (11 tokens): CTranslate2 starts a shorter prompt's output steps earlier.
+    # Without room for the waiting row (the row that ends at the fold point still counts as
+    # live until it does), the batch runs to its end instead: the same outputs, no fold.
     server, app, probe, hold = held_server(start_server, tiny_dir, monkeypatch,
-                                           10, batch_window_ms=200, max_batch_size=2)
-    at, after, joining_prompt = PROMPTS[2], PROMPTS[4], PROMPTS[3]
+                                           10, batch_window_ms=200, max_batch_size=3 if room else 2)
+    at, after, joining = PROMPTS[2], PROMPTS[4], PROMPTS[3]
     with ThreadPoolExecutor(3) as pool:
         ending = pool.submit(stream_completion, server, model="tiny", prompt=at, max_tokens=11, temperature=0)
         resuming = pool.submit(stream_completion, server, model="tiny", prompt=after, max_tokens=12, temperature=0)
         assert hold.held.wait(30)
-        # Room for one more: the row that ends at the fold point still counts as live until it does.
-        waiting_row = pool.submit(stream_completion, server, model="tiny", prompt=joining_prompt, max_tokens=5,
+        waiting_row = pool.submit(stream_completion, server, model="tiny", prompt=joining, max_tokens=5,
                                   temperature=0)
-        wait_until(lambda: waiting(server, app) == 1)
-        server.call_soon(app.scheduler._flush)  # the decision, now (not at the end of the 200 ms window)
-        assert not folding(server, app)  # 2 live rows + 1 waiting > max_batch_size: no room
+        if room:
+            wait_until(lambda: folding(server, app))
+        else:
+            wait_until(lambda: waiting(server, app) == 1)
+            server.call_soon(app.scheduler._flush)  # the decision, now (not at the end of the 200 ms window)
+            assert not folding(server, app)
         hold.release.set()
         results = [ending.result(60), resuming.result(60), waiting_row.result(60)]
-    # Without room the batch ran to its end; now with room: the same, folding.
-    for prompt, n, (text, reason, usage) in zip((at, after, joining_prompt), (11, 12, 5), results):
-        assert (text, reason, usage.completion_tokens) == (reference.greedy_text(prompt, n), "length", n)
-    assert stats(server)["folds"] == 0
-
-    hold2 = FoldAt(step=10).install(monkeypatch)
-    server2 = start_server(tiny_config(tiny_dir, batch_window_ms=200, max_batch_size=3))
-    app2 = server2.server.apps.get("tiny")
-    with ThreadPoolExecutor(3) as pool:
-        ending = pool.submit(stream_completion, server2, model="tiny", prompt=at, max_tokens=11, temperature=0)
-        resuming = pool.submit(stream_completion, server2, model="tiny", prompt=after, max_tokens=12, temperature=0)
-        assert hold2.held.wait(30)
-        joining = pool.submit(stream_completion, server2, model="tiny", prompt=joining_prompt, max_tokens=5,
-                              temperature=0)
-        wait_until(lambda: folding(server2, app2))
-        hold2.release.set()
-        results = [ending.result(60), resuming.result(60), joining.result(60)]
-    for prompt, n, (text, reason, usage) in zip((at, after, joining_prompt), (11, 12, 5), results):
+    for prompt, n, (text, reason, usage) in zip((at, after, joining), (11, 12, 5), results):
         assert (text, reason, usage.completion_tokens) == (reference.greedy_text(prompt, n), "length", n), prompt
-    report = stats(server2)
-    assert (report["folds"], report["folded_rows"]) == (1, 1)  # only the row with a token left resumed
-    assert probe.steps(start_tokens(reference, after))[-2:] == [11, 1]
-    assert probe.steps(start_tokens(reference, at))[-1] == 11
+    report = stats(server)
+    # Only the row with a token left resumed.
+    assert (report["folds"], report["folded_rows"]) == ((1, 1) if room else (0, 0))
+    assert probe.steps(start_tokens(reference, after)) == ([11, 1] if room else [12])
+    assert probe.steps(start_tokens(reference, at)) == [11]
 
 
 def test_a_client_gone_during_a_fold_is_never_resumed_while_the_others_go_on(
