@@ -295,9 +295,9 @@ def test_n_choices_and_logprobs_are_right_across_a_fold(start_server, tiny_dir, 
         for choice in reply["choices"]:
             assert choice["text"] == expected.text
             assert choice["logprobs"]["tokens"] == expected.logprobs.tokens
-            # The folded prefix is forwarded in one pass, not step by step: the same values up
-            # to float rounding.
-            assert choice["logprobs"]["token_logprobs"] == pytest.approx(expected.logprobs.token_logprobs, abs=1e-4)
+            # The same values up to float rounding (seen: 2e-7): a batch of other rows, and a
+            # prefix forwarded in one pass rather than step by step, sum in another order.
+            assert choice["logprobs"]["token_logprobs"] == pytest.approx(expected.logprobs.token_logprobs, abs=1e-5)
 
 
 @pytest.mark.parametrize("case", ["min_tokens", "fold off"])
