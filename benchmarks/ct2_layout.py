@@ -1,6 +1,7 @@
 """CTranslate2 thread layouts and batch division, measured through runnel's scheduler in-process.
 
     .venv/bin/python benchmarks/ct2_layout.py [--model small|medium|tiny] [--passes 3] [--seconds 4] [--busy]
+    .venv/bin/python benchmarks/ct2_layout.py --staggered [--clients 4,16] [--rounds 3] [--fold both|on|off]
 
 Issue 17 asks which CPU layout to default to and whether dividing a window's rows over the
 free batch slots pays. Each point runs ``clients`` closed-loop generations (greedy,
@@ -17,8 +18,12 @@ plus CTranslate2 without HTTP. Layouts:
 The layouts alternate in short windows within each pass (these machines' two cores drift in
 speed from minute to minute), and each figure is the median of the passes with the spread.
 ``--staggered`` measures time to first token instead: ``clients`` requests arriving
-``--gap-ms`` apart (a burst spread over a few ms, as real clients arrive), one round per
-pass. ``--busy`` adds one process spinning on a core meanwhile (a neighbour, or the event loop
+``--gap-ms`` apart (a burst spread over a few ms, as real clients arrive), ``--rounds`` rounds
+per pass, with folding (admission at the next step, issue 17 §1) on and off alternating in
+each pass (``--fold both``, the default; ``on`` or ``off`` measures one), in the layouts
+``--layouts`` names (default ``2x1 divide``, the scheduler as it ships); it reports TTFT
+p50/p90/p99 and tokens/s (every request's tokens over the round's time, first arrival to
+last token). ``--busy`` adds one process spinning on a core meanwhile (a neighbour, or the event loop
 under load), the condition in which intra-op threads are said to collapse. Bounded: every
 point runs ``--seconds``; the whole run prints its duration up front.
 """
@@ -59,7 +64,8 @@ class Counting:
             self.done.set_exception(error)
 
 
-async def measure(directory: str, layout: str, clients: int, tokens: int, seconds: float, gap: float | None = None):
+async def measure(directory: str, layout: str, clients: int, tokens: int, seconds: float, gap: float | None = None,
+                  fold: bool = True, device: str = "cpu"):
     import ctranslate2
 
     from runnel.generation import SamplingParams
@@ -67,12 +73,15 @@ async def measure(directory: str, layout: str, clients: int, tokens: int, second
     from runnel_ctranslate2.tokenizer import load_tokenizer
 
     inter, intra = (1, 2) if layout == "1x2" else (2, 1)
-    generator = ctranslate2.Generator(directory, device="cpu", inter_threads=inter, intra_threads=intra,
-                                      compute_type="int8")
+    compute_type, window = "int8", 0.002
+    if device == "cuda":  # the app's GPU defaults: one batch slot, a 5 ms window, int8 weights on float16
+        inter, intra, compute_type, window = 1, 1, "int8_float16", 0.005
+    generator = ctranslate2.Generator(directory, device=device, inter_threads=inter, intra_threads=intra,
+                                      compute_type=compute_type)
     tokenizer = load_tokenizer(directory)
     generator.generate_batch([[tokenizer.id_to_token(tokenizer.bos_id or 0)]], max_length=2)  # warm-up
-    scheduler = ct2_scheduler.BatchScheduler(generator, tokenizer, max_batch_size=64, window=0.002,
-                                             max_queue=1024, slots=inter)
+    scheduler = ct2_scheduler.BatchScheduler(generator, tokenizer, max_batch_size=64, window=window,
+                                             max_queue=1024, slots=inter, fold=fold)
     if layout == "2x1 fill":
         scheduler._flush = lambda: _fill_flush(scheduler)  # type: ignore[method-assign]
     elif layout == "2x1 split":
@@ -112,9 +121,11 @@ async def measure(directory: str, layout: str, clients: int, tokens: int, second
     started = time.perf_counter()
     if gap is not None:
         ttfts = await asyncio.gather(*(first_token(i * gap) for i in range(clients)))
+        rate = clients * tokens / (time.perf_counter() - started)
+        folds = scheduler.stats.folds
         await scheduler.close(5)
         del generator
-        return ttfts
+        return ttfts, rate, folds
     await asyncio.gather(*(client() for _ in range(clients)))
     elapsed = time.perf_counter() - started
     await scheduler.close(5)
@@ -140,25 +151,44 @@ def _fill_flush(self) -> None:
         self._launch(batch_rows)
 
 
+def _percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile of ``values`` (sorted), q in [0, 1]."""
+    return values[min(len(values) - 1, max(0, round(q * len(values) + 0.5) - 1))]
+
+
 def staggered(args) -> None:
-    layouts = ["2x1 divide", "2x1 split", "2x1 fill"]
+    layouts = args.layouts.split(",")
+    modes = {"both": [True, False], "on": [True], "off": [False]}[args.fold]
     clients = [int(c) for c in args.clients.split(",")]
     directory = model_dir(args.model)
-    ttfts: dict[tuple[str, int], list[float]] = {}
+    ttfts: dict[tuple[str, bool, int], list[float]] = {}
+    rates: dict[tuple[str, bool, int], list[float]] = {}
+    folds: dict[tuple[str, bool, int], int] = {}
     for _ in range(args.passes):
         for count in clients:
-            for layout in layouts:
-                got = asyncio.run(measure(directory, layout, count, args.tokens, 0, args.gap_ms / 1000))
-                ttfts.setdefault((layout, count), []).extend(got)
-    print(f"\nTTFT (ms) of {args.passes} rounds of N requests arriving {args.gap_ms:g} ms apart, {args.tokens} tokens each")
-    print(f"| clients | {' | '.join(f'{layout} p50 / p90' for layout in layouts)} |")
-    print("|---:|" + "---:|" * len(layouts))
+            for _ in range(args.rounds):
+                for layout in layouts:
+                    for fold in modes:
+                        got, rate, folded = asyncio.run(
+                            measure(directory, layout, count, args.tokens, 0, args.gap_ms / 1000, fold,
+                                    args.device))
+                        ttfts.setdefault((layout, fold, count), []).extend(got)
+                        rates.setdefault((layout, fold, count), []).append(rate)
+                        folds[layout, fold, count] = folds.get((layout, fold, count), 0) + folded
+    print(f"\nTTFT (ms) of {args.passes} passes x {args.rounds} rounds of N requests arriving {args.gap_ms:g} ms "
+          f"apart, {args.tokens} tokens each ({args.model} model, {args.device}); tokens/s: median of the rounds "
+          "(spread)")
+    print("| clients | layout | fold | TTFT p50 / p90 / p99 | p99 / p50 | tokens/s | folds a round |")
+    print("|---:|---|---|---:|---:|---:|---:|")
     for count in clients:
-        cells = []
         for layout in layouts:
-            values = sorted(ttfts[layout, count])
-            cells.append(f"{1000 * statistics.median(values):.0f} / {1000 * values[int(0.9 * (len(values) - 1))]:.0f}")
-        print(f"| {count} | {' | '.join(cells)} |")
+            for fold in modes:
+                values = sorted(ttfts[layout, fold, count])
+                p50, p90, p99 = (_percentile(values, q) for q in (0.5, 0.9, 0.99))
+                spread = rates[layout, fold, count]
+                print(f"| {count} | {layout} | {'on' if fold else 'off'} | {1000 * p50:.0f} / {1000 * p90:.0f} / "
+                      f"{1000 * p99:.0f} | {p99 / p50:.1f}x | {statistics.median(spread):.0f} "
+                      f"({min(spread):.0f}-{max(spread):.0f}) | {folds[layout, fold, count] / len(spread):.1f} |")
 
 
 def _spin(stop) -> None:
@@ -176,6 +206,13 @@ def main() -> None:
     parser.add_argument("--busy", action="store_true", help="one process spins on a core meanwhile")
     parser.add_argument("--staggered", action="store_true", help="TTFT of requests arriving --gap-ms apart")
     parser.add_argument("--gap-ms", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=3, help="--staggered: rounds per pass")
+    parser.add_argument("--fold", choices=("both", "on", "off"), default="both",
+                        help="--staggered: folding on, off, or both alternating (default)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="--staggered: cuda runs the app's GPU defaults (one slot, 5 ms window, int8_float16)")
+    parser.add_argument("--layouts", default="2x1 divide",
+                        help="--staggered: comma-separated layouts (2x1 divide, 2x1 split, 2x1 fill, 1x2)")
     args = parser.parse_args()
     if args.staggered:
         return staggered(args)

@@ -171,8 +171,9 @@ class ModelApp(Protocol):
     # ``expired_while_waiting(params)`` where it takes work off it, and fails the generation
     # with the error it returns (runnel.generation.deadline_exceeded) instead of starting it.
     # Optional: ``batching_stats() -> {"waiting_rows", "running_rows", "batch_sizes"}`` (rows waiting
-    # for a batch, rows decoding, and batch_sizes[k] = batches launched with k rows so far), read by
-    # GET /metrics at scrape time only (runnel.metrics.LiveState); None while the app is loading.
+    # for a batch, rows decoding, and batch_sizes[k] = batches launched with k rows so far; optionally
+    # "folds" and "folded_rows" too), read by GET /metrics at scrape time only
+    # (runnel.metrics.LiveState); None while the app is loading.
     # Optional: ``tool_parser``: the name of the format its model writes tool calls in
     # (runnel.tools.FORMATS), the default for ``[apps.NAME] tool_parser``.
     # Optional: ``decode(token_ids) -> str``, the text of ids (thread-safe). Without it, token-id

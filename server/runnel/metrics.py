@@ -12,7 +12,7 @@ Where each number comes from, and what it costs:
   Nothing is observed per token.
 - At scrape time, from state the server keeps anyway (``LiveState.collect``): open
   connections, requests in flight, refused connections, each app's state, its waiting and
-  running rows and its batch sizes (an app's optional ``batching_stats()``), runs queued
+  running rows, its batch sizes and folds (an app's optional ``batching_stats()``), runs queued
   and running. Nothing on the hot path at all.
 - Runs (runnel.runs.Runner calls ``RunMetrics``' methods): accepted, finished by state
   with their duration, recovered after a crash, webhook deliveries by outcome.
@@ -73,6 +73,9 @@ E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.
                240.0, 480.0)
 RUN_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# An app's optional batching_stats() "folds" / "folded_rows" (runnel-ctranslate2's scheduler).
+FOLDS_HELP = "Running batches stopped at a step to take waiting rows in (admission at the next step)"
+FOLDED_ROWS_HELP = "Rows stopped by those folds and resumed in a new batch"
 
 _STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
@@ -321,6 +324,8 @@ class LiveState:
                                     labels=("app",))
         sizes = HistogramMetricFamily("runnel_generation_batch_size_rows", "Rows per batch launched",
                                       labels=("app",))
+        folds = CounterMetricFamily("runnel_generation_folds", FOLDS_HELP, labels=("app",))
+        folded = CounterMetricFamily("runnel_generation_folded_rows", FOLDED_ROWS_HELP, labels=("app",))
         for name, app in self.apps.items():
             ready.add_metric((name,), 1.0 if self.apps.state(name) == "ready" else 0.0)
             report: Callable[[], Mapping[str, Any] | None] | None = getattr(app, "batching_stats", None)
@@ -331,10 +336,15 @@ class LiveState:
             running.add_metric((name,), stats["running_rows"])
             buckets, total = _size_buckets(stats["batch_sizes"])
             sizes.add_metric((name,), buckets, total)
+            if "folds" in stats:  # a batcher that folds waiting rows into running batches
+                folds.add_metric((name,), stats["folds"])
+                folded.add_metric((name,), stats["folded_rows"])
         yield ready
         yield waiting
         yield running
         yield sizes
+        yield folds
+        yield folded
         runner = self.runner
         if runner is not None:
             yield _gauge("runnel_runs_queued", "Runs waiting in this server's queue", runner.queued)
@@ -362,12 +372,15 @@ class LiveGauges:
                              registry=None, multiprocess_mode="livesum")
         self.sizes = Histogram("runnel_generation_batch_size_rows", "Rows per batch launched", ("app",),
                                buckets=BATCH_SIZE_BUCKETS, registry=None)
+        self.folds = Counter("runnel_generation_folds", FOLDS_HELP, ("app",), registry=None)
+        self.folded = Counter("runnel_generation_folded_rows", FOLDED_ROWS_HELP, ("app",), registry=None)
         self.runs_queued = Gauge("runnel_runs_queued", "Runs waiting in the workers' queues", registry=None,
                                  multiprocess_mode="livesum")
         self.runs_running = Gauge("runnel_runs_running", "Runs executing now", registry=None,
                                   multiprocess_mode="livesum")
         self._refused_seen = 0
         self._sizes_seen: dict[str, list[int]] = {}
+        self._folds_seen: dict[tuple[str, str], int] = {}
 
     def copy_ready(self, name: str, state: str | None) -> None:
         self.ready.labels(name).set(1.0 if state == "ready" else 0.0)
@@ -397,6 +410,10 @@ class LiveGauges:
                 for _ in range(count - seen[size]):  # the batches launched since the last copy
                     histogram.observe(size)
                 seen[size] = count
+            for key, counter in (("folds", self.folds), ("folded_rows", self.folded)):
+                if key in stats and stats[key] > self._folds_seen.get((name, key), 0):
+                    counter.labels(name).inc(stats[key] - self._folds_seen.get((name, key), 0))
+                    self._folds_seen[name, key] = stats[key]
         runner = live.runner
         if runner is not None:
             self.runs_queued.set(runner.queued)

@@ -7,6 +7,17 @@ import sys
 import textwrap
 
 
+def run_worker(tmp_path, script: str) -> subprocess.CompletedProcess:
+    """Run ``script`` as a worker would: a child process given a fresh PROMETHEUS_MULTIPROC_DIR
+    (its argv[1]), since prometheus_client picks its multiprocess storage at import."""
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    result = subprocess.run([sys.executable, "-c", script, str(directory)], capture_output=True, text=True,
+                            timeout=60, env={"PROMETHEUS_MULTIPROC_DIR": str(directory), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def test_a_workers_readiness_is_copied_when_the_app_turns_ready(tmp_path):
     script = textwrap.dedent("""
         import sys
@@ -34,11 +45,7 @@ def test_a_workers_readiness_is_copied_when_the_app_turns_ready(tmp_path):
         apps._set_state("echo", "failed")
         print(ready(sys.argv[1]))
     """)
-    directory = tmp_path / "metrics"
-    directory.mkdir()
-    result = subprocess.run([sys.executable, "-c", script, str(directory)], capture_output=True, text=True,
-                            timeout=60, env={"PROMETHEUS_MULTIPROC_DIR": str(directory), "PATH": "/usr/bin:/bin"})
-    assert result.returncode == 0, result.stderr
+    result = run_worker(tmp_path, script)
     assert result.stdout.split() == ["0.0", "1.0", "0.0"]
 
 
@@ -62,9 +69,36 @@ def test_a_scrape_skips_a_metrics_file_another_worker_has_only_just_created(tmp_
         text = metrics.render().decode()
         print([line for line in text.splitlines() if line.startswith("runnel_generation_requests_total")])
     """)
-    directory = tmp_path / "metrics"
-    directory.mkdir()
-    result = subprocess.run([sys.executable, "-c", script, str(directory)], capture_output=True, text=True,
-                            timeout=60, env={"PROMETHEUS_MULTIPROC_DIR": str(directory), "PATH": "/usr/bin:/bin"})
-    assert result.returncode == 0, result.stderr
+    result = run_worker(tmp_path, script)
     assert 'finish_reason="stop"} 3.0' in result.stdout
+
+
+def test_a_workers_folds_are_summed_as_counters(tmp_path):
+    """An app's batching_stats() "folds" / "folded_rows" (the CTranslate2 scheduler's) reach the
+    summed scrape as counters: each copy adds what grew since the last one."""
+    script = textwrap.dedent("""
+        import sys
+        from runnel.apps import AppRegistry
+        from runnel.metrics import Metrics
+
+        class Folding:
+            folds = 0
+            async def start(self): pass
+            async def close(self): pass
+            def batching_stats(self):
+                return {"waiting_rows": 0, "running_rows": 0, "batch_sizes": [0, 1], "folds": self.folds,
+                        "folded_rows": 3 * self.folds}
+
+        app = Folding()
+        apps = AppRegistry()
+        apps.add("ct2", app)
+        metrics = Metrics(apps, multiprocess_dir=sys.argv[1])
+        app.folds = 2
+        metrics._live_gauges.refresh()
+        app.folds = 5
+        text = metrics.render().decode()
+        print([line for line in text.splitlines() if line.startswith("runnel_generation_fold")])
+    """)
+    result = run_worker(tmp_path, script)
+    assert 'runnel_generation_folds_total{app="ct2"} 5.0' in result.stdout
+    assert 'runnel_generation_folded_rows_total{app="ct2"} 15.0' in result.stdout

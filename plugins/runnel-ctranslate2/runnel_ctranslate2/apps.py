@@ -107,7 +107,7 @@ class GeneratorApp:
     def __init__(self, *, name: str, model: str, served_model_name: str | None, device: DeviceSettings,
                  context_length: int | None, default_max_tokens: int, chat_template: str | None,
                  max_batch_size: int | None, batch_window: float | None, max_queue: int, seed: int | None,
-                 close_wait: float = 5.0) -> None:
+                 close_wait: float = 5.0, fold: bool = True) -> None:
         self.name = name
         self.model = model
         self.model_id = served_model_name or (name if model.startswith("builtin:") else Path(model).name)
@@ -123,6 +123,7 @@ class GeneratorApp:
         self.max_queue = max_queue
         self.seed = seed
         self.close_wait = close_wait  # how long close() waits for running batches to stop
+        self.fold = fold  # waiting rows may join a running batch at its next step (runnel_ctranslate2.scheduler)
         self.generator = None
         self.tokenizer = None
         self.template: ChatTemplate | None = None
@@ -134,7 +135,7 @@ class GeneratorApp:
             await loop.run_in_executor(pool, self._load)
             self.scheduler = BatchScheduler(
                 self.generator, self.tokenizer, max_batch_size=self.max_batch_size, window=self.batch_window,
-                max_queue=self.max_queue, slots=self.device.inter_threads,
+                max_queue=self.max_queue, slots=self.device.inter_threads, fold=self.fold,
             )
             # Warm-up: the first call pays for allocations; do it before we say "ready".
             await loop.run_in_executor(pool, lambda: self.generator.generate_batch(

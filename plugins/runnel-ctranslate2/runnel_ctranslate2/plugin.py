@@ -100,6 +100,7 @@ def make_app(app_config, table, server):
             max_queue=_positive(table, "max_queue", int, 256),
             seed=table.get("seed", int, default=None),
             close_wait=close_wait,
+            fold=table.get("fold", bool, default=True),
         )
     else:
         raise table.error("task", f"must be 'generate' or 'embed', not {task!r}")
