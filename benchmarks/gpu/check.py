@@ -60,15 +60,18 @@ def load_streams(base_url: str, model: str, prompt: str, tokens: int, streams: i
     """``streams`` closed-loop clients streaming completions of exactly ``tokens`` tokens.
 
     The only call into benchmarks/loadgen (its CLI and metrics may change: adapt here).
-    Returns requests, errors, tokens_per_s (requests x tokens over the window: runnel may
-    put several tokens in one event, which the client counts once), ttft_ms and itl_ms
+    Returns requests, errors, tokens_per_s (by arrival: every token read inside the window,
+    events weighted by the usage each request reports, as several tokens may share one),
+    completed_tokens_per_s (requests finished in the window x tokens: at 64-128 streams of
+    ~1 s requests in a 3 s window that moves in steps of a third), ttft_ms and itl_ms
     ({"p50", "p99", ...}, milliseconds)."""
     from benchmarks.loadgen import LoadSpec, Workload, run_load
 
     workload = Workload.openai_completion(base_url, model, prompt, tokens, True, temperature=0, ignore_eos=True)
     report = run_load(workload, LoadSpec(concurrency=streams, duration=seconds, warmup=warmup, timeout=120.0))
     return {"streams": streams, "requests": report["requests"], "errors": report["errors"],
-            "tokens_per_s": report["requests"] * tokens / max(report["duration_s"], 1e-9),
+            "tokens_per_s": report["tokens_per_s"],
+            "completed_tokens_per_s": report["requests"] * tokens / max(report["duration_s"], 1e-9),
             "ttft_ms": report["ttft_ms"], "itl_ms": report["itl_ms"]}
 
 
