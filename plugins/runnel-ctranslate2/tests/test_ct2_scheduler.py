@@ -85,7 +85,8 @@ def test_rows_that_arrive_together_are_divided_over_the_free_slots(start_server,
     # thread, not as one batch that leaves the second thread (and core) idle. Three rows stay
     # one batch: the other slot is kept for rows that arrive next (a batch is static).
     probe = StepProbe().install(monkeypatch)
-    server = start_server(tiny_config(tiny_dir, batch_window_ms=150, max_batch_size=16, inter_threads=2))
+    # A long window: under load a thread of run_concurrently was seen to send 128 ms after the first.
+    server = start_server(tiny_config(tiny_dir, batch_window_ms=500, max_batch_size=16, inter_threads=2))
     app = server.server.apps.get("tiny")
     prompts = (PROMPTS * 2)[:rows]
     calls = [(stream_completion, dict(server=server, model="tiny", prompt=prompt, max_tokens=12, temperature=0))
