@@ -1,7 +1,8 @@
 """CTranslate2 thread layouts and batch division, measured through runnel's scheduler in-process.
 
     .venv/bin/python benchmarks/ct2_layout.py [--model small|medium|tiny] [--passes 3] [--seconds 4] [--busy]
-    .venv/bin/python benchmarks/ct2_layout.py --staggered [--clients 4,16] [--rounds 3] [--fold both|on|off]
+    .venv/bin/python benchmarks/ct2_layout.py --staggered [--clients 4,16] [--rounds 3] [--fold both|on|off] [--json F]
+    benchmarks/.venv-peers/bin/python benchmarks/ct2_layout.py --plot F.json F.png   # TTFT distributions
 
 Issue 17 asks which CPU layout to default to and whether dividing a window's rows over the
 free batch slots pays. Each point runs ``clients`` closed-loop generations (greedy,
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing
 import statistics
 import sys
@@ -189,6 +191,46 @@ def staggered(args) -> None:
                 print(f"| {count} | {layout} | {'on' if fold else 'off'} | {1000 * p50:.0f} / {1000 * p90:.0f} / "
                       f"{1000 * p99:.0f} | {p99 / p50:.1f}x | {statistics.median(spread):.0f} "
                       f"({min(spread):.0f}-{max(spread):.0f}) | {folds[layout, fold, count] / len(spread):.1f} |")
+    if args.json:
+        points = [{"clients": count, "layout": layout, "fold": fold, "ttft_s": sorted(ttfts[layout, fold, count]),
+                   "tokens_per_s": rates[layout, fold, count], "folds": folds[layout, fold, count]}
+                  for count in clients for layout in layouts for fold in modes]
+        Path(args.json).write_text(json.dumps({"model": args.model, "device": args.device, "tokens": args.tokens,
+                                               "gap_ms": args.gap_ms, "passes": args.passes, "rounds": args.rounds,
+                                               "points": points}, indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
+def plot_staggered(source: Path, path: Path) -> None:
+    """TTFT distributions of a ``--staggered --json`` run, folding on against off: a panel per
+    client count, a line per layout and fold (needs matplotlib: benchmarks/.venv-peers has it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    data = json.loads(source.read_text())
+    counts = sorted({point["clients"] for point in data["points"]})
+    fig, axes = plt.subplots(1, len(counts), figsize=(6 * len(counts), 4.5), squeeze=False, layout="constrained")
+    for ax, count in zip(axes[0], counts):
+        for point in (p for p in data["points"] if p["clients"] == count):
+            values = [1000 * v for v in point["ttft_s"]]
+            ax.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post",
+                    linewidth=2.2 if point["fold"] else 1.2, linestyle="-" if point["fold"] else "--",
+                    label=f"{point['layout']}, fold {'on' if point['fold'] else 'off'}")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("time to first token (ms)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(f"{count} clients arriving {data['gap_ms']:g} ms apart")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Folding: TTFT, {data['model']} model ({data['device']}), {data['tokens']} tokens a request, "
+                 f"{data['passes']} passes x {data['rounds']} rounds")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _spin(stop) -> None:
@@ -213,7 +255,12 @@ def main() -> None:
                         help="--staggered: cuda runs the app's GPU defaults (one slot, 5 ms window, int8_float16)")
     parser.add_argument("--layouts", default="2x1 divide",
                         help="--staggered: comma-separated layouts (2x1 divide, 2x1 split, 2x1 fill, 1x2)")
+    parser.add_argument("--json", help="--staggered: also write every TTFT and rate to this JSON file")
+    parser.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"),
+                        help="plot a --staggered --json run's TTFT distributions (matplotlib), and do nothing else")
     args = parser.parse_args()
+    if args.plot:
+        return plot_staggered(Path(args.plot[0]), Path(args.plot[1]))
     if args.staggered:
         return staggered(args)
     layouts = ["2x1 divide", "2x1 fill", "1x2"]
