@@ -7,15 +7,17 @@ the event loop thread spends per token.
 Both sides run the same model with the same settings: greedy decoding, ignore_eos so every
 request makes exactly --tokens tokens, inter_threads=2 and intra_threads=1, on the same core
 (core 0 when taskset exists; the client runs on core 1). For N clients the ceiling is one
-generate_batch of N prompts after another (benchmarks/peers/ct2_in_process.py), which is the
-best runnel's batching can do; runnel runs with max_batch_size = the most clients asked for.
+generate_batch of N prompts after another (in a process of its own, with the cheapest step
+callback), the best runnel's batching can do; runnel runs with max_batch_size = the most
+clients asked for.
 
 Besides tokens/s, each point reads the server's main thread (the event loop's) from /proc over
 the window: its CPU time (schedstat), its write syscalls (io: syscw, one per chunk written to a
 socket) and its voluntary context switches (status: each is the loop going to sleep in epoll, so
 about one per wake-up). From those: **token events per loop-thread CPU second** (SSE chunks
 carrying text, as the client counts them), tokens per loop CPU second, microseconds of loop CPU
-per token, and tokens per wake-up. ``small`` and ``medium`` are the ~120M and ~400M random
+per token, and tokens per wake-up; and **by CPU**, in-process CPU per token over the server's
+(all its threads), the ratio a core of its own would give. ``small`` and ``medium`` are the ~120M and ~400M random
 Llama-style models of benchmarks/models.py (built once, cached, int8 on both sides); any other
 value is a ``model`` setting runnel takes. Every loop is bounded by --seconds.
 """
@@ -56,30 +58,61 @@ def on_server_core() -> None:
         os.sched_setaffinity(0, {0})
 
 
-def in_process(model_dir: str, clients: int, tokens: int, seconds: float, compute_type: str | None) -> float:
-    """The ceiling's tokens/s, on the server's core."""
-    command = [sys.executable, str(ROOT / "benchmarks" / "peers" / "ct2_in_process.py"), "--model-dir", model_dir,
-               "--clients", str(clients), "--tokens", str(tokens), "--seconds", str(seconds), "--warmup", "0.5",
-               "--prompt", PROMPT, *(["--compute-type", compute_type] if compute_type else [])]
+def in_process(model_dir: str, clients: int, tokens: int, seconds: float, compute_type: str | None) -> dict:
+    """The ceiling on the server's core, in a process of its own (this script, --ceiling):
+    tokens/s and CPU us per token (the process's, over the measured window)."""
+    command = [sys.executable, __file__, "--ceiling", model_dir, "--clients", str(clients), "--tokens", str(tokens),
+               "--seconds", str(seconds), *(["--compute-type", compute_type] if compute_type else [])]
     done = subprocess.run(command, preexec_fn=on_server_core, capture_output=True, text=True, check=True,
                           timeout=seconds + 120)
-    return json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ceiling(model_dir: str, clients: int, tokens: int, seconds: float, compute_type: str | None) -> dict:
+    """One generate_batch of ``clients`` prompts after another, with the cheapest step callback."""
+    import ctranslate2
+
+    from runnel_ctranslate2.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    start_tokens = [tokenizer.id_to_token(i) for i in tokenizer.encode(PROMPT, add_bos=True)]
+    generator = ctranslate2.Generator(model_dir, device="cpu", inter_threads=2, intra_threads=1,
+                                      compute_type=compute_type or "default")
+    options = dict(max_length=tokens, min_length=tokens, sampling_topk=1, include_prompt_in_result=False,
+                   end_token=[], callback=lambda step: False)
+    generator.generate_batch([start_tokens] * clients, **options)  # warm-up
+    made, cpu, start = 0, time.process_time(), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        results = generator.generate_batch([start_tokens] * clients, **options)
+        made += sum(len(result.sequences_ids[0]) for result in results)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    del generator  # before exit: a generator that ran Python callbacks can abort at exit
+    return {"tokens_per_s": made / elapsed, "cpu_us_per_token": cpu / made * 1e6}
 
 
 class LoopThread:
-    """The server's main thread (its event loop), read from /proc: CPU ns, write syscalls, sleeps."""
+    """The server's main thread (its event loop), read from /proc: CPU ns, write syscalls, sleeps;
+    and the CPU ns of all of the server's threads."""
 
     def __init__(self, pid: int) -> None:
+        self.pid = pid
         self.task = f"/proc/{pid}/task/{pid}"
 
-    def read(self) -> tuple[int, int, int]:
+    def read(self) -> tuple[int, int, int, int]:
         with open(f"{self.task}/schedstat") as f:
             cpu_ns = int(f.read().split()[0])
         with open(f"{self.task}/io") as f:
             writes = int(next(line for line in f if line.startswith("syscw:")).split()[1])
         with open(f"{self.task}/status") as f:
             sleeps = int(next(line for line in f if line.startswith("voluntary_ctxt_switches:")).split()[1])
-        return cpu_ns, writes, sleeps
+        process_ns = 0
+        for task in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{task}/schedstat") as f:
+                    process_ns += int(f.read().split()[0])
+            except OSError:  # a thread that ended meanwhile
+                pass
+        return cpu_ns, writes, sleeps, process_ns
 
 
 async def stream_once(port: int, tokens: int) -> tuple[int, int]:
@@ -114,13 +147,13 @@ async def through_http(port: int, clients: int, tokens: int, seconds: float, loo
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     elapsed = time.perf_counter() - start
-    cpu_ns, writes, sleeps = (after - first for after, first in zip(loop_thread.read(), before))
+    cpu_ns, writes, sleeps, process_ns = (after - first for after, first in zip(loop_thread.read(), before))
     loop_cpu = cpu_ns / 1e9
     return {"tokens_per_s": made / elapsed, "events_per_token": events / max(made, 1),
             "loop_cpu": loop_cpu / elapsed,  # cores
             "events_per_loop_cpu_s": events / max(loop_cpu, 1e-9), "tokens_per_loop_cpu_s": made / max(loop_cpu, 1e-9),
             "loop_us_per_token": loop_cpu / max(made, 1) * 1e6, "writes_per_token": writes / max(made, 1),
-            "tokens_per_wakeup": made / max(sleeps, 1)}
+            "tokens_per_wakeup": made / max(sleeps, 1), "cpu_us_per_token": process_ns / 1e3 / max(made, 1)}
 
 
 def start_server(model: str, port: int, config_dir: str, compute_type: str | None, batch: int) -> subprocess.Popen:
@@ -161,7 +194,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--clients", default="1,16", help="comma-separated concurrency levels")
     parser.add_argument("--repeat", type=int, default=1, help="passes; each point reports the median and spread")
+    parser.add_argument("--ceiling", metavar="MODEL_DIR", help=argparse.SUPPRESS)  # the in-process child
+    parser.add_argument("--compute-type", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ceiling:
+        print(json.dumps(ceiling(args.ceiling, int(args.clients), args.tokens, args.seconds, args.compute_type)))
+        return
     from runnel_ctranslate2.apps import model_directory
 
     levels = [int(level) for level in args.clients.split(",")]
@@ -169,7 +207,7 @@ def main() -> None:
     model_dir = model_directory(model)
     if TASKSET:
         os.sched_setaffinity(0, {1})
-    runs: dict[int, list[tuple[dict, float]]] = {clients: [] for clients in levels}
+    runs: dict[int, list[tuple[dict, dict]]] = {clients: [] for clients in levels}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeat):
             port = free_port()
@@ -179,10 +217,10 @@ def main() -> None:
                 for clients in levels:
                     served = loop.run_until_complete(
                         through_http(port, clients, args.tokens, args.seconds, LoopThread(server.pid)))
-                    ceiling = in_process(model_dir, clients, args.tokens, args.seconds, compute_type)
-                    runs[clients].append((served, ceiling))
-                    print(f"  c={clients}: runnel {served['tokens_per_s']:.0f} tok/s, in-process {ceiling:.0f}",
-                          flush=True)
+                    best = in_process(model_dir, clients, args.tokens, args.seconds, compute_type)
+                    runs[clients].append((served, best))
+                    print(f"  c={clients}: runnel {served['tokens_per_s']:.0f} tok/s, in-process "
+                          f"{best['tokens_per_s']:.0f}", flush=True)
                 loop.close()
             finally:
                 server.send_signal(signal.SIGTERM)
@@ -191,9 +229,9 @@ def main() -> None:
         load = " ".join(f.read().split()[:3])
     print(f"model {args.model}, {args.tokens} tokens per request, greedy, CPU 2x1 threads, server and in-process "
           f"on one core; {args.repeat} pass(es), median [min-max]; load average {load}")
-    print(f"{'clients':>7} {'runnel tok/s':>22} {'in-process tok/s':>22} {'ratio':>18} {'loop cores':>10} "
-          f"{'events/loop-CPU-s':>18} {'tok/loop-CPU-s':>15} {'loop us/tok':>11} {'writes/tok':>10} "
-          f"{'tok/wake':>8}")
+    print(f"{'clients':>7} {'runnel tok/s':>22} {'in-process tok/s':>22} {'ratio':>18} {'by CPU':>6} "
+          f"{'loop cores':>10} {'events/loop-CPU-s':>18} {'tok/loop-CPU-s':>15} {'loop us/tok':>11} "
+          f"{'writes/tok':>10} {'tok/wake':>8}")
 
     def spread(values: list[float], fmt: str) -> str:
         middle = statistics.median(values)
@@ -202,13 +240,16 @@ def main() -> None:
     for clients in levels:
         points = runs[clients]
         served = [point["tokens_per_s"] for point, _ in points]
-        ratios = [point["tokens_per_s"] / ceiling for point, ceiling in points]
+        ratios = [point["tokens_per_s"] / best["tokens_per_s"] for point, best in points]
+        # CPU per token, in-process over runnel (all its threads): the ratio a core of its own would
+        # give, less sensitive than tokens/s to what else runs on the machine.
+        by_cpu = statistics.median(best["cpu_us_per_token"] / point["cpu_us_per_token"] for point, best in points)
 
         def median(key: str) -> float:
             return statistics.median(point[key] for point, _ in points)
 
-        print(f"{clients:>7} {spread(served, '.0f'):>22} {spread([c for _, c in points], '.0f'):>22} "
-              f"{spread(ratios, '.2f'):>18} {median('loop_cpu'):>10.2f} {median('events_per_loop_cpu_s'):>18.0f} "
+        print(f"{clients:>7} {spread(served, '.0f'):>22} {spread([b['tokens_per_s'] for _, b in points], '.0f'):>22} "
+              f"{spread(ratios, '.2f'):>18} {by_cpu:>6.2f} {median('loop_cpu'):>10.2f} {median('events_per_loop_cpu_s'):>18.0f} "
               f"{median('tokens_per_loop_cpu_s'):>15.0f} {median('loop_us_per_token'):>11.1f} "
               f"{median('writes_per_token'):>10.2f} {median('tokens_per_wakeup'):>8.2f}")
 
