@@ -71,7 +71,6 @@ def in_process(model_dir: str, clients: int, tokens: int, seconds: float, comput
 def ceiling(model_dir: str, clients: int, tokens: int, seconds: float, compute_type: str | None) -> dict:
     """One generate_batch of ``clients`` prompts after another, with the cheapest step callback."""
     import ctranslate2
-
     from runnel_ctranslate2.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
@@ -147,7 +146,8 @@ async def through_http(port: int, clients: int, tokens: int, seconds: float, loo
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     elapsed = time.perf_counter() - start
-    cpu_ns, writes, sleeps, process_ns = (after - first for after, first in zip(loop_thread.read(), before))
+    after = loop_thread.read()
+    cpu_ns, writes, sleeps, process_ns = (end - begin for end, begin in zip(after, before, strict=True))
     loop_cpu = cpu_ns / 1e9
     return {"tokens_per_s": made / elapsed, "events_per_token": events / max(made, 1),
             "loop_cpu": loop_cpu / elapsed,  # cores
@@ -161,8 +161,8 @@ def start_server(model: str, port: int, config_dir: str, compute_type: str | Non
     with open(config, "w") as f:
         compute = f'compute_type = "{compute_type}"\n' if compute_type else ""
         f.write(f'[server]\nport = {port}\nlog_level = "warning"\n\n[apps.bench]\nbackend = "ctranslate2"\n'
-                f'model = "{model}"\nserved_model_name = "bench"\ndevice = "cpu"\ninter_threads = 2\nintra_threads = 1\n'
-                f"max_batch_size = {batch}\nbatch_window_ms = 2\n{compute}")
+                f'model = "{model}"\nserved_model_name = "bench"\ndevice = "cpu"\n'
+                f"inter_threads = 2\nintra_threads = 1\nmax_batch_size = {batch}\nbatch_window_ms = 2\n{compute}")
     server = subprocess.Popen([sys.executable, "-m", "runnel", "serve", "--config", config],
                               preexec_fn=on_server_core)
     deadline = time.monotonic() + 60
@@ -245,13 +245,12 @@ def main() -> None:
         # give, less sensitive than tokens/s to what else runs on the machine.
         by_cpu = statistics.median(best["cpu_us_per_token"] / point["cpu_us_per_token"] for point, best in points)
 
-        def median(key: str) -> float:
-            return statistics.median(point[key] for point, _ in points)
-
-        print(f"{clients:>7} {spread(served, '.0f'):>22} {spread([b['tokens_per_s'] for _, b in points], '.0f'):>22} "
-              f"{spread(ratios, '.2f'):>18} {by_cpu:>6.2f} {median('loop_cpu'):>10.2f} {median('events_per_loop_cpu_s'):>18.0f} "
-              f"{median('tokens_per_loop_cpu_s'):>15.0f} {median('loop_us_per_token'):>11.1f} "
-              f"{median('writes_per_token'):>10.2f} {median('tokens_per_wakeup'):>8.2f}")
+        median = {key: statistics.median(point[key] for point, _ in points) for key in points[0][0]}
+        ceilings = [best["tokens_per_s"] for _, best in points]
+        print(f"{clients:>7} {spread(served, '.0f'):>22} {spread(ceilings, '.0f'):>22} {spread(ratios, '.2f'):>18} "
+              f"{by_cpu:>6.2f} {median['loop_cpu']:>10.2f} {median['events_per_loop_cpu_s']:>18.0f} "
+              f"{median['tokens_per_loop_cpu_s']:>15.0f} {median['loop_us_per_token']:>11.1f} "
+              f"{median['writes_per_token']:>10.2f} {median['tokens_per_wakeup']:>8.2f}")
 
 
 if __name__ == "__main__":

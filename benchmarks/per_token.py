@@ -21,11 +21,11 @@ import statistics
 import time
 
 import ctranslate2
-
-from runnel.generation import SamplingParams
 from runnel_ctranslate2 import scheduler
 from runnel_ctranslate2.builtin import ensure_builtin
 from runnel_ctranslate2.tokenizer import load_tokenizer
+
+from runnel.generation import SamplingParams
 
 PROMPT = "The cat sees a red ball"
 CASES = {
@@ -106,7 +106,7 @@ def main() -> None:
         row = scheduler.Row(generation, 0, start, prompt, params, tokenizer)
         generation.rows = [row]
         began = time.perf_counter()
-        for i, (token_id, token) in enumerate(zip(ids, tokens)):
+        for i, (token_id, token) in enumerate(zip(ids, tokens, strict=True)):
             row.consume(token_id, token, -0.5, False)
             if i % burst == burst - 1 and not row.done:
                 row.emit()
