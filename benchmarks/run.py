@@ -397,8 +397,11 @@ def scenario_inference(settings: dict, tmp: str) -> dict:
                     fields = extra.get(server.name, {"ignore_eos": True})
                     check_tokens(server, {"model": "tiny", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
                                           **fields}, tokens)
+                    # Streams ask for usage where the server reports it (not llama-cpp-python's: its
+                    # extra fields replace these), so that an event carrying several tokens counts them all.
+                    usage = {} if server.name in extra else {"stream_options": {"include_usage": True}}
                     workload = Workload.openai_completion(f"http://127.0.0.1:{server.port}", "tiny", PROMPT,
-                                                          tokens, True, temperature=0, **fields)
+                                                          tokens, True, temperature=0, **fields, **usage)
                     points = run_points(server, workload, levels, duration, warmup)
             except RuntimeError as error:
                 skipped[server.name] = str(error)

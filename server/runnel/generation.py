@@ -194,9 +194,12 @@ class StopStrings:
     that holds a stop's first character, so only those positions are tried, each
     with one C-level comparison. Invariant: ``_pending`` is a proper prefix of
     some stop, and text before it was ruled out once and is never looked at again.
+
+    The same fact makes most pushes free: with nothing held back, text holding no stop's
+    first character can neither contain a stop nor start one, and is released unscanned.
     """
 
-    __slots__ = ("_stops", "_longest", "_by_first", "_pending", "stopped", "matched")
+    __slots__ = ("_stops", "_longest", "_by_first", "_firsts", "_pending", "stopped", "matched")
 
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = tuple(stop for stop in stops if stop)
@@ -205,6 +208,7 @@ class StopStrings:
         for stop in self._stops:
             by_first.setdefault(stop[0], []).append(stop)
         self._by_first = tuple((first, tuple(group)) for first, group in by_first.items())
+        self._firsts = frozenset(by_first)
         self._pending = ""
         self.stopped = False
         self.matched: str | None = None  # the stop string that ended the text, once stopped
@@ -213,8 +217,8 @@ class StopStrings:
         """The text that is now safe to release. Sets ``stopped`` when a stop string completes."""
         if self.stopped:
             return ""
-        if not self._stops:
-            return text
+        if not self._pending and self._firsts.isdisjoint(text):
+            return text  # no stops at all, or none can start in this text (see the class docstring)
         buffer = self._pending + text
         cut = -1
         for stop in self._stops:

@@ -27,6 +27,8 @@ class Tokenizer(Protocol):
     eos_token: str | None
     vocab_size: int
     special_ids: frozenset[int]  # ids that decode() drops (bos, eos, ...)
+    # Optional: ``plain_texts``, a dict id -> the text the id adds in mid-text whatever comes
+    # before it (once earlier text is whole): IncrementalDetokenizer's fast path (see there).
 
     def encode(self, text: str, *, add_bos: bool) -> list[int]: ...
 
@@ -76,6 +78,16 @@ class SentencePieceTokenizer:
         self._special_re = (
             re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
         )
+        # Built here, where the model loads (off the event loop): ~1 us per vocabulary entry.
+        self.plain_texts = _plain_texts(self, self._plain_candidates())
+
+    def _plain_candidates(self) -> list[int]:
+        """Ids of ordinary pieces: not control, unknown, unused or byte-fallback (<0xNN>) ones."""
+        sp = self._sp
+        return [
+            id for id in range(self.vocab_size)
+            if not (sp.is_control(id) or sp.is_unknown(id) or sp.is_unused(id) or sp.is_byte(id))
+        ]
 
     def encode(self, text: str, *, add_bos: bool) -> list[int]:
         ids = [self.bos_id] if add_bos and self.bos_id is not None else []
@@ -182,6 +194,25 @@ def _find_anchor(tokenizer: Tokenizer) -> tuple[list[int], str]:
     raise ValueError("the tokenizer has no plain alphanumeric token to anchor decoding on")
 
 
+def _plain_texts(tokenizer: Tokenizer, candidates: Sequence[int]) -> dict[int, str]:
+    """The ``candidates`` whose text is context-free in mid-text, each with that text.
+
+    An id qualifies when decoding it after the anchor (mid-text) gives a non-empty text with
+    no U+FFFD, and decoding it twice after the anchor gives that text twice: then appending
+    it to whole text adds exactly this text. For sentencepiece that is every ordinary piece,
+    its "\u2581"s as spaces; the first-word rule (no leading space at the start of a text)
+    is the detokenizer's: it uses the table only in mid-text.
+    """
+    anchor_ids, anchor_text = _find_anchor(tokenizer)
+    cut = len(anchor_text)
+    texts = {}
+    for id in candidates:
+        text = tokenizer.decode(anchor_ids + [id])[cut:]
+        if text and REPLACEMENT_CHAR not in text and tokenizer.decode(anchor_ids + [id, id])[cut:] == text + text:
+            texts[id] = text
+    return texts
+
+
 class IncrementalDetokenizer:
     """Turns ids into text one id at a time, as ``tokenizer.decode`` would for all of them.
 
@@ -194,9 +225,15 @@ class IncrementalDetokenizer:
     ``context_ids`` (e.g. the prompt) makes the text continue it, so a first word gets its
     leading space: the output is then what ``decode(context + ids)`` adds after
     ``decode(context)``, provided the context ends on a whole character.
+
+    Fast path: in mid-text, with nothing held back, an id in the tokenizer's ``plain_texts``
+    (an ordinary piece) adds exactly its table text, so push returns that without decoding
+    (the two decodes cost ~5 us a token; the lookup ~0.3 us). Everything else (the first
+    text, byte pieces, special ids, a window with a partial character) decodes as before.
     """
 
-    __slots__ = ("_tokenizer", "_anchor_ids", "_anchor_text", "_ids", "_prefix_offset", "_read_offset", "_mid_text")
+    __slots__ = ("_tokenizer", "_anchor_ids", "_anchor_text", "_ids", "_prefix_offset", "_read_offset", "_mid_text",
+                 "_plain")
 
     _CONTEXT_WINDOW = 6
 
@@ -212,6 +249,7 @@ class IncrementalDetokenizer:
         self._mid_text = bool(context_ids) and bool(
             tokenizer.decode(list(context_ids))
         )
+        self._plain: dict[int, str] = getattr(tokenizer, "plain_texts", None) or {}
 
     def _text(self, start: int, end: int | None = None) -> str:
         ids = self._ids[start:end]
@@ -221,7 +259,14 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes (often "", never half a character)."""
-        self._ids.append(token_id)
+        ids = self._ids
+        # Mid-text and nothing held back (every id is text already): a plain piece adds its text.
+        if self._mid_text and self._read_offset == len(ids):
+            text = self._plain.get(token_id)
+            if text is not None:
+                ids.append(token_id)
+                return self._advance(text)
+        ids.append(token_id)
         if token_id in self._tokenizer.special_ids:
             return ""
         prefix_text = self._text(self._prefix_offset, self._read_offset)

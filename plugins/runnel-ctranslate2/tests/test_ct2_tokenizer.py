@@ -186,3 +186,89 @@ def test_context_gives_the_first_word_its_space(tokenizer):
         pieces, rest = stream(tokenizer, generated, context_ids=context)
         full, before = tokenizer.decode(ids), tokenizer.decode(context)
         assert "".join(pieces) + rest == full[len(before) :]
+
+
+class TableOff:
+    """The same tokenizer without its ``plain_texts``: every push takes the decoding path.
+    ``decodes`` counts the decodes, to see which path a push took."""
+
+    def __init__(self, tokenizer, *, table: bool = False):
+        self._tokenizer = tokenizer
+        for name in ("bos_id", "eos_id", "bos_token", "eos_token", "vocab_size", "special_ids"):
+            setattr(self, name, getattr(tokenizer, name))
+        if table:
+            self.plain_texts = tokenizer.plain_texts
+        self.decodes = 0
+
+    def decode(self, ids):
+        self.decodes += 1
+        return self._tokenizer.decode(ids)
+
+
+@pytest.fixture(params=["random", "builtin:tiny"])
+def any_sp_tokenizer(request, sp_tokenizer):
+    """The test model's sentencepiece tokenizer, and the shipped builtin:tiny's (its 1000 pieces)."""
+    if request.param == "random":
+        return sp_tokenizer
+    from runnel_ctranslate2.builtin import ensure_builtin
+
+    return load_tokenizer(ensure_builtin("tiny"))
+
+
+def test_plain_texts_are_the_ordinary_pieces(any_sp_tokenizer):
+    sp_tokenizer = any_sp_tokenizer
+    sp = sp_tokenizer._sp
+    table = sp_tokenizer.plain_texts
+    for id in range(sp_tokenizer.vocab_size):
+        ordinary = not (sp.is_control(id) or sp.is_unknown(id) or sp.is_byte(id) or sp.is_unused(id))
+        assert (id in table) == ordinary, (id, sp.id_to_piece(id))
+        if ordinary:
+            # The sentencepiece rule: each "\u2581" is a space, wherever it is in mid-text.
+            assert table[id] == sp.id_to_piece(id).replace("\u2581", " ")
+    assert len(table) >= sp_tokenizer.vocab_size - 259  # all but 256 bytes, <unk>, <s>, </s>
+
+
+def test_table_path_equals_decoding_path_for_every_id(any_sp_tokenizer):
+    sp_tokenizer = any_sp_tokenizer
+    piece = sp_tokenizer.token_to_id
+    euro = [piece(p) for p in ("<0xE2>", "<0x82>", "<0xAC>")]
+    word, other = sp_tokenizer.encode("The cat", add_bos=False)[-2:]  # two words, each its own text
+    space = piece("\u2581")
+    prompt = sp_tokenizer.encode("The cat sees", add_bos=True)
+    befores = [
+        ([], []),  # the first text: no leading space
+        ([], [word]),  # mid-text after a word
+        ([], [space]),  # after a lone space piece
+        ([], euro),  # after a character made of byte pieces
+        ([], euro[:2]),  # while a character is held back (the table must not be used)
+        ([], [sp_tokenizer.eos_id]),  # after a special id
+        ([], [word, sp_tokenizer.bos_id]),  # a special id in mid-text
+        (prompt, []),  # continuing a prompt: the first word gets its space
+    ]
+    assert None not in [*euro, space]
+    for id in range(sp_tokenizer.vocab_size):
+        for context, before in befores:
+            ids = [*before, id, id, other]
+            slow = TableOff(sp_tokenizer)
+            fast = TableOff(sp_tokenizer, table=True)
+            pieces_slow, rest_slow = stream(slow, ids, context_ids=context)
+            pieces_fast, rest_fast = stream(fast, ids, context_ids=context)
+            assert (pieces_fast, rest_fast) == (pieces_slow, rest_slow), (id, context, before)
+            full, start = sp_tokenizer.decode(context + ids), sp_tokenizer.decode(context)
+            assert "".join(pieces_fast) + rest_fast == full[len(start) :]
+    # The table is used: an ordinary piece after whole text costs no decode at all.
+    fast = TableOff(sp_tokenizer, table=True)
+    detok = IncrementalDetokenizer(fast, context_ids=prompt)
+    before = fast.decodes
+    plain = [id for id in prompt if id in sp_tokenizer.plain_texts]
+    assert [detok.push(id) for id in plain] == [sp_tokenizer.plain_texts[id] for id in plain]
+    assert len(plain) >= 3 and fast.decodes == before
+
+
+def test_table_path_on_random_sequences(sp_tokenizer):
+    rng = random.Random(5)
+    for _ in range(1500):
+        ids = [rng.randrange(sp_tokenizer.vocab_size) for _ in range(rng.randint(0, 30))]
+        context = [rng.randrange(sp_tokenizer.vocab_size) for _ in range(rng.randint(0, 3))]
+        assert stream(TableOff(sp_tokenizer, table=True), ids, context_ids=context) == stream(
+            TableOff(sp_tokenizer), ids, context_ids=context), (context, ids)

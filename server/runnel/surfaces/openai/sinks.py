@@ -3,8 +3,8 @@
 The streaming sinks send each push as one event straight to the response stream,
 which frames it (SSE, or bare JSON lines for RunPod's non-raw output) and owns the
 stream's end (``[DONE]``) and its error event. The constant parts of a chunk are
-encoded once per request, so a token costs one orjson.dumps of its text, one
-format of the chunk and one transport write.
+encoded once per request (a text chunk's once per choice: all of it but the text), so
+a token costs one orjson.dumps of its text, two concatenations and one transport write.
 
 Errors: a sink never writes one. A failed generation fails ``done`` with an
 HTTPError, the handler raises it, and the dispatcher renders it: as the response,
@@ -169,6 +169,13 @@ class _StreamSink(SinkBase):
         """The stream is open: send what precedes the first tokens."""
         raise NotImplementedError
 
+    def text_frames(self, template: bytes) -> list[tuple[bytes, bytes]]:
+        """Per choice, a chunk carrying text and nothing else, as the bytes before and after the
+        text's JSON: ``template`` is the choice object with ``%d`` for its index and ``%b`` for
+        the text. Splicing the text in costs half the format of the whole chunk (~0.4 us a token)."""
+        head, tail = template.split(b"%b")
+        return [(self._prefix + head % index, tail + self._suffix) for index in range(self.remaining)]
+
     def complete(self) -> None:
         if self.include_usage:
             self.stream.send(orjson.dumps({**self.head, "choices": [], "usage": self.usage.to_dict()}))
@@ -179,12 +186,14 @@ _CONTENT_CHUNK = b'%b{"index":%d,"delta":{"content":%b},"logprobs":%b,"finish_re
 
 
 class ChatStream(_StreamSink):
-    __slots__ = ("role", "logprobs", "started")
+    __slots__ = ("role", "logprobs", "started", "_content")
 
     def __init__(self, *, role: str, logprobs: bool, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.role = role
         self.logprobs = logprobs
+        self._content = self.text_frames(
+            b'{"index":%d,"delta":{"content":%b},"logprobs":null,"finish_reason":null}')
 
     def begin(self) -> None:
         # A message starts at its first non-space character: whitespace before it is the
@@ -201,10 +210,12 @@ class ChatStream(_StreamSink):
         if not self.started[index]:
             text = text.lstrip()
             self.started[index] = bool(text)
-        if not text and not logprobs:
-            return
-        lp = orjson.dumps(chat_logprobs(logprobs)) if self.logprobs and logprobs else b"null"
-        self.stream.send(_CONTENT_CHUNK % (self._prefix, index, orjson.dumps(text), lp, self._suffix))
+        if self.logprobs and logprobs:
+            self.stream.send(_CONTENT_CHUNK % (self._prefix, index, orjson.dumps(text),
+                                               orjson.dumps(chat_logprobs(logprobs)), self._suffix))
+        elif text or logprobs:
+            head, tail = self._content[index]
+            self.stream.send(head + orjson.dumps(text) + tail)
 
     def finish(self, index: int, reason: str) -> None:
         self.stream.send(b'%b{"index":%d,"delta":{},"logprobs":null,"finish_reason":"%b"}%b'
@@ -212,13 +223,14 @@ class ChatStream(_StreamSink):
 
 
 class CompletionStream(_StreamSink):
-    __slots__ = ("logprobs", "echo", "offsets")
+    __slots__ = ("logprobs", "echo", "offsets", "_text")
 
     def __init__(self, *, logprobs: bool, echo: list[str] | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.logprobs = logprobs
         self.echo = echo
         self.offsets = [0] * self.remaining
+        self._text = self.text_frames(b'{"index":%d,"text":%b,"logprobs":null,"finish_reason":null}')
 
     def begin(self) -> None:
         if self.echo:
@@ -227,14 +239,14 @@ class CompletionStream(_StreamSink):
 
     def on_tokens(self, index: int, text: str, token_ids: Sequence[int],
                   logprobs: Sequence[TokenLogprob] | None) -> None:
-        if not text and not logprobs:
-            return
-        lp = b"null"
         if self.logprobs and logprobs:
             lp = orjson.dumps(completion_logprobs(logprobs, self.offsets[index]))
+            self.stream.send(b'%b{"index":%d,"text":%b,"logprobs":%b,"finish_reason":null}%b'
+                             % (self._prefix, index, orjson.dumps(text), lp, self._suffix))
+        elif text or logprobs:
+            head, tail = self._text[index]
+            self.stream.send(head + orjson.dumps(text) + tail)
         self.offsets[index] += len(text)
-        self.stream.send(b'%b{"index":%d,"text":%b,"logprobs":%b,"finish_reason":null}%b'
-                         % (self._prefix, index, orjson.dumps(text), lp, self._suffix))
 
     def finish(self, index: int, reason: str) -> None:
         self.stream.send(b'%b{"index":%d,"text":"","logprobs":null,"finish_reason":"%b"}%b'
