@@ -29,12 +29,13 @@ class Reference:
         """What the app feeds the model for a raw completion prompt: bos + the text's pieces."""
         return self.tokenizer.encode(prompt, add_bos=True)
 
-    def greedy_ids(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
-        key = (tuple(prompt_ids), max_tokens)
+    def greedy_ids(self, prompt_ids: list[int], max_tokens: int, **options) -> list[int]:
+        """``options``: more generate_batch settings (repetition_penalty=..., end_token=[])."""
+        key = (tuple(prompt_ids), max_tokens, repr(sorted(options.items())))
         if key not in self._cache:
             start = [self.tokenizer.id_to_token(i) for i in prompt_ids]
             result = self.generator.generate_batch([start], max_length=max_tokens, sampling_topk=1,
-                                                   include_prompt_in_result=False)
+                                                   include_prompt_in_result=False, **options)
             self._cache[key] = list(result[0].sequences_ids[0])
         return self._cache[key]
 
@@ -51,9 +52,9 @@ class Reference:
         assert text.lstrip(" ") == self.tokenizer.decode(ids).lstrip(" ")
         return text
 
-    def greedy_text(self, prompt: str, max_tokens: int) -> str:
+    def greedy_text(self, prompt: str, max_tokens: int, **options) -> str:
         ids = self.prompt_ids(prompt)
-        return self.continuation(ids, self.greedy_ids(ids, max_tokens))
+        return self.continuation(ids, self.greedy_ids(ids, max_tokens, **options))
 
     def close(self) -> None:
         self.generator.unload_model()

@@ -300,13 +300,27 @@ def test_n_choices_and_logprobs_are_right_across_a_fold(start_server, tiny_dir, 
             assert choice["logprobs"]["token_logprobs"] == pytest.approx(expected.logprobs.token_logprobs, abs=1e-5)
 
 
-@pytest.mark.parametrize("case", ["min_tokens", "fold off"])
-def test_no_fold_for_min_tokens_batches_nor_with_fold_off(start_server, tiny_dir, reference, monkeypatch, case):
+# The settings a resume would change, as the request's extra body and as CTranslate2's options.
+UNFOLDABLE = {
+    "min_tokens": ({"min_tokens": 1}, {}),
+    "repetition_penalty": ({"repetition_penalty": 1.5, "ignore_eos": True}, {"repetition_penalty": 1.5, "end_token": []}),
+    "no_repeat_ngram_size": ({"no_repeat_ngram_size": 2, "ignore_eos": True}, {"no_repeat_ngram_size": 2, "end_token": []}),
+}
+
+
+@pytest.mark.parametrize("case", [*UNFOLDABLE, "fold off"])
+def test_no_fold_where_a_resume_would_change_the_output_nor_with_fold_off(start_server, tiny_dir, reference,
+                                                                          monkeypatch, case):
     # min_tokens: CTranslate2 applies min_length per batch, so a resumed row past it would
-    # still have its end held back. fold = false: batches always run to their end.
+    # still have its end held back. repetition_penalty and no_repeat_ngram_size: CTranslate2
+    # applies them to the tokens one call generates, not to its prompt, so a resumed row would
+    # forget its earlier tokens (its greedy output then differs from solo a few steps after the
+    # fold: the solo comparison below fails if such a batch is folded). fold = false: batches
+    # always run to their end.
     server, app, probe, hold = held_server(start_server, tiny_dir, monkeypatch,
                                            6, batch_window_ms=5, **({"fold": False} if case == "fold off" else {}))
-    extra = {"extra_body": {"min_tokens": 1}} if case == "min_tokens" else {}
+    body, options = UNFOLDABLE.get(case, ({}, {}))
+    extra = {"extra_body": body} if body else {}
     first, second = PROMPTS[0], PROMPTS[1]
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(stream_completion, server, model="tiny", prompt=first, max_tokens=30, temperature=0,
@@ -318,8 +332,8 @@ def test_no_fold_for_min_tokens_batches_nor_with_fold_off(start_server, tiny_dir
         server.call_soon(app.scheduler._flush)  # the decision, taken again now that the batch has a pace
         assert not folding(server, app)
         hold.release.set()
-        assert running.result(60)[:2] == (reference.greedy_text(first, 30), "length")
-        assert later.result(60)[:2] == (reference.greedy_text(second, 10), "length")
+        assert running.result(60)[:2] == (reference.greedy_text(first, 30, **options), "length")
+        assert later.result(60)[:2] == (reference.greedy_text(second, 10, **options), "length")
     assert probe.steps(start_tokens(reference, first)) == [30]
     assert probe.batch_of(start_tokens(reference, second)) == [start_tokens(reference, second)]
     assert stats(server)["folds"] == 0
