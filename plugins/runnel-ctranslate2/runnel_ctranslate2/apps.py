@@ -317,7 +317,7 @@ class EncoderApp:
         vectors = []
         for start in range(0, len(ids), self.max_batch_size):
             chunk = ids[start : start + self.max_batch_size]
-            output = self.encoder.forward_batch([[self.tokenizer.id_to_token(i) for i in row] for row in chunk])
+            output = self.encoder.forward_batch([self.tokenizer.ids_to_tokens(row) for row in chunk])
             hidden = np.asarray(output.last_hidden_state)  # (batch, time, dim), padded
             lengths = np.array([len(row) for row in chunk])
             mask = (np.arange(hidden.shape[1])[None, :] < lengths[:, None])[..., None]

@@ -341,7 +341,7 @@ class BatchScheduler:
         # The queue slot is taken (or refused) before any generation work starts.
         admit(sum(not row.done and not row.resumed for row in self.waiting), n, self.max_queue)
         generation = BatchedGeneration(sink)
-        start_tokens = [self.tokenizer.id_to_token(token_id) for token_id in prompt_ids]
+        start_tokens = self.tokenizer.ids_to_tokens(prompt_ids)
         generation.rows = [Row(generation, index, start_tokens, prompt_ids, params, self.tokenizer)
                            for index in range(n)]
         self.waiting.extend(generation.rows)

@@ -36,6 +36,11 @@ class Tokenizer(Protocol):
 
     def id_to_token(self, id: int) -> str: ...
 
+    def ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        """``[id_to_token(id) for id in ids]``, in one call where the library has one: a
+        prompt's tokens are converted on the event loop (3,200 ids: ~2.7 ms one by one)."""
+        ...
+
     def token_to_id(self, token: str) -> int | None: ...
 
 
@@ -107,6 +112,13 @@ class SentencePieceTokenizer:
             raise ValueError(f"token id {id} out of range (vocabulary of {self.vocab_size})")
         return self._sp.id_to_piece(id)
 
+    def ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(id for id in ids if not 0 <= id < self.vocab_size)
+            raise ValueError(f"token id {bad} out of range (vocabulary of {self.vocab_size})")
+        return self._sp.id_to_piece(ids)  # sentencepiece's own loop: ~5x the Python one
+
     def token_to_id(self, token: str) -> int | None:
         id = self._sp.piece_to_id(token)
         # piece_to_id answers unk_id for unknown pieces.
@@ -155,10 +167,14 @@ class HuggingFaceTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
     def id_to_token(self, id: int) -> str:
-        token = self._tok.id_to_token(id)
+        # The library answers None past the vocabulary and raises OverflowError below 0.
+        token = self._tok.id_to_token(id) if id >= 0 else None
         if token is None:
             raise ValueError(f"token id {id} out of range (vocabulary of {self.vocab_size})")
         return token
+
+    def ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self.id_to_token(id) for id in ids]  # the tokenizers library converts one at a time
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -246,10 +262,22 @@ class IncrementalDetokenizer:
         self._read_offset = len(tail)  # ids before this have been turned into text
         # Until some text exists the window must be decoded as a start of text (leading
         # spaces dropped); after that, anchored as mid-text.
-        self._mid_text = bool(context_ids) and bool(
-            tokenizer.decode(list(context_ids))
-        )
         self._plain: dict[int, str] = getattr(tokenizer, "plain_texts", None) or {}
+        self._mid_text = self._continues_text(context_ids)
+
+    def _continues_text(self, context_ids: Sequence[int]) -> bool:
+        """Whether ``context_ids`` decode to some text (then the output continues it).
+
+        A plain piece with a visible character among the last few ids answers at once: its
+        character is in the decoded text (a start of text strips only leading spaces), and
+        it is normally the very last id. Only otherwise is the context decoded, which for a
+        long prompt costs ~0.15 us an id on the event loop, once per row."""
+        plain = self._plain
+        for id in context_ids[-self._CONTEXT_WINDOW:]:
+            text = plain.get(id)
+            if text is not None and not text.isspace():
+                return True
+        return bool(context_ids) and bool(self._tokenizer.decode(list(context_ids)))
 
     def _text(self, start: int, end: int | None = None) -> str:
         ids = self._ids[start:end]
@@ -278,6 +306,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Return whatever is held back (e.g. a truncated character, as U+FFFD)."""
+        if self._read_offset == len(self._ids):
+            return ""  # nothing is: every id is text already (two decodes saved per row)
         prefix_text = self._text(self._prefix_offset, self._read_offset)
         new_text = self._text(self._prefix_offset)
         if len(new_text) <= len(prefix_text):

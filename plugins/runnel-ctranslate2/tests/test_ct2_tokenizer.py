@@ -272,3 +272,37 @@ def test_table_path_on_random_sequences(sp_tokenizer):
         context = [rng.randrange(sp_tokenizer.vocab_size) for _ in range(rng.randint(0, 3))]
         assert stream(TableOff(sp_tokenizer, table=True), ids, context_ids=context) == stream(
             TableOff(sp_tokenizer), ids, context_ids=context), (context, ids)
+
+
+# -- per-request costs: a long prompt's conversions, once per request --------------------------
+
+
+def test_ids_to_tokens_is_id_to_token_for_every_id_and_refuses_the_same_ids(tokenizer):
+    ids = list(range(min(tokenizer.vocab_size, 4000)))
+    assert tokenizer.ids_to_tokens(ids) == [tokenizer.id_to_token(id) for id in ids]
+    assert tokenizer.ids_to_tokens([]) == []
+    for bad in (-1, tokenizer.vocab_size):
+        with pytest.raises(ValueError, match="out of range"):
+            tokenizer.id_to_token(bad)
+        with pytest.raises(ValueError, match="out of range"):
+            tokenizer.ids_to_tokens([ids[1], bad, ids[2]])
+
+
+def test_a_prompt_ending_in_a_word_is_not_decoded_and_a_spaces_only_one_is(sp_tokenizer):
+    # Whether the output continues text (so its first word gets a space) needs decode(prompt)
+    # only when none of the prompt's last ids is a plain piece with a visible character.
+    counting = TableOff(sp_tokenizer, table=True)
+    IncrementalDetokenizer(counting)  # the anchor is looked up once per tokenizer (cached)
+    long_prompt = sp_tokenizer.encode("The cat sees the dog. " * 300, add_bos=True)
+    spaces_only = [sp_tokenizer.bos_id, sp_tokenizer.token_to_id("▁")]
+    for context, decodes in ((long_prompt, 0), (spaces_only, 1)):
+        counting.decodes = 0
+        detok = IncrementalDetokenizer(counting, context_ids=context)
+        assert counting.decodes == decodes
+        generated = sp_tokenizer.encode("cat sees", add_bos=False)
+        pieces = [detok.push(id) for id in generated]
+        counting.decodes = 0
+        rest = detok.flush()
+        assert counting.decodes == 0  # nothing held back: nothing to decode at the end
+        full, before = sp_tokenizer.decode(context + generated), sp_tokenizer.decode(context)
+        assert "".join(pieces) + rest == full[len(before):]
