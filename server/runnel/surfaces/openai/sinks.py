@@ -170,19 +170,26 @@ class _StreamSink(SinkBase):
         raise NotImplementedError
 
     def text_frames(self, template: bytes) -> list[tuple[bytes, bytes]]:
-        """Per choice, a chunk carrying text and nothing else, as the bytes before and after the
-        text's JSON: ``template`` is the choice object with ``%d`` for its index and ``%b`` for
-        the text. Splicing the text in costs half the format of the whole chunk (~0.4 us a token)."""
-        head, tail = template.split(b"%b")
-        return [(self._prefix + head % index, tail + self._suffix) for index in range(self.remaining)]
+        """Per choice, a chunk carrying text and no log probabilities, as the bytes before and
+        after the text's JSON. ``template`` is a text chunk's choice object (``_CHAT_TEXT``,
+        ``_COMPLETION_TEXT``): ``%d`` its index, then ``%b`` the text and ``%b`` the logprobs.
+        Splicing the text in costs half the format of the whole chunk (~0.4 us a token)."""
+        head, tail = template.split(b"%b", 1)
+        tail = tail % b"null" + self._suffix
+        return [(self._prefix + head % index, tail) for index in range(self.remaining)]
+
+    def text_chunk(self, template: bytes, index: int, text: str, logprobs: bytes) -> bytes:
+        """A text chunk with its log probabilities (the rarer case ``text_frames`` leaves)."""
+        return b"%b%b%b" % (self._prefix, template % (index, orjson.dumps(text), logprobs), self._suffix)
 
     def complete(self) -> None:
         if self.include_usage:
             self.stream.send(orjson.dumps({**self.head, "choices": [], "usage": self.usage.to_dict()}))
 
 
-# A chat chunk carrying content: (prefix, index, the text as JSON, logprobs, suffix).
-_CONTENT_CHUNK = b'%b{"index":%d,"delta":{"content":%b},"logprobs":%b,"finish_reason":null}%b'
+# A text chunk's choice object: (index, the text as JSON, logprobs); _StreamSink.text_frames.
+_CHAT_TEXT = b'{"index":%d,"delta":{"content":%b},"logprobs":%b,"finish_reason":null}'
+_COMPLETION_TEXT = b'{"index":%d,"text":%b,"logprobs":%b,"finish_reason":null}'
 
 
 class ChatStream(_StreamSink):
@@ -192,8 +199,7 @@ class ChatStream(_StreamSink):
         super().__init__(**kwargs)
         self.role = role
         self.logprobs = logprobs
-        self._content = self.text_frames(
-            b'{"index":%d,"delta":{"content":%b},"logprobs":null,"finish_reason":null}')
+        self._content = self.text_frames(_CHAT_TEXT)
 
     def begin(self) -> None:
         # A message starts at its first non-space character: whitespace before it is the
@@ -211,8 +217,7 @@ class ChatStream(_StreamSink):
             text = text.lstrip()
             self.started[index] = bool(text)
         if self.logprobs and logprobs:
-            self.stream.send(_CONTENT_CHUNK % (self._prefix, index, orjson.dumps(text),
-                                               orjson.dumps(chat_logprobs(logprobs)), self._suffix))
+            self.stream.send(self.text_chunk(_CHAT_TEXT, index, text, orjson.dumps(chat_logprobs(logprobs))))
         elif text or logprobs:
             head, tail = self._content[index]
             self.stream.send(head + orjson.dumps(text) + tail)
@@ -230,7 +235,7 @@ class CompletionStream(_StreamSink):
         self.logprobs = logprobs
         self.echo = echo
         self.offsets = [0] * self.remaining
-        self._text = self.text_frames(b'{"index":%d,"text":%b,"logprobs":null,"finish_reason":null}')
+        self._text = self.text_frames(_COMPLETION_TEXT)
 
     def begin(self) -> None:
         if self.echo:
@@ -241,8 +246,7 @@ class CompletionStream(_StreamSink):
                   logprobs: Sequence[TokenLogprob] | None) -> None:
         if self.logprobs and logprobs:
             lp = orjson.dumps(completion_logprobs(logprobs, self.offsets[index]))
-            self.stream.send(b'%b{"index":%d,"text":%b,"logprobs":%b,"finish_reason":null}%b'
-                             % (self._prefix, index, orjson.dumps(text), lp, self._suffix))
+            self.stream.send(self.text_chunk(_COMPLETION_TEXT, index, text, lp))
         elif text or logprobs:
             head, tail = self._text[index]
             self.stream.send(head + orjson.dumps(text) + tail)
@@ -344,7 +348,8 @@ class ToolChatStream(ToolParsing, ChatStream):
 
     def tool_text(self, index: int, text: str) -> None:
         # The parser has dropped the reply's leading whitespace: no `started` to keep here.
-        self.stream.send(_CONTENT_CHUNK % (self._prefix, index, orjson.dumps(text), b"null", self._suffix))
+        head, tail = self._content[index]
+        self.stream.send(head + orjson.dumps(text) + tail)
 
     def tool_call(self, index: int, call: int, call_id: str, name: str) -> None:
         delta = b'{"tool_calls":[{"index":%d,"id":%b,"type":"function","function":{"name":%b,"arguments":""}}]}' % (
