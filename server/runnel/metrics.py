@@ -411,8 +411,9 @@ class LiveGauges:
                     histogram.observe(size)
                 seen[size] = count
             for key, counter in (("folds", self.folds), ("folded_rows", self.folded)):
-                if key in stats and stats[key] > self._folds_seen.get((name, key), 0):
-                    counter.labels(name).inc(stats[key] - self._folds_seen.get((name, key), 0))
+                seen_folds = self._folds_seen.get((name, key), 0)
+                if stats.get(key, 0) > seen_folds:  # the folds since the last copy
+                    counter.labels(name).inc(stats[key] - seen_folds)
                     self._folds_seen[name, key] = stats[key]
         runner = live.runner
         if runner is not None:
